@@ -1,0 +1,13 @@
+# Both targets install what is missing first (scripts/setup is idempotent).
+.PHONY: setup demo test bench
+setup:
+	bash scripts/setup
+
+demo: setup
+	.venv/bin/saebench harvest configs/tiny.yaml
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python benchmarks/harvest.py --memory-tokens 5000000

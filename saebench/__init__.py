@@ -1,0 +1,21 @@
+"""saebench: train, evaluate, steer and trace sparse autoencoders.
+
+    import saebench as sb
+    model = sb.load_model("tiny")
+"""
+
+from saebench.config import HarvestConfig, RunConfig, load_config
+from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
+from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
+from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
+from saebench.models import load_model
+from saebench.pipeline import harvest_from_config
+from saebench.evaluate import evaluate_sae
+from saebench.sae import SAE, SAEConfig
+from saebench.train import TrainConfig, train_sae
+
+__all__ = [
+    "ActivationStore", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
+    "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
+    "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae",
+]

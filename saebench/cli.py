@@ -1,0 +1,128 @@
+"""`saebench` command line: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from saebench.errors import SAEBenchError
+
+
+def _harvest(args: argparse.Namespace) -> None:
+    from saebench.pipeline import harvest_from_config
+
+    manifest = harvest_from_config(args.config, args.set, max_shards=args.max_shards)
+    print(json.dumps({"cache_dir": manifest["cache_dir"], "tokens": manifest["n_tokens"], "shards": len(manifest["shards"]), "complete": manifest["complete"]}))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from saebench.pipeline import train_from_config
+
+    _, report = train_from_config(args.config, args.set, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    print(json.dumps(report))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from saebench.pipeline import eval_from_config
+
+    result = eval_from_config(args.run)
+    keys = ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage", "ce_recovered", "kl_score")
+    print(f"{'metric':<16}{'sae':>12}{'random':>12}")
+    for key in keys:
+        print(f"{key:<16}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
+    print(f"written to {args.run}/eval.json")
+
+
+def _bench_synthetic(args: argparse.Namespace) -> None:
+    from saebench.synthetic import SyntheticConfig, run_synthetic_bench
+
+    data = SyntheticConfig(d=args.d, n_true=args.n_true, true_l0=args.true_l0, hierarchy=args.hierarchy)
+    rows = run_synthetic_bench(tuple(args.activations.split(",")), data, n_tokens=args.tokens, matryoshka=args.matryoshka, batch_size=args.batch_size, lr=args.lr)
+    for row in rows:
+        print(json.dumps(row))
+
+
+def _train_tiny(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
+
+    cfg = TinyConfig(train_tokens=args.tokens, max_minutes=args.minutes, n_layer=args.layers, n_embd=args.d_model, n_head=args.heads)
+    card = train_tiny(Path(args.out) if args.out else TINY_DIR, cfg)
+    print(json.dumps(card))
+
+
+def _hooks(args: argparse.Namespace) -> None:
+    from saebench.models import load_model
+
+    model = load_model(args.model)
+    for name in model.hook_dict:
+        print(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saebench", description="Sparse-autoencoder workbench.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("harvest", help="write a model's activations at the config's hooks to an on-disk cache")
+    p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. harvest.n_tokens=100000")
+    p.add_argument("--max-shards", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_harvest)
+
+    p = sub.add_parser("train", help="train the config's SAE on its model's activations (runs/<name>/)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue runs/<name>/ from its last checkpoint")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
+    p.add_argument("run", help="run directory, e.g. runs/tiny")
+    p.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")
+    p.add_argument("--activations", default="topk,abstopk,batchtopk,mutual_choice,feature_choice")
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--n-true", type=int, default=2048)
+    p.add_argument("--true-l0", type=float, default=8.0)
+    p.add_argument("--hierarchy", action="store_true")
+    p.add_argument("--matryoshka", action="store_true")
+    p.add_argument("--tokens", type=int, default=8_000_000)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.set_defaults(func=_bench_synthetic)
+
+    p = sub.add_parser("hooks", help="list a model's hook names")
+    p.add_argument("model", nargs="?", default="tiny")
+    p.set_defaults(func=_hooks)
+
+    zoo = sub.add_parser("zoo", help="the bundled models").add_subparsers(dest="zoo_command", required=True)
+    p = zoo.add_parser("train-tiny", help="retrain the bundled tiny LM from its recipe")
+    p.add_argument("--out", default=None, help="output folder (default: the bundled one)")
+    p.add_argument("--tokens", type=int, default=16_000_000)
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--heads", type=int, default=6)
+    p.set_defaults(func=_train_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SAEBenchError as e:
+        print(f"saebench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saebench: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Dataclass configs loaded from YAML; keys map 1:1 to fields, unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from saebench.data import DataConfig
+from saebench.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, key: str = "dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"{key}: unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class HarvestConfig:
+    """Which activations to collect and how (stream into training, or write a disk cache)."""
+
+    hooks: list[str] = field(default_factory=lambda: ["blocks.1.hook_resid_post"])
+    n_tokens: int = 1_000_000
+    batch_size: int = 64  # contexts per model forward
+    exclude_special: bool = True  # leave out BOS / EOS / pad / CLS / SEP positions
+    store_dtype: str = "float32"
+    buffer_tokens: int = 262_144  # streaming: shuffling buffer size (per hook)
+    cache_dir: str | None = None  # cache mode: default runs/<name>/activations
+    shard_contexts: int = 512  # cache mode: contexts per shard
+
+
+@dataclass
+class SAESection:
+    """The SAE of a run; d_in comes from the hook's width (if set here it must agree)."""
+
+    activation: str = "topk"
+    k: int = 32
+    n_latents: int | None = None  # default expansion * d_in
+    expansion: int = 16
+    matryoshka: list[int] | None = None
+    d_in: int | None = None
+    aux_coef: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 1_000_000
+    zipf_exponent: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    n_tokens: int = 2_000_000
+    batch_size: int = 4096
+    lr: float | None = None
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)
+    log_every: int = 50
+    checkpoint_every: int = 500
+    wandb_project: str | None = None
+
+
+@dataclass
+class EvalSection:
+    n_tokens: int = 100_000  # held-out activations for the core metrics
+    n_contexts: int = 64  # held-out contexts for CE / KL with the SAE spliced in
+    split: str = "test"
+
+
+@dataclass
+class RunConfig:
+    """One YAML file: the model, its text, what to harvest, the SAE, and how to train and evaluate it."""
+
+    name: str = "tiny"
+    model: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    runs_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    sae: SAESection = field(default_factory=SAESection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    obj = cls(**kwargs)
+    for name in ("dtype", "store_dtype"):
+        if name in fields:
+            parse_dtype(getattr(obj, name), f"{where + '.' if where else ''}{name}")
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            value = float(value.replace("_", ""))  # YAML reads 1e4 (no dot) as a string
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+    """Read a YAML config; `overrides` are "a.b=value" strings applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. harvest.n_tokens=100000")
+        key, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return from_dict(cls, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

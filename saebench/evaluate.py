@@ -1,0 +1,121 @@
+"""SAE metrics (SAEBench's core definitions), each next to a random-SAE baseline.
+
+fvu           E||x - x_hat||^2 / E||x - mean(x)||^2 over the whole evaluation set
+explained_variance  1 - fvu
+l0            mean active latents per token
+dead_fraction latents that never fire on the evaluation set; dense_fraction: fire on > 10% of tokens
+shrinkage     mean ||x_hat|| / ||x||
+ce_recovered  (CE_zero - CE_sae) / (CE_zero - CE_clean), the SAE spliced in at its hook
+kl_score      (KL_zero - KL_sae) / KL_zero, KL(clean || patched) per token
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from saebench.data import TokenContexts
+from saebench.errors import DataError
+from saebench.sae import SAE, SAEConfig
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096) -> dict:
+    """acts: [n d_in] tensor or iterable of [batch d_in] batches."""
+    sae = sae.eval()
+    batches = (acts[i : i + batch_size] for i in range(0, len(acts), batch_size)) if isinstance(acts, torch.Tensor) else acts
+    n = 0
+    sq_err = sum_sq = 0.0
+    total = None
+    fires = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
+    l0_sum = shrink_sum = 0.0
+    dev = sae.W_dec.device
+    for x in batches:
+        x = x.to(dev, torch.float32)
+        if not torch.isfinite(x).all():
+            raise DataError("NaN or inf in the evaluation activations")
+        z = sae.encode(x)
+        x_hat = sae.decode(z)
+        sq_err += float((x - x_hat).pow(2).sum(dtype=torch.float64))
+        sum_sq += float(x.pow(2).sum(dtype=torch.float64))
+        total = x.sum(0, dtype=torch.float64) if total is None else total + x.sum(0, dtype=torch.float64)
+        active = z != 0
+        fires += active.sum(0).double().cpu()
+        l0_sum += float(active.sum())
+        shrink_sum += float((x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
+        n += len(x)
+    if n == 0:
+        raise DataError("no activations to evaluate")
+    variance = sum_sq - float(total.pow(2).sum()) / n
+    fvu = sq_err / variance
+    freq = fires / n
+    hist_edges = [-8, -7, -6, -5, -4, -3, -2, -1, 0.0001]
+    log_freq = torch.log10(freq.clamp_min(1e-12))
+    hist = torch.histogram(log_freq.float(), bins=torch.tensor(hist_edges, dtype=torch.float32)).hist
+    return {
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "l0": l0_sum / n,
+        "dead_fraction": float((freq == 0).double().mean()),
+        "dense_fraction": float((freq > 0.1).double().mean()),
+        "shrinkage": shrink_sum / n,
+        "density_histogram": {"log10_edges": hist_edges, "counts": [int(c) for c in hist.tolist()], "never": int((freq == 0).sum())},
+        "tokens": n,
+    }
+
+
+def random_baseline(sae: SAE, seed: int = 12345) -> SAE:
+    """Same shape and k, random unit directions (tied encoder), trained b_dec; per-token TopK."""
+    cfg = SAEConfig(d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents, activation="abstopk" if sae.cfg.activation == "abstopk" else "topk", k=sae.cfg.k)
+    base = SAE(cfg, device=sae.W_dec.device, seed=seed)
+    with torch.no_grad():
+        base.b_dec.copy_(sae.b_dec)
+    return base.eval()
+
+
+@torch.no_grad()
+def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16) -> dict:
+    """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output.
+
+    Special positions (BOS, ...) keep their clean activations, as the SAE never saw them.
+    CE is over every next-token prediction; KL(clean || patched) is averaged over positions.
+    """
+    from saebench.harvest import check_hooks
+
+    check_hooks(model, [hook])
+    totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
+    count = 0
+    dev = next(model.parameters()).device
+    for i in range(0, len(contexts), batch_size):
+        tokens = contexts.tokens[i : i + batch_size].to(dev)
+        keep = ~contexts.special_mask[i : i + batch_size].to(dev)
+
+        def patch(kind):
+            def fn(act, hook):
+                flat = act.flatten(2) if act.dim() == 4 else act
+                new = sae(flat) if kind == "sae" else torch.zeros_like(flat)
+                out = torch.where(keep[..., None], new.to(flat.dtype), flat)
+                return out.reshape(act.shape)
+
+            return fn
+
+        clean = model(tokens).float()
+        logp_clean = clean.log_softmax(-1)
+        results = {"clean": clean}
+        for kind in ("sae", "zero"):
+            with model.hooks(fwd_hooks=[(hook, patch(kind))]):
+                results[kind] = model(tokens).float()
+        targets = tokens[:, 1:]
+        for kind, logits in results.items():
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            totals[f"ce_{kind}"] += float(ce)
+            if kind != "clean":
+                lp = logits.log_softmax(-1)
+                totals[f"kl_{kind}"] += float((logp_clean.exp() * (logp_clean - lp)).sum(-1)[:, :-1].sum())
+        count += targets.numel()
+    out = {k: v / count for k, v in totals.items()}
+    out["ce_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
+    out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / out["kl_zero"]
+    return out

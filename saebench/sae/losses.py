@@ -1,0 +1,83 @@
+"""Training losses: (Matryoshka) normalised reconstruction error plus AuxK / aux_zipf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saebench.sae import sparsify
+from saebench.sae.sae import SAE
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    mse: torch.Tensor  # normalised MSE of the full reconstruction (= batch FVU)
+    aux: torch.Tensor
+    selection: sparsify.Selection
+    x_hat: torch.Tensor
+
+
+def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch. x, x_hat: [batch d]."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
+
+    candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for abstopk.
+    """
+    n_cand = int(candidates.sum())
+    if n_cand == 0:
+        return x.new_zeros(())
+    k_aux = min(sae.cfg.aux_k, n_cand)
+    error = (x - x_hat).detach()
+    masked = torch.where(candidates, pre, torch.full_like(pre, -torch.inf))
+    if sae.cfg.activation == "abstopk":
+        rank = torch.where(candidates, pre.abs(), torch.full_like(pre, -torch.inf))
+        _, idx = rank.topk(k_aux, dim=-1)
+        values = pre.gather(-1, idx)
+    else:
+        values, idx = masked.topk(k_aux, dim=-1)
+        values = values.relu()
+    from saebench import sparse
+
+    error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
+    loss = normalised_mse(error, error_hat)
+    return torch.nan_to_num(loss, nan=0.0)
+
+
+def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
+    """aux_zipf's candidates: features firing below half of their expected Zipf share.
+
+    Sort features by observed firing frequency (fires per token); the expected frequency of the
+    feature at rank r is k * r^-exponent / sum_r r^-exponent (so expected shares sum to k per
+    token). Features below half of that, dead ones included, get the auxiliary loss.
+    """
+    n = freq.shape[0]
+    weights = torch.arange(1, n + 1, dtype=freq.dtype, device=freq.device) ** -exponent
+    expected_by_rank = k * weights / weights.sum()
+    expected = torch.empty_like(freq)
+    expected[freq.argsort(descending=True)] = expected_by_rank
+    return freq < 0.5 * expected
+
+
+def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None) -> StepOutput:
+    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf)."""
+    cfg = sae.cfg
+    pre = sae.pre_acts(x)
+    sel = sae.select(pre, train=True)
+    x_hat = sae.decode_selection(sel)
+    mse = normalised_mse(x, x_hat)
+    recon = mse
+    if cfg.matryoshka:
+        recon = sum(normalised_mse(x, sae.decode_selection(sel, m)) for m in cfg.matryoshka[:-1]) + mse
+    aux = x.new_zeros(())
+    if cfg.aux_coef > 0:
+        if cfg.activation in ("mutual_choice", "feature_choice") and freq is not None:
+            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent))
+        elif dead is not None:
+            aux = auxk_loss(sae, x, x_hat, pre, dead)
+    return StepOutput(recon + cfg.aux_coef * aux, mse, aux, sel, x_hat)

@@ -1,0 +1,154 @@
+"""The sparse autoencoder: pre = (x - b_dec) W_enc + b_enc; z = sparsify(pre); x_hat = z W_dec + b_dec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from saebench.errors import DataError
+from saebench.sae.config import SAEConfig
+from saebench.sae import sparsify
+from saebench import sparse
+
+
+class SAE(nn.Module):
+    """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]."""
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec.to(device, dtype))
+        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous().to(device, dtype))  # tied init
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.register_buffer("threshold", torch.zeros(cfg.n_latents, device=device, dtype=dtype))
+
+    # -- forward pieces ---------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [... d_in] -> [... n]."""
+        self._check_input(x)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def select(self, pre: torch.Tensor, train: bool | None = None) -> sparsify.Selection:
+        """Which latents fire, with their values. pre: [batch n]."""
+        train = self.training if train is None else train
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            return sparsify.topk(pre, cfg.k)
+        if cfg.activation == "abstopk":
+            return sparsify.abstopk(pre, cfg.k)
+        if not train:
+            return sparsify.threshold(pre, self.threshold)
+        if cfg.activation in ("batchtopk", "mutual_choice"):
+            return sparsify.batchtopk(pre, cfg.k)
+        return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers)."""
+        shape = x.shape
+        pre = self.pre_acts(x.reshape(-1, shape[-1]))
+        sel = self.select(pre, train=False)
+        return sel.dense(pre.shape[-1]).reshape(*shape[:-1], -1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: [... n] -> [... d_in]."""
+        return z @ self.W_dec + self.b_dec
+
+    def decode_selection(self, sel: "sparsify.Selection", n_prefix: int | None = None) -> torch.Tensor:
+        """Sparse decode of a selection, optionally only latents < n_prefix (Matryoshka). -> [batch d_in]."""
+        if n_prefix is not None and n_prefix < self.cfg.n_latents:
+            sel = sel.prefix(n_prefix)
+        if sel.offsets is None:
+            return sparse.decode_fixed(sel.values, sel.indices, self.W_dec, self.b_dec)
+        return sparse.decode_ragged(sel.values, sel.indices, sel.offsets, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise DataError(f"activations have width {x.shape[-1]} but the SAE expects d_in={self.cfg.d_in}")
+
+    # -- decoder geometry -------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the component of each W_dec row's gradient along the row (it only changes the norm)."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on scale * x work on raw x: codes shrink by `scale`, W_dec stays unit-norm."""
+        self.b_dec /= scale
+        self.b_enc /= scale
+        self.threshold /= scale
+
+    # -- files ------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().contiguous() for k, v in self.named_parameters()}
+        if self.cfg.uses_threshold:
+            out["threshold"] = self.threshold.detach().contiguous()
+        return out
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> None:
+        """folder/cfg.json + folder/sae.safetensors, each written atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {**dataclasses.asdict(self.cfg), **(extra or {})}
+        atomic_write_text(folder / "cfg.json", json.dumps(meta, indent=1) + "\n")
+        atomic_save_file(self.state_tensors(), folder / "sae.safetensors")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        folder = Path(folder)
+        if not (folder / "cfg.json").exists():
+            from saebench.interop import is_saelens_folder, load_saelens
+
+            if is_saelens_folder(folder):
+                return load_saelens(folder, device)
+            raise DataError(f"no SAE at {folder} (missing cfg.json)")
+        meta = json.loads((folder / "cfg.json").read_text())
+        names = {f.name for f in dataclasses.fields(SAEConfig)}
+        sae = cls(SAEConfig(**{k: v for k, v in meta.items() if k in names}), device=device)
+        tensors = load_file(str(folder / "sae.safetensors"), device=str(device))
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(sae, name).copy_(value)
+        sae.meta = meta
+        return sae
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

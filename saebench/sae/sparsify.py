@@ -1,0 +1,131 @@
+"""Sparsifiers: which latents of pre [batch n] fire, and with what value.
+
+  topk           each token keeps its k largest pre, ReLU'd                    (Gao et al. 2024)
+  abstopk        each token keeps its k largest |pre|, sign kept, no ReLU     (AbsTopK 2025)
+  batchtopk      the batch keeps its k*batch largest ReLU(pre)               (Bussmann et al.;
+                 = mutual choice, Ayonrinde 2024)
+  feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped
+  threshold      inference rule of the batch sparsifiers: ReLU(pre) where pre > threshold[j]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass
+class Selection:
+    """Active latents. Fixed layout: values, indices [batch k], offsets None.
+    Ragged (CSR) layout: values, indices [nnz], offsets [batch+1]."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    offsets: torch.Tensor | None
+    batch: int
+
+    def rows(self) -> torch.Tensor:
+        """Token index of every entry: [batch k] or [nnz]."""
+        if self.offsets is None:
+            return torch.arange(self.batch, device=self.values.device)[:, None].expand_as(self.indices)
+        return torch.repeat_interleave(torch.arange(self.batch, device=self.values.device), self.offsets.diff())
+
+    def dense(self, n: int) -> torch.Tensor:
+        """-> z [batch n] (differentiable in values)."""
+        z = torch.zeros(self.batch, n, dtype=self.values.dtype, device=self.values.device)
+        return z.index_put((self.rows().reshape(-1), self.indices.reshape(-1)), self.values.reshape(-1), accumulate=True)
+
+    def prefix(self, m: int) -> "Selection":
+        """Only latents < m contribute (their layout stays, other values become 0)."""
+        return Selection(torch.where(self.indices < m, self.values, torch.zeros_like(self.values)), self.indices, self.offsets, self.batch)
+
+    def l0(self) -> torch.Tensor:
+        """Active (non-zero) latents per token: [batch]."""
+        nz = (self.values != 0).to(torch.float32)
+        if self.offsets is None:
+            return nz.sum(-1)
+        return torch.zeros(self.batch, device=nz.device).index_add_(0, self.rows(), nz)
+
+
+def topk(pre: torch.Tensor, k: int) -> Selection:
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return Selection(values.relu(), indices, None, pre.shape[0])
+
+
+def abstopk(pre: torch.Tensor, k: int) -> Selection:
+    _, indices = pre.abs().topk(k, dim=-1, sorted=False)
+    return Selection(pre.gather(-1, indices), indices, None, pre.shape[0])
+
+
+def _csr(flat: torch.Tensor, values_flat: torch.Tensor, batch: int, n: int) -> Selection:
+    """Entries given by flat indices (row * n + col) -> CSR selection sorted by (row, col)."""
+    flat, _ = flat.sort()
+    rows, cols = flat // n, flat % n
+    offsets = torch.zeros(batch + 1, dtype=torch.long, device=flat.device)
+    offsets[1:] = torch.bincount(rows, minlength=batch).cumsum(0)
+    return Selection(values_flat[flat], cols, offsets, batch)
+
+
+def batchtopk(pre: torch.Tensor, k: int) -> Selection:
+    batch, n = pre.shape
+    acts = pre.relu().reshape(-1)
+    _, flat = acts.topk(min(k * batch, acts.numel()), sorted=False)
+    return _csr(flat, acts, batch, n)
+
+
+@lru_cache(maxsize=32)
+def zipf_capacities(n: int, batch: int, k: int, exponent: float) -> tuple[int, ...]:
+    """Integer m_j summing to min(k*batch, n*batch), m_j <= batch, shaped like (j+1)^-exponent."""
+    total = min(k * batch, n * batch)
+    weights = torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
+    cap = torch.zeros(n, dtype=torch.float64)
+    free = torch.ones(n, dtype=torch.bool)
+    remaining = float(total)
+    while remaining > 1e-9 and free.any():  # water-filling: share by weight, no feature above batch
+        share = remaining * weights * free / (weights * free).sum()
+        over = free & (cap + share >= batch)
+        if over.any():
+            remaining -= float((batch - cap[over]).sum())
+            cap[over] = batch
+            free &= ~over
+        else:
+            cap += share
+            remaining = 0.0
+    m = cap.floor()
+    short = int(total - m.sum())
+    if short:
+        frac = torch.where(m < batch, cap - m, torch.full_like(cap, -1.0))
+        m[frac.sort(descending=True, stable=True).indices[:short]] += 1  # ties go to lower indices
+    return tuple(int(v) for v in m)
+
+
+def feature_choice(pre: torch.Tensor, k: int, exponent: float = 1.0) -> Selection:
+    batch, n = pre.shape
+    m = torch.tensor(zipf_capacities(n, batch, k, exponent), device=pre.device)
+    acts = pre.relu()
+    kmax = int(m.max())
+    _, tok = acts.topk(kmax, dim=0, sorted=True)  # [kmax n]
+    keep = torch.arange(kmax, device=pre.device)[:, None] < m[None, :]
+    feat = torch.arange(n, device=pre.device)[None, :].expand(kmax, n)
+    flat = tok[keep] * n + feat[keep]
+    return _csr(flat, acts.reshape(-1), batch, n)
+
+
+def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
+    acts = pre.relu()
+    return _csr(((acts > thresholds) & (acts > 0)).reshape(-1).nonzero().squeeze(-1), acts.reshape(-1), pre.shape[0], pre.shape[1])
+
+
+@torch.no_grad()
+def min_kept(sel: Selection, n: int, per_feature: bool) -> torch.Tensor | None:
+    """Smallest positive kept value: a scalar, or per feature ([n], +inf where none fired)."""
+    positive = sel.values > 0
+    if not positive.any():
+        return None
+    values = sel.values[positive]
+    if not per_feature:
+        return values.min()
+    out = torch.full((n,), float("inf"), device=values.device, dtype=values.dtype)
+    return out.scatter_reduce(0, sel.indices[positive], values, reduce="amin")

@@ -1,0 +1,315 @@
+"""The SAE training loop: Adam, warmup/decay, grad clip, dead-latent tracking, checkpoints, resume.
+
+    sae, report = sb.train_sae(sb.SAEConfig(d_in=192, n_latents=3072, k=32), acts, sb.TrainConfig(n_tokens=2_000_000))
+
+`acts` is a tensor [N d_in] (shuffled each epoch by the seed) or a callable returning a fresh
+iterator of [batch d_in] batches (a harvester stream or an ActivationStore); see `BatchSource`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from saebench.errors import DataError
+from saebench.sae import SAE, SAEConfig
+from saebench.sae.losses import sae_loss
+from saebench.sae.sae import atomic_save_file, atomic_write_text
+from saebench.sae.sparsify import min_kept
+
+
+@dataclass
+class TrainConfig:
+    n_tokens: int = 2_000_000
+    batch_size: int = 4096  # tokens per step
+    lr: float | None = None  # default 2e-4 / sqrt(n_latents / 2^14)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # lr falls linearly to 0 over this last share of steps
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into the weights at save
+    b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
+    init_tokens: int = 16_384  # sample for b_dec and the scale
+    log_every: int = 50
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    seed: int = 0
+    device: str = "cpu"
+    autocast_bf16: bool = True  # on CUDA only
+    wandb_project: str | None = None
+
+    def resolved_lr(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+class BatchSource:
+    """Deterministic [batch d] batches from a tensor or a factory of iterators, resumable by count."""
+
+    def __init__(self, acts: torch.Tensor | Callable[[int], Iterator[torch.Tensor]], batch_size: int, seed: int):
+        self.acts, self.batch_size, self.seed = acts, batch_size, seed
+        if isinstance(acts, torch.Tensor):
+            if acts.dim() != 2:
+                raise DataError(f"activations must be [n_tokens d_in], got shape {tuple(acts.shape)}")
+            if len(acts) < batch_size:
+                raise DataError(f"only {len(acts)} activations for a batch of {batch_size}: lower train.batch_size")
+
+    def batches(self, skip: int = 0) -> Iterator[torch.Tensor]:
+        epoch, seen = 0, 0
+        while True:
+            if isinstance(self.acts, torch.Tensor):
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(len(self.acts), generator=gen)
+                n_full = len(perm) - len(perm) % self.batch_size
+                it = (self.acts[perm[i : i + self.batch_size]] for i in range(0, n_full, self.batch_size))
+            else:
+                it = self._rebatch(self.acts(epoch))
+            got_any = False
+            for batch in it:
+                got_any = True
+                if seen >= skip:
+                    yield batch
+                seen += 1
+            if not got_any:
+                raise DataError("the activation source yielded no batches")
+            epoch += 1
+
+    def _rebatch(self, it: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        carry: list[torch.Tensor] = []
+        size = 0
+        for chunk in it:
+            carry.append(chunk)
+            size += len(chunk)
+            while size >= self.batch_size:
+                flat = torch.cat(carry)
+                yield flat[: self.batch_size]
+                carry, size = [flat[self.batch_size :]], size - self.batch_size
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm. x: [n d] -> [d]."""
+    median = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - median).norm(dim=-1).clamp_min(eps)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - median).norm() < eps * (1 + median.norm()):
+            return new
+        median = new
+    return median
+
+
+class SAETrainer:
+    """Owns one SAE, its optimizer and statistics; `step(x)` trains on one batch [batch d_in]."""
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: torch.Tensor):
+        self.cfg, self.sae_cfg = cfg, sae_cfg
+        if sample.shape[-1] != sae_cfg.d_in:
+            raise DataError(f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: set sae.d_in={sample.shape[-1]}")
+        _check_finite(sample, "the initialisation sample")
+        torch.manual_seed(cfg.seed)
+        self.device = torch.device(cfg.device)
+        self.sae = SAE(sae_cfg, device=self.device, seed=cfg.seed).train()
+        sample = sample.to(self.device, torch.float32)
+        self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
+        with torch.no_grad():
+            if cfg.b_dec_init == "geometric_median":
+                self.sae.b_dec.copy_(geometric_median(sample * self.scale))
+            elif cfg.b_dec_init == "mean":
+                self.sae.b_dec.copy_((sample * self.scale).mean(0))
+        self.lr = cfg.resolved_lr(sae_cfg.n_latents)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas)
+        self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
+        self.step_count = 0
+        self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device)
+        self.fire_freq = torch.zeros(sae_cfg.n_latents, device=self.device)  # EMA of fires per token
+        self.threshold_set = False
+
+    def lr_at(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        decay_start = int(self.total_steps * (1 - self.cfg.decay_fraction))
+        decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
+        return self.lr * warm * decay
+
+    def step(self, x: torch.Tensor) -> dict:
+        _check_finite(x, f"the batch of step {self.step_count}")
+        x = x.to(self.device, torch.float32) * self.scale
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step_count)
+        dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
+        use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_freq)
+        if not torch.isfinite(out.loss):
+            raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.remove_parallel_grad()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sae.normalize_decoder()
+        self._update_stats(out.selection, len(x))
+        self.step_count += 1
+        l0 = out.selection.l0()
+        return {
+            "step": self.step_count, "tokens": self.step_count * self.cfg.batch_size, "loss": float(out.loss.detach()),
+            "fvu": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": float(l0.mean().detach()), "lr": self.lr_at(self.step_count - 1),
+            "dead_fraction": float(dead.float().mean()), "grad_norm": float(grad_norm),
+        }
+
+    @torch.no_grad()
+    def _update_stats(self, sel, batch: int) -> None:
+        n = self.sae_cfg.n_latents
+        fired = torch.zeros(n, device=self.device).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float())
+        self.tokens_since_fired = torch.where(fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch)
+        self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
+        if self.sae_cfg.uses_threshold:
+            per_feature = self.sae_cfg.activation == "feature_choice"
+            low = min_kept(sel, n, per_feature)
+            if low is None:
+                return
+            low = low.float().expand(n) if not per_feature else low.float()
+            ok = torch.isfinite(low)
+            decay = self.sae_cfg.threshold_decay if self.threshold_set else 0.0
+            t = self.sae.threshold
+            t[ok] = decay * t[ok] + (1 - decay) * low[ok]
+            self.threshold_set = True
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"sae.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
+        tensors["stats.tokens_since_fired"] = self.tokens_since_fired.clone()
+        tensors["stats.fire_freq"] = self.fire_freq.clone()
+        opt = self.opt.state_dict()
+        for pid, st in opt["state"].items():
+            for key, value in st.items():
+                tensors[f"opt.{pid}.{key}"] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
+        meta = {"step": self.step_count, "scale": self.scale, "threshold_set": self.threshold_set, "param_groups": opt["param_groups"]}
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.tokens_since_fired.copy_(tensors["stats.tokens_since_fired"])
+        self.fire_freq.copy_(tensors["stats.fire_freq"])
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, pid, name = key.split(".", 2)
+                state.setdefault(int(pid), {})[name] = value
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.step_count, self.scale, self.threshold_set = meta["step"], meta["scale"], meta["threshold_set"]
+
+    def export(self) -> SAE:
+        """A copy for inference on raw activations (input scale folded in)."""
+        sae = SAE(self.sae_cfg, device=self.device)
+        sae.load_state_dict(self.sae.state_dict())
+        sae.fold_input_scale(self.scale)
+        return sae.eval()
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        raise DataError(f"NaN or inf in {where}: check the model dtype and the activation source")
+
+
+def save_checkpoint(trainer: SAETrainer, folder: Path, batches_consumed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, meta = trainer.state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    atomic_save_file(tensors, folder / "state.safetensors")
+    atomic_write_text(folder / "state.json", json.dumps({**meta, "batches_consumed": batches_consumed}) + "\n")
+
+
+def load_checkpoint(trainer: SAETrainer, folder: Path) -> int:
+    tensors = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    trainer.load_state(tensors, meta)
+    return meta["batches_consumed"]
+
+
+def train_sae(
+    sae_cfg: SAEConfig, acts: torch.Tensor | Callable[[int], Iterator[torch.Tensor]], cfg: TrainConfig = TrainConfig(),
+    run_dir: str | Path | None = None, resume: bool = False, stop_after_steps: int | None = None, show_progress: bool = True,
+) -> tuple[SAE, dict]:
+    """Train one SAE. With run_dir: metrics.jsonl, checkpoints/ and sae/ are written there.
+
+    stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
+    Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
+    """
+    source = BatchSource(acts, cfg.batch_size, cfg.seed)
+    sample = _init_sample(source, cfg)
+    trainer = SAETrainer(sae_cfg, cfg, sample)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt = run_dir / "checkpoints" if run_dir else None
+    consumed = 0
+    if resume:
+        if ckpt is None or not (ckpt / "state.json").exists():
+            raise DataError(f"nothing to resume in {run_dir}: no checkpoints/state.json (drop --resume to start fresh)")
+        consumed = load_checkpoint(trainer, ckpt)
+    elif run_dir is not None and (run_dir / "metrics.jsonl").exists():
+        raise DataError(f"{run_dir} already holds a training run: pass --resume to continue it, or choose another name")
+    if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if run_dir else None
+    wandb_run = _wandb(cfg, sae_cfg) if cfg.wandb_project else None
+    last: dict = {}
+    started = time.perf_counter()
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc="train sae", unit="step", disable=not show_progress)
+    try:
+        for batch in source.batches(skip=consumed):
+            if trainer.step_count >= trainer.total_steps:
+                break
+            last = trainer.step(batch)
+            consumed += 1
+            bar.update(1)
+            if trainer.step_count % cfg.log_every == 0 or trainer.step_count == trainer.total_steps:
+                last["tokens_per_s"] = round(last["tokens"] / max(1e-9, time.perf_counter() - started))
+                bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
+                if metrics_file:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                if wandb_run:
+                    wandb_run.log(last, step=trainer.step_count)
+            if ckpt and cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0:
+                save_checkpoint(trainer, ckpt, consumed)
+            if stop_after_steps is not None and trainer.step_count >= stop_after_steps:
+                if ckpt:
+                    save_checkpoint(trainer, ckpt, consumed)
+                break
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    sae = trainer.export()
+    if run_dir and trainer.step_count >= trainer.total_steps:
+        save_checkpoint(trainer, ckpt, consumed)
+        sae.save(run_dir / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
+    return sae, {**last, "steps": trainer.step_count, "input_scale": trainer.scale}
+
+
+def _init_sample(source: BatchSource, cfg: TrainConfig) -> torch.Tensor:
+    if isinstance(source.acts, torch.Tensor):
+        gen = torch.Generator().manual_seed(cfg.seed + 7)
+        return source.acts[torch.randperm(len(source.acts), generator=gen)[: cfg.init_tokens]].float()
+    rows, n = [], 0
+    for batch in source.batches():
+        rows.append(batch.float())
+        n += len(batch)
+        if n >= cfg.init_tokens:
+            break
+    return torch.cat(rows)[: cfg.init_tokens]
+
+
+def _wandb(cfg: TrainConfig, sae_cfg: SAEConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise DataError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
+    return wandb.init(project=cfg.wandb_project, config={"sae": asdict(sae_cfg), "train": asdict(cfg)})

@@ -1,0 +1,96 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def one_error_line(result):
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.startswith("saebench: error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "name: t\nmodel: tiny\nruns_dir: runs\ndata:\n  split: test\n  max_documents: 100\n  context_size: 32\n"
+        "harvest:\n  hooks: [blocks.0.hook_resid_post]\n  n_tokens: 2000\n  batch_size: 16\n  shard_contexts: 16\n"
+    )
+    return path
+
+
+def test_harvest_writes_cache(config, tmp_path):
+    result = run_cli("harvest", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary == {"cache_dir": "runs/t/activations", "tokens": 2000, "shards": summary["shards"], "complete": True}
+    manifest = json.loads((tmp_path / "runs/t/activations/manifest.json").read_text())
+    assert manifest["n_tokens"] == 2000 and manifest["model"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("harvest.hooks=[blocks.0.hook_resid_pots]", "no hook 'blocks.0.hook_resid_pots'; closest: blocks.0.hook_resid_post"),
+        ("harvest.n_tokns=5", "unknown config key 'harvest.n_tokns'; did you mean 'n_tokens'?"),
+        ("data.path=./missing.txt", "dataset file not found: ./missing.txt"),
+        ("dtype=float8", "unknown dtype 'float8'"),
+        ("model=./nowhere", "model folder not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(config, tmp_path, override, message):
+    line = one_error_line(run_cli("harvest", str(config), "--set", override, cwd=tmp_path))
+    assert message in line
+
+
+def test_error_keeps_existing_cache(config, tmp_path):
+    assert run_cli("harvest", str(config), cwd=tmp_path).returncode == 0
+    cache = tmp_path / "runs/t/activations"
+    before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    line = one_error_line(run_cli("harvest", str(config), "--set", "harvest.n_tokens=4000", cwd=tmp_path))
+    assert "other settings" in line
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == before
+
+
+def test_missing_config_file(tmp_path):
+    assert "config file not found" in one_error_line(run_cli("harvest", "nope.yaml", cwd=tmp_path))
+
+
+@pytest.mark.slow
+def test_killed_harvest_resumes_to_the_same_files(config, tmp_path):
+    """SIGKILL a real harvest after its first shards, rerun it, compare with an uninterrupted run."""
+    import signal
+    import time
+
+    big = ["--set", "harvest.n_tokens=20000", "--set", "data.max_documents=400"]
+    ref = run_cli("harvest", str(config), *big, "--set", "name=ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "saebench.cli", "harvest", str(config), *big, "--set", "name=killed"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "runs/killed/activations/manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not json.loads(manifest.read_text())["complete"]
+    again = run_cli("harvest", str(config), *big, "--set", "name=killed", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+
+    assert files(tmp_path / "runs/killed/activations") == files(tmp_path / "runs/ref/activations")

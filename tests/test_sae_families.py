@@ -1,0 +1,151 @@
+"""Every sparsifier against a dense PyTorch reference written independently (sort + mask)."""
+
+import pytest
+import torch
+
+import saebench as sb
+from saebench.sae import sparsify
+from saebench.sae.losses import normalised_mse, sae_loss
+
+B, D, N, K = 24, 16, 64, 4
+
+
+def dense_reference(pre: torch.Tensor, activation: str, k: int) -> torch.Tensor:
+    b, n = pre.shape
+    z = torch.zeros_like(pre)
+    if activation == "topk":
+        order = pre.argsort(dim=-1, descending=True)[:, :k]
+        z.scatter_(1, order, pre.gather(1, order).clamp(min=0))
+    elif activation == "abstopk":
+        order = pre.abs().argsort(dim=-1, descending=True)[:, :k]
+        z.scatter_(1, order, pre.gather(1, order))
+    elif activation in ("batchtopk", "mutual_choice"):
+        flat = pre.clamp(min=0).flatten()
+        keep = flat.argsort(descending=True)[: k * b]
+        z = torch.zeros_like(flat).index_put((keep,), flat[keep]).view(b, n)
+    elif activation == "feature_choice":
+        caps = sparsify.zipf_capacities(n, b, k, 1.0)
+        acts = pre.clamp(min=0)
+        for j in range(n):
+            rows = acts[:, j].argsort(descending=True)[: caps[j]]
+            z[rows, j] = acts[rows, j]
+    return z
+
+
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("matryoshka", [None, [8, 32, N]])
+def test_forward_and_gradients_match_dense_reference(activation, matryoshka):
+    torch.manual_seed(0)
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, aux_coef=0.0)
+    sae = sb.SAE(cfg, seed=1)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    x = torch.randn(B, D)
+    out = sae_loss(sae.train(), x)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    z = dense_reference(pre, activation, K)
+    x_hat = z @ params["W_dec"] + params["b_dec"]
+    loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    for m in (matryoshka or [])[:-1]:
+        loss = loss + ((x - z[:, :m] @ params["W_dec"][:m] - params["b_dec"]) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    loss.backward()
+
+    assert torch.allclose(out.x_hat, x_hat, atol=1e-5)
+    assert torch.allclose(out.selection.dense(N), z, atol=1e-6)
+    assert torch.allclose(out.loss, loss, rtol=1e-5)
+    for name, p in params.items():
+        assert torch.allclose(got[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_l0_per_family():
+    torch.manual_seed(0)
+    pre = torch.randn(B, N)
+    assert (sparsify.topk(pre, K).l0() <= K).all()
+    assert (sparsify.abstopk(pre, K).l0() == K).all()
+    assert sparsify.batchtopk(pre, K).l0().sum() == K * B
+    assert sparsify.feature_choice(pre, K).l0().sum() <= K * B
+
+
+def test_zipf_capacities_by_hand():
+    # n=4, batch=10, k=2 -> 20 slots shaped like 1, 1/2, 1/3, 1/4 (sum 25/12): 9.6, 4.8, 3.2, 2.4;
+    # floors 9, 4, 3, 2 = 18; the two largest remainders (.8 for j=1, .6 for j=0) get one more each.
+    assert sparsify.zipf_capacities(4, 10, 2, 1.0) == (10, 5, 3, 2)
+    # no feature may take more than the batch: 1 -> capped at 4, the rest is shared by the others
+    caps = sparsify.zipf_capacities(4, 4, 3, 1.0)
+    assert sum(caps) == 12 and max(caps) == 4 and caps == tuple(sorted(caps, reverse=True))
+    assert sparsify.zipf_capacities(5, 8, 2, 0.0) == (4, 3, 3, 3, 3)
+
+
+def test_inference_threshold_is_per_token():
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="batchtopk", k=K)
+    sae = sb.SAE(cfg).eval()
+    sae.threshold.fill_(0.2)
+    x = torch.randn(B, D)
+    pre = sae.pre_acts(x)
+    expected = torch.where(pre > 0.2, pre, torch.zeros_like(pre))
+    assert torch.allclose(sae.encode(x), expected)
+    assert torch.allclose(sae.encode(x[:3]), sae.encode(x)[:3])
+
+
+def test_encode_decode_shapes_and_width_check():
+    sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, k=K))
+    x = torch.randn(2, 5, D)
+    z = sae.encode(x)
+    assert z.shape == (2, 5, N) and (z != 0).sum(-1).max() <= K
+    assert sae(x).shape == x.shape
+    with pytest.raises(sb.DataError, match="width 7 but the SAE expects d_in=16"):
+        sae.encode(torch.randn(3, 7))
+
+
+def test_normalised_mse_by_hand():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [3.0, 0.0]])
+    # error 1, variance about the mean (2, 0): 1 + 1 = 2
+    assert normalised_mse(x, x_hat).item() == pytest.approx(0.5)
+
+
+def test_decoder_parallel_grad_removed_and_renormalised():
+    sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, k=K))
+    sae.W_dec.grad = torch.randn(N, D)
+    sae.remove_parallel_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3)
+    sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(N), atol=1e-6)
+
+
+def test_auxk_reconstructs_error_from_dead_latents():
+    torch.manual_seed(0)
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, k=K, k_aux=3)
+    sae = sb.SAE(cfg)
+    x = torch.randn(B, D)
+    dead = torch.zeros(N, dtype=torch.bool)
+    assert sae_loss(sae, x, dead=dead).aux == 0
+    dead[:10] = True
+    out = sae_loss(sae, x, dead=dead)
+    pre = sae.pre_acts(x)
+    e = x - out.x_hat
+    v, i = pre[:, :10].topk(3, dim=-1)
+    e_hat = torch.zeros(B, N).scatter(1, i, v.clamp(min=0)) @ sae.W_dec
+    assert torch.allclose(out.aux, normalised_mse(e, e_hat), rtol=1e-5)
+
+
+def test_fold_input_scale_keeps_reconstruction():
+    torch.manual_seed(0)
+    for activation in ("topk", "batchtopk"):
+        sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, k=K, activation=activation)).eval()
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1)
+            sae.b_dec.normal_()
+            sae.threshold.fill_(0.1)
+        x = torch.randn(B, D)
+        scale = 2.5
+        ref = sae(x * scale) / scale
+        sae.fold_input_scale(scale)
+        assert torch.allclose(sae(x), ref, atol=1e-5)

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saebench as sb
+from saebench.synthetic import PlantedFeatures, SyntheticConfig, recovery_metrics
+from saebench.train import TrainConfig, geometric_median, train_sae
+
+
+def planted(n=60_000, seed=0):
+    p = PlantedFeatures(SyntheticConfig(d=16, n_true=48, true_l0=3, seed=seed))
+    x, _ = p.sample(n, torch.Generator().manual_seed(seed))
+    return p, x
+
+
+def test_geometric_median_by_hand():
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    gm = geometric_median(pts)
+    assert gm.norm() < 1.0  # the mean (25.25, 25.25) is dragged away by the outlier; the median is not
+    assert torch.allclose(geometric_median(torch.tensor([[1.0, 2.0]] * 3)), torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"])
+def test_every_family_learns_planted_features(activation):
+    p, x = planted()
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation, dead_tokens=20_000)
+    sae, report = train_sae(cfg, x, TrainConfig(n_tokens=400_000, batch_size=512, lr=4e-3, warmup_steps=20), show_progress=False)
+    metrics = sb.evaluate_sae(sae, x[:10_000])
+    assert metrics["fvu"] < 0.35, metrics
+    assert recovery_metrics(sae.W_dec.detach(), p.directions)["mcc"] > 0.8
+    assert abs(metrics["l0"] - 3) < 1.5
+
+
+def test_resume_is_bit_identical(tmp_path):
+    _, x = planted(20_000)
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation="batchtopk", dead_tokens=5_000)
+    tcfg = TrainConfig(n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5)
+    whole, _ = train_sae(cfg, x, tcfg, run_dir=tmp_path / "whole", show_progress=False)
+    train_sae(cfg, x, tcfg, run_dir=tmp_path / "part", stop_after_steps=23, show_progress=False)
+    assert not (tmp_path / "part/sae").exists()
+    resumed, _ = train_sae(cfg, x, tcfg, run_dir=tmp_path / "part", resume=True, show_progress=False)
+    a = load_file(str(tmp_path / "whole/sae/sae.safetensors"))
+    b = load_file(str(tmp_path / "part/sae/sae.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole_log = (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
+    part_log = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in lines]
+    assert strip(whole_log) == strip(part_log)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    _, x = planted(5_000)
+    cfg = sb.SAEConfig(d_in=16, n_latents=32, k=3)
+    tcfg = TrainConfig(n_tokens=2048, batch_size=256)
+    train_sae(cfg, x, tcfg, run_dir=tmp_path, show_progress=False)
+    before = (tmp_path / "sae/sae.safetensors").read_bytes()
+    with pytest.raises(sb.DataError, match="already holds a training run"):
+        train_sae(cfg, x, tcfg, run_dir=tmp_path, show_progress=False)
+    assert (tmp_path / "sae/sae.safetensors").read_bytes() == before
+
+
+def test_bad_inputs_fail_clearly():
+    x = torch.randn(4096, 16)
+    with pytest.raises(sb.DataError, match="width 16 but sae.d_in is 12"):
+        train_sae(sb.SAEConfig(d_in=12, n_latents=32, k=3), x, TrainConfig(n_tokens=1024, batch_size=256), show_progress=False)
+
+    def stream(epoch):
+        for i in range(0, 4096, 256):
+            batch = x[i : i + 256].clone()
+            if i == 1024:
+                batch[5, 2] = float("nan")
+            yield batch
+
+    with pytest.raises(sb.DataError, match="NaN or inf in the batch of step 4"):
+        train_sae(sb.SAEConfig(d_in=16, n_latents=32, k=3), stream, TrainConfig(n_tokens=40_000, batch_size=256, init_tokens=256), show_progress=False)
+
+
+def test_saved_sae_round_trips_and_works_on_raw_inputs(tmp_path):
+    _, x = planted(20_000)
+    x = x * 40  # far from sqrt(d) norm: the input scale must be folded in at save
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation="batchtopk")
+    sae, report = train_sae(cfg, x, TrainConfig(n_tokens=100_000, batch_size=512, lr=4e-3), run_dir=tmp_path, show_progress=False)
+    assert report["input_scale"] != pytest.approx(1.0)
+    loaded = sb.SAE.load(tmp_path / "sae")
+    assert torch.equal(loaded.encode(x[:100]), sae.encode(x[:100]))
+    assert sb.evaluate_sae(loaded, x[:5000])["fvu"] < 0.5
