@@ -94,3 +94,38 @@ def test_killed_harvest_resumes_to_the_same_files(config, tmp_path):
         return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
 
     assert files(tmp_path / "runs/killed/activations") == files(tmp_path / "runs/ref/activations")
+
+
+TRAIN = ["--set", "sae.expansion=2", "--set", "sae.k=8", "--set", "train.n_tokens=6144", "--set", "train.batch_size=512",
+         "--set", "train.checkpoint_every=4", "--set", "train.log_every=2", "--set", "harvest.buffer_tokens=2048",
+         "--set", "eval.n_tokens=2000", "--set", "eval.n_contexts=4"]
+
+
+def test_train_eval_and_exact_resume_from_the_cli(config, tmp_path):
+    whole = run_cli("train", str(config), *TRAIN, "--set", "name=whole", cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    part = run_cli("train", str(config), *TRAIN, "--set", "name=part", "--stop-after-steps", "5", cwd=tmp_path)
+    assert part.returncode == 0, part.stderr
+    assert not (tmp_path / "runs/part/sae").exists()
+    again = run_cli("train", str(config), *TRAIN, "--set", "name=part", cwd=tmp_path)
+    assert "already holds a training run: pass --resume" in one_error_line(again)
+    resumed = run_cli("train", str(config), *TRAIN, "--set", "name=part", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = (tmp_path / "runs/whole/sae/sae.safetensors").read_bytes()
+    assert a == (tmp_path / "runs/part/sae/sae.safetensors").read_bytes()
+
+    result = run_cli("eval", "runs/whole", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "runs/whole/eval.json").read_text())
+    for side in ("sae", "random_baseline"):
+        assert {"fvu", "l0", "ce_recovered", "kl_score", "dead_fraction", "shrinkage"} <= report[side].keys()
+    assert report["sae"]["fvu"] < report["random_baseline"]["fvu"]
+
+
+def test_train_d_in_mismatch_names_both_numbers(config, tmp_path):
+    line = one_error_line(run_cli("train", str(config), "--set", "sae.d_in=100", cwd=tmp_path))
+    assert "sae.d_in is 100 but blocks.0.hook_resid_post of tiny has width" in line and "set sae.d_in=" in line
+
+
+def test_eval_of_a_missing_run(tmp_path):
+    assert "is not a finished training run" in one_error_line(run_cli("eval", "runs/nothing", cwd=tmp_path))

@@ -115,13 +115,13 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        folder = Path(folder)
-        if not (folder / "cfg.json").exists():
-            from saebench.interop import is_saelens_folder, load_saelens
+        from saebench.interop import is_saelens_folder, load_saelens
 
-            if is_saelens_folder(folder):
-                return load_saelens(folder, device)
-            raise DataError(f"no SAE at {folder} (missing cfg.json)")
+        folder = Path(folder)
+        if is_saelens_folder(folder) and not (folder / "sae.safetensors").exists():
+            return load_saelens(folder, device)
+        if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
+            raise DataError(f"no SAE at {folder} (needs cfg.json and sae.safetensors, or SAELens' sae_weights.safetensors)")
         meta = json.loads((folder / "cfg.json").read_text())
         names = {f.name for f in dataclasses.fields(SAEConfig)}
         sae = cls(SAEConfig(**{k: v for k, v in meta.items() if k in names}), device=device)
