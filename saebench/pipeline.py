@@ -43,34 +43,35 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
     from saebench.errors import ConfigError
     from saebench.harvest import ActivationStore, stream_activations
     from saebench.sae.sae import atomic_write_text
-    from saebench.train import TrainConfig, train_sae
+    from saebench.harvest import hook_dirname
+    from saebench.train import TrainConfig, train_sae, train_saes
 
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg, list(overrides))
-    if len(cfg.harvest.hooks) != 1:
-        raise ConfigError(f"train needs exactly one hook in harvest.hooks, got {cfg.harvest.hooks}")
-    hook = cfg.harvest.hooks[0]
+    hooks = cfg.harvest.hooks
     t = cfg.train
     if t.source not in ("stream", "cache"):
         raise ConfigError(f"train.source must be stream or cache, got {t.source!r}")
     run_dir = cfg.run_dir
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and ((run_dir / "metrics.jsonl").exists() or any(run_dir.glob("*/metrics.jsonl"))):
         from saebench.errors import DataError
 
         raise DataError(f"{run_dir} already holds a training run: pass --resume to continue it, or set name to a new run")
     model = load_model(cfg.model, cfg.device, cfg.torch_dtype)
-    harvester = Harvester(model, [hook], cfg.harvest.exclude_special, store_dtype(cfg.harvest))
-    sae_cfg = _sae_config(cfg, harvester.widths[hook], hook)
+    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
+    sae_cfgs = {hook_dirname(h): _sae_config(cfg, harvester.widths[h], h) for h in hooks}
     if t.source == "cache":
+        if len(hooks) > 1:
+            raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
         manifest = harvest_from_config(cfg)
-        store = ActivationStore(manifest["cache_dir"], hook)
+        store = ActivationStore(manifest["cache_dir"], hooks[0])
         source = lambda epoch: store.iter_batches(t.batch_size, seed=cfg.seed * 1000 + epoch)
     else:
         contexts = load_contexts(cfg.data, model.tokenizer)
         chunk = min(t.batch_size, cfg.harvest.buffer_tokens // 2)
-        source = lambda epoch: (b[hook] for b in stream_activations(
+        source = lambda epoch: stream_activations(
             harvester, contexts, batch_tokens=chunk, buffer_tokens=cfg.harvest.buffer_tokens,
-            batch_size=cfg.harvest.batch_size, seed=cfg.seed * 1000 + epoch, epochs=1))
+            batch_size=cfg.harvest.batch_size, seed=cfg.seed * 1000 + epoch, epochs=1)
     train_cfg = TrainConfig(
         n_tokens=t.n_tokens, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
         grad_clip=t.grad_clip, log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=cfg.seed, device=cfg.device,
@@ -78,8 +79,11 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    sae, report = train_sae(sae_cfg, source, train_cfg, run_dir=run_dir, resume=resume, stop_after_steps=stop_after_steps)
-    return sae, {**report, "run_dir": str(run_dir)}
+    if len(sae_cfgs) == 1:
+        sae, report = train_sae(next(iter(sae_cfgs.values())), source, train_cfg, run_dir=run_dir, resume=resume, stop_after_steps=stop_after_steps)
+        return sae, {**report, "run_dir": str(run_dir)}
+    saes, reports = train_saes(sae_cfgs, source, train_cfg, run_dir=run_dir, resume=resume, stop_after_steps=stop_after_steps)
+    return saes, {"saes": reports, "run_dir": str(run_dir)}
 
 
 def eval_from_config(run_dir: str | Path) -> dict:
@@ -95,26 +99,31 @@ def eval_from_config(run_dir: str | Path) -> dict:
     from saebench.sae.sae import atomic_write_text
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() or not (run_dir / "sae" / "cfg.json").exists():
+    sae_dirs = [run_dir / "sae"] if (run_dir / "sae" / "cfg.json").exists() else sorted(p.parent for p in run_dir.glob("*/sae/cfg.json"))
+    sae_dirs = [d if d.name == "sae" else d / "sae" for d in sae_dirs]
+    if not (run_dir / "config.yaml").exists() or not sae_dirs:
         raise DataError(f"{run_dir} is not a finished training run (needs config.yaml and sae/); train it with `saebench train`")
     cfg = load_config(run_dir / "config.yaml")
-    sae = SAE.load(run_dir / "sae", cfg.device)
-    hook = sae.cfg.hook
     model = load_model(cfg.model, cfg.device, cfg.torch_dtype)
-    harvester = Harvester(model, [hook], cfg.harvest.exclude_special)
     data = type(cfg.data)(**{**cfg.data.__dict__, "split": cfg.eval.split})
     contexts = load_contexts(data, model.tokenizer)
-    acts = torch_cat(b[hook] for b in stream_activations(harvester, contexts, batch_tokens=4096, buffer_tokens=8192, n_tokens=cfg.eval.n_tokens, batch_size=cfg.harvest.batch_size, epochs=1))
-    baseline = random_baseline(sae)
     n = min(cfg.eval.n_contexts, len(contexts))
     few = TokenContexts(contexts.tokens[:n], contexts.special_mask[:n])
-    result = {
-        "run": str(run_dir), "hook": hook, "split": cfg.eval.split,
-        "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},
-        "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, few)},
-    }
-    atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=1) + "\n")
-    return result
+    results = {}
+    for sae_dir in sae_dirs:
+        sae = SAE.load(sae_dir, cfg.device)
+        hook = sae.cfg.hook
+        harvester = Harvester(model, [hook], cfg.harvest.exclude_special)
+        acts = torch_cat(b[hook] for b in stream_activations(harvester, contexts, batch_tokens=4096, buffer_tokens=8192, n_tokens=cfg.eval.n_tokens, batch_size=cfg.harvest.batch_size, epochs=1))
+        baseline = random_baseline(sae)
+        result = {
+            "run": str(sae_dir.parent), "hook": hook, "split": cfg.eval.split,
+            "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},
+            "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, few)},
+        }
+        atomic_write_text(sae_dir.parent / "eval.json", json.dumps(result, indent=1) + "\n")
+        results[hook] = result
+    return results
 
 
 def torch_cat(parts):

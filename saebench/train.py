@@ -49,10 +49,17 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-class BatchSource:
-    """Deterministic [batch d] batches from a tensor or a factory of iterators, resumable by count."""
+Batch = dict[str, torch.Tensor]  # hook -> [batch d]; a plain tensor source becomes {"": tensor}
 
-    def __init__(self, acts: torch.Tensor | Callable[[int], Iterator[torch.Tensor]], batch_size: int, seed: int):
+
+class BatchSource:
+    """Deterministic batches from a tensor or a factory of iterators, resumable by count.
+
+    acts: a tensor [N d] (reshuffled each epoch by the seed), or a callable epoch -> iterator of
+    [chunk d] tensors or of {hook: [chunk d]} dicts (several hooks from one model pass).
+    """
+
+    def __init__(self, acts: torch.Tensor | Callable[[int], Iterator], batch_size: int, seed: int):
         self.acts, self.batch_size, self.seed = acts, batch_size, seed
         if isinstance(acts, torch.Tensor):
             if acts.dim() != 2:
@@ -60,14 +67,14 @@ class BatchSource:
             if len(acts) < batch_size:
                 raise DataError(f"only {len(acts)} activations for a batch of {batch_size}: lower train.batch_size")
 
-    def batches(self, skip: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, skip: int = 0) -> Iterator[Batch]:
         epoch, seen = 0, 0
         while True:
             if isinstance(self.acts, torch.Tensor):
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 perm = torch.randperm(len(self.acts), generator=gen)
                 n_full = len(perm) - len(perm) % self.batch_size
-                it = (self.acts[perm[i : i + self.batch_size]] for i in range(0, n_full, self.batch_size))
+                it = ({"": self.acts[perm[i : i + self.batch_size]]} for i in range(0, n_full, self.batch_size))
             else:
                 it = self._rebatch(self.acts(epoch))
             got_any = False
@@ -80,16 +87,27 @@ class BatchSource:
                 raise DataError("the activation source yielded no batches")
             epoch += 1
 
-    def _rebatch(self, it: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        carry: list[torch.Tensor] = []
+    def _rebatch(self, it: Iterator) -> Iterator[Batch]:
+        carry: dict[str, list[torch.Tensor]] = {}
         size = 0
         for chunk in it:
-            carry.append(chunk)
-            size += len(chunk)
+            chunk = chunk if isinstance(chunk, dict) else {"": chunk}
+            for key, value in chunk.items():
+                carry.setdefault(key, []).append(value)
+            size += len(next(iter(chunk.values())))
             while size >= self.batch_size:
-                flat = torch.cat(carry)
-                yield flat[: self.batch_size]
-                carry, size = [flat[self.batch_size :]], size - self.batch_size
+                flat = {k: torch.cat(v) for k, v in carry.items()}
+                yield {k: v[: self.batch_size] for k, v in flat.items()}
+                carry = {k: [v[self.batch_size :]] for k, v in flat.items()}
+                size -= self.batch_size
+
+
+def _pick(batch: Batch, sae_cfg: SAEConfig) -> torch.Tensor:
+    if len(batch) == 1:
+        return next(iter(batch.values()))
+    if sae_cfg.hook not in batch:
+        raise DataError(f"the activation source has no hook {sae_cfg.hook!r} (it has {', '.join(batch)})")
+    return batch[sae_cfg.hook]
 
 
 @torch.no_grad()
@@ -235,7 +253,7 @@ def load_checkpoint(trainer: SAETrainer, folder: Path) -> int:
 
 
 def train_sae(
-    sae_cfg: SAEConfig, acts: torch.Tensor | Callable[[int], Iterator[torch.Tensor]], cfg: TrainConfig = TrainConfig(),
+    sae_cfg: SAEConfig, acts: torch.Tensor | Callable[[int], Iterator], cfg: TrainConfig = TrainConfig(),
     run_dir: str | Path | None = None, resume: bool = False, stop_after_steps: int | None = None, show_progress: bool = True,
 ) -> tuple[SAE, dict]:
     """Train one SAE. With run_dir: metrics.jsonl, checkpoints/ and sae/ are written there.
@@ -243,73 +261,107 @@ def train_sae(
     stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
     Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
     """
+    saes, reports = train_saes({"sae": sae_cfg}, acts, cfg, run_dir, resume, stop_after_steps, show_progress, _flat=True)
+    return saes["sae"], reports["sae"]
+
+
+def train_saes(
+    sae_cfgs: dict[str, SAEConfig], acts: torch.Tensor | Callable[[int], Iterator], cfg: TrainConfig = TrainConfig(),
+    run_dir: str | Path | None = None, resume: bool = False, stop_after_steps: int | None = None, show_progress: bool = True,
+    _flat: bool = False,
+) -> tuple[dict[str, SAE], dict[str, dict]]:
+    """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
+
+    A dict source gives each SAE the batch of its `hook`. Each SAE gets run_dir/<name>/.
+    """
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
     sample = _init_sample(source, cfg)
-    trainer = SAETrainer(sae_cfg, cfg, sample)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    ckpt = run_dir / "checkpoints" if run_dir else None
+    trainers = {name: SAETrainer(c, cfg, _pick(sample, c)) for name, c in sae_cfgs.items()}
+    base = Path(run_dir) if run_dir is not None else None
+    dirs = {name: (base if _flat else base / name) for name in sae_cfgs} if base else {}
     consumed = 0
-    if resume:
-        if ckpt is None or not (ckpt / "state.json").exists():
-            raise DataError(f"nothing to resume in {run_dir}: no checkpoints/state.json (drop --resume to start fresh)")
-        consumed = load_checkpoint(trainer, ckpt)
-    elif run_dir is not None and (run_dir / "metrics.jsonl").exists():
-        raise DataError(f"{run_dir} already holds a training run: pass --resume to continue it, or choose another name")
-    if run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if run_dir else None
-    wandb_run = _wandb(cfg, sae_cfg) if cfg.wandb_project else None
-    last: dict = {}
-    started = time.perf_counter()
-    bar = tqdm(total=trainer.total_steps, initial=trainer.step_count, desc="train sae", unit="step", disable=not show_progress)
+    for name, trainer in trainers.items():
+        if not base:
+            break
+        if resume:
+            if not (dirs[name] / "checkpoints/state.json").exists():
+                raise DataError(f"nothing to resume in {dirs[name]}: no checkpoints/state.json (drop --resume to start fresh)")
+            consumed = load_checkpoint(trainer, dirs[name] / "checkpoints")
+        elif (dirs[name] / "metrics.jsonl").exists():
+            raise DataError(f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name")
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    files = {name: (d / "metrics.jsonl").open("a") for name, d in dirs.items()}
+    wandb_run = _wandb(cfg, sae_cfgs) if cfg.wandb_project else None
+    last: dict[str, dict] = {name: {} for name in trainers}
+    any_trainer = next(iter(trainers.values()))
+    started, start_step = time.perf_counter(), any_trainer.step_count
+    bar = tqdm(total=any_trainer.total_steps, initial=start_step, desc="train sae", unit="step", disable=not show_progress)
+
+    def checkpoint() -> None:
+        for name, trainer in trainers.items():
+            save_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
+
     try:
         for batch in source.batches(skip=consumed):
-            if trainer.step_count >= trainer.total_steps:
+            if any_trainer.step_count >= any_trainer.total_steps:
                 break
-            last = trainer.step(batch)
+            for name, trainer in trainers.items():
+                last[name] = trainer.step(_pick(batch, trainer.sae_cfg))
             consumed += 1
             bar.update(1)
-            if trainer.step_count % cfg.log_every == 0 or trainer.step_count == trainer.total_steps:
-                last["tokens_per_s"] = round(last["tokens"] / max(1e-9, time.perf_counter() - started))
-                bar.set_postfix(fvu=f"{last['fvu']:.3f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_fraction']:.3f}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
+            step = any_trainer.step_count
+            if step % cfg.log_every == 0 or step == any_trainer.total_steps:
+                rate = round((step - start_step) * cfg.batch_size / max(1e-9, time.perf_counter() - started))
+                first = next(iter(last.values()))
+                bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.3f}")
+                for name, row in last.items():
+                    row["tokens_per_s"] = rate
+                    if name in files:
+                        files[name].write(json.dumps(row) + "\n")
+                        files[name].flush()
                 if wandb_run:
-                    wandb_run.log(last, step=trainer.step_count)
-            if ckpt and cfg.checkpoint_every and trainer.step_count % cfg.checkpoint_every == 0:
-                save_checkpoint(trainer, ckpt, consumed)
-            if stop_after_steps is not None and trainer.step_count >= stop_after_steps:
-                if ckpt:
-                    save_checkpoint(trainer, ckpt, consumed)
+                    wandb_run.log({f"{n}/{k}": v for n, row in last.items() for k, v in row.items()}, step=step)
+            if dirs and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint()
+            if stop_after_steps is not None and step >= stop_after_steps:
+                if dirs:
+                    checkpoint()
                 break
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
-    sae = trainer.export()
-    if run_dir and trainer.step_count >= trainer.total_steps:
-        save_checkpoint(trainer, ckpt, consumed)
-        sae.save(run_dir / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
-    return sae, {**last, "steps": trainer.step_count, "input_scale": trainer.scale}
+        for f in files.values():
+            f.close()
+    saes, reports = {}, {}
+    finished = any_trainer.step_count >= any_trainer.total_steps
+    if dirs and finished:
+        checkpoint()
+    for name, trainer in trainers.items():
+        saes[name] = trainer.export()
+        if dirs and finished:
+            saes[name].save(dirs[name] / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
+        reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale}
+    return saes, reports
 
 
-def _init_sample(source: BatchSource, cfg: TrainConfig) -> torch.Tensor:
+def _init_sample(source: BatchSource, cfg: TrainConfig) -> Batch:
     if isinstance(source.acts, torch.Tensor):
         gen = torch.Generator().manual_seed(cfg.seed + 7)
-        return source.acts[torch.randperm(len(source.acts), generator=gen)[: cfg.init_tokens]].float()
-    rows, n = [], 0
+        return {"": source.acts[torch.randperm(len(source.acts), generator=gen)[: cfg.init_tokens]].float()}
+    rows: dict[str, list[torch.Tensor]] = {}
+    n = 0
     for batch in source.batches():
-        rows.append(batch.float())
-        n += len(batch)
+        for key, value in batch.items():
+            rows.setdefault(key, []).append(value.float())
+        n += len(next(iter(batch.values())))
         if n >= cfg.init_tokens:
             break
-    return torch.cat(rows)[: cfg.init_tokens]
+    return {k: torch.cat(v)[: cfg.init_tokens] for k, v in rows.items()}
 
 
-def _wandb(cfg: TrainConfig, sae_cfg: SAEConfig):
+def _wandb(cfg: TrainConfig, sae_cfgs: dict[str, SAEConfig]):
     try:
         import wandb
     except ImportError:
         raise DataError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
-    return wandb.init(project=cfg.wandb_project, config={"sae": asdict(sae_cfg), "train": asdict(cfg)})
+    return wandb.init(project=cfg.wandb_project, config={"saes": {n: asdict(c) for n, c in sae_cfgs.items()}, "train": asdict(cfg)})

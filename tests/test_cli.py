@@ -129,3 +129,14 @@ def test_train_d_in_mismatch_names_both_numbers(config, tmp_path):
 
 def test_eval_of_a_missing_run(tmp_path):
     assert "is not a finished training run" in one_error_line(run_cli("eval", "runs/nothing", cwd=tmp_path))
+
+
+def test_two_hooks_train_in_one_pass_and_evaluate(config, tmp_path):
+    hooks = ["--set", "harvest.hooks=[blocks.0.hook_resid_post, blocks.1.hook_mlp_out]"]
+    result = run_cli("train", str(config), *TRAIN, *hooks, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"):
+        assert json.loads((tmp_path / f"runs/t/{hook}/sae/cfg.json").read_text())["hook"] == hook
+    result = run_cli("eval", "runs/t", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "runs/t/blocks.1.hook_mlp_out/eval.json").exists()

@@ -86,3 +86,25 @@ def test_saved_sae_round_trips_and_works_on_raw_inputs(tmp_path):
     loaded = sb.SAE.load(tmp_path / "sae")
     assert torch.equal(loaded.encode(x[:100]), sae.encode(x[:100]))
     assert sb.evaluate_sae(loaded, x[:5000])["fvu"] < 0.5
+
+
+def test_several_saes_from_one_pass_equal_separate_runs(tmp_path):
+    _, x = planted(8_000, seed=1)
+    y = x.flip(-1) * 2
+
+    def stream(epoch):
+        g = torch.Generator().manual_seed(epoch)
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 1000):
+            yield {"h0": x[perm[i : i + 1000]], "h1": y[perm[i : i + 1000]]}
+
+    cfgs = {"narrow": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h0"),
+            "wide": sb.SAEConfig(d_in=16, n_latents=64, k=3, hook="h0", activation="batchtopk"),
+            "other_hook": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h1")}
+    tcfg = TrainConfig(n_tokens=30 * 256, batch_size=256, lr=3e-3, warmup_steps=5, init_tokens=1000)
+    together, reports = sb.train_saes(cfgs, stream, tcfg, run_dir=tmp_path, show_progress=False)
+    assert set(reports) == set(cfgs) and all(r["steps"] == 30 for r in reports.values())
+    for name, cfg in cfgs.items():
+        alone, _ = train_sae(cfg, lambda e, h=cfg.hook: (b[h] for b in stream(e)), tcfg, show_progress=False)
+        assert torch.equal(alone.W_dec, together[name].W_dec), name
+        assert (tmp_path / name / "sae" / "sae.safetensors").exists()
