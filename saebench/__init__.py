@@ -12,10 +12,11 @@ from saebench.models import load_model
 from saebench.pipeline import harvest_from_config
 from saebench.evaluate import evaluate_sae
 from saebench.sae import SAE, SAEConfig
+from saebench.steering import Steering, generate, input_score, output_score, steer, steering_sweep
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
-    "ActivationStore", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
+    "ActivationStore", "Steering", "generate", "input_score", "output_score", "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
     "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
     "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae", "train_saes",
 ]

@@ -43,6 +43,57 @@ def _bench_synthetic(args: argparse.Namespace) -> None:
         print(json.dumps(row))
 
 
+def _load_run_sae(run: str, hook: str | None):
+    from pathlib import Path
+
+    from saebench.config import load_config
+    from saebench.errors import DataError
+    from saebench.models import load_model
+    from saebench.sae import SAE
+
+    run_dir = Path(run)
+    sae_dirs = [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(p for p in run_dir.glob("*/sae") if p.is_dir())
+    if hook:
+        sae_dirs = [d for d in sae_dirs if d.parent.name == hook or (d == run_dir / "sae")]
+    if not (run_dir / "config.yaml").exists() or len(sae_dirs) != 1:
+        raise DataError(f"{run} holds no single trained SAE (pass --hook to pick one of a multi-hook run)")
+    cfg = load_config(run_dir / "config.yaml")
+    return load_model(cfg.model, cfg.device, cfg.torch_dtype), SAE.load(sae_dirs[0], cfg.device)
+
+
+def _parse_features(items: list[str]) -> dict[int, float]:
+    from saebench.errors import ConfigError
+
+    out = {}
+    for item in items:
+        try:
+            idx, val = item.split("=") if "=" in item else (item, "0")
+            out[int(idx)] = float(val)
+        except ValueError:
+            raise ConfigError(f"--feature {item!r}: write INDEX=VALUE, e.g. --feature 123=8") from None
+    return out
+
+
+def _steer(args: argparse.Namespace) -> None:
+    from saebench.steering import generate, steer, steering_sweep
+
+    model, sae = _load_run_sae(args.run, args.hook)
+    features = _parse_features(args.feature)
+    if args.sweep:
+        (feature,) = features if len(features) == 1 else (None,)
+        if feature is None:
+            from saebench.errors import ConfigError
+
+            raise ConfigError("--sweep takes exactly one --feature")
+        for row in steering_sweep(model, sae, feature, [float(v) for v in args.sweep.split(",")], args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed):
+            print(json.dumps(row))
+        return
+    plain = generate(model, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed)
+    with steer(model, sae, features, mode=args.mode, positions=args.positions, unit=args.unit) as s:
+        steered = generate(model, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed, steering=s)
+    print(json.dumps({"prompt": args.prompt, "unsteered": plain, "steered": steered, "features": features, "mode": args.mode}))
+
+
 def _train_tiny(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -81,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("steer", help="generate with SAE features pushed, next to the unsteered text")
+    p.add_argument("run", help="run directory with a trained SAE")
+    p.add_argument("--feature", action="append", required=True, metavar="INDEX=VALUE")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--mode", default="add", choices=["add", "clamp", "conditional", "ablate", "orthogonal"])
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--unit", action="store_true", help="add: use the unit-normalised decoder row")
+    p.add_argument("--hook", default=None, help="which SAE of a multi-hook run")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sweep", default=None, metavar="S1,S2,...", help="scales to sweep for one feature")
+    p.set_defaults(func=_steer)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")

@@ -140,3 +140,15 @@ def test_two_hooks_train_in_one_pass_and_evaluate(config, tmp_path):
     result = run_cli("eval", "runs/t", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs/t/blocks.1.hook_mlp_out/eval.json").exists()
+
+
+def test_steer_from_the_cli(config, tmp_path):
+    assert run_cli("train", str(config), *TRAIN, cwd=tmp_path).returncode == 0
+    result = run_cli("steer", "runs/t", "--feature", "3=30", "--prompt", "And God", "--max-new-tokens", "6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["features"] == {"3": 30.0} and out["steered"] != out["unsteered"]
+    sweep = run_cli("steer", "runs/t", "--feature", "3", "--sweep", "0,10", "--max-new-tokens", "4", cwd=tmp_path)
+    assert [json.loads(l)["scale"] for l in sweep.stdout.strip().splitlines()] == [0.0, 10.0]
+    line = one_error_line(run_cli("steer", "runs/t", "--feature", "99999=1", cwd=tmp_path))
+    assert "feature index 99999 is out of range" in line

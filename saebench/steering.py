@@ -1,0 +1,218 @@
+"""Steering a transformer-lens model with SAE features.
+
+    with sb.steer(model, sae, features={123: 8.0}, mode="add", positions="generated") as s:
+        text = sb.generate(model, "In the beginning", steering=s, max_new_tokens=30)
+
+Modes (x: the hook's activation, d_i = W_dec[i]):
+  add          x + a * d_i                    (unit=True uses d_i / ||d_i||)
+  clamp        decode(z with z_i := a) + (x - decode(z))   the SAE error is kept
+  conditional  clamp only where z_i was already active
+  ablate       clamp to 0
+  orthogonal   x - (x . u) u + a u,  u = d_i / ||d_i||
+Positions: "all", "prompt" (< prompt_len) or "generated" (>= prompt_len); `generate` sets
+prompt_len and runs without a KV cache, so every position is visible to the hook.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from saebench.errors import ConfigError, HookError, SAEBenchError
+from saebench.sae import SAE
+
+MODES = ("add", "clamp", "conditional", "ablate", "orthogonal")
+POSITIONS = ("all", "prompt", "generated")
+
+
+@dataclass
+class Steering:
+    """An installed steering edit; `prompt_len` decides which positions count as the prompt."""
+
+    sae: SAE
+    hook: str
+    features: dict[int, float]
+    mode: str = "add"
+    positions: str = "all"
+    unit: bool = False
+    prompt_len: int | None = None
+    last_latents: torch.Tensor | None = field(default=None, repr=False)  # clamp modes: edited z of the last call
+
+    def position_mask(self, n_pos: int, device) -> torch.Tensor:
+        """[pos] bool: where the edit applies."""
+        pos = torch.arange(n_pos, device=device)
+        if self.positions == "all":
+            return torch.ones(n_pos, dtype=torch.bool, device=device)
+        if self.prompt_len is None:
+            raise ConfigError(f"positions={self.positions!r} needs prompt_len (sb.generate sets it)")
+        return pos < self.prompt_len if self.positions == "prompt" else pos >= self.prompt_len
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch pos d] -> edited [batch pos d]."""
+        W = self.sae.W_dec.to(x.dtype)
+        idx = torch.tensor(list(self.features), device=x.device)
+        vals = torch.tensor(list(self.features.values()), dtype=x.dtype, device=x.device)
+        if self.mode == "add":
+            dirs = W[idx] / W[idx].norm(dim=-1, keepdim=True) if self.unit else W[idx]
+            out = x + vals @ dirs
+        elif self.mode == "orthogonal":
+            out = x
+            for i, a in zip(idx.tolist(), vals):
+                u = W[i] / W[i].norm()
+                out = out - (out @ u)[..., None] * u + a * u
+        else:
+            z = self.sae.encode(x)
+            error = x - self.sae.decode(z)
+            new = z.clone()
+            target = torch.zeros_like(vals) if self.mode == "ablate" else vals
+            if self.mode == "conditional":
+                new[..., idx] = torch.where(z[..., idx] != 0, target.expand_as(z[..., idx]), z[..., idx])
+            else:
+                new[..., idx] = target.expand_as(new[..., idx])
+            self.last_latents = new.detach()
+            out = self.sae.decode(new) + error
+        mask = self.position_mask(x.shape[-2], x.device)[:, None]
+        return torch.where(mask, out, x)
+
+    def hook_fn(self, act: torch.Tensor, hook) -> torch.Tensor:
+        flat = act.flatten(-2) if act.dim() == 4 else act  # hook_z: [batch pos head d_head]
+        return self.edit(flat).reshape(act.shape)
+
+
+def _check(model, sae: SAE, hook: str, features: dict[int, float], mode: str, positions: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
+    if positions not in POSITIONS:
+        raise ConfigError(f"unknown positions {positions!r}; use one of {', '.join(POSITIONS)}")
+    if hook not in model.hook_dict:
+        raise HookError(f"model has no hook {hook!r}")
+    if sae.cfg.hook is not None and sae.cfg.hook != hook:
+        raise HookError(f"the SAE was trained on {sae.cfg.hook}, not {hook}: pass hook={sae.cfg.hook!r} or leave hook out")
+    bad = [i for i in features if not 0 <= int(i) < sae.cfg.n_latents]
+    if bad:
+        raise ConfigError(f"feature index {bad[0]} is out of range: the SAE has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
+
+
+@contextmanager
+def steer(model, sae: SAE, features: dict[int, float], hook: str | None = None, mode: str = "add", positions: str = "all", unit: bool = False, prompt_len: int | None = None):
+    """Install a steering hook for the duration of the block; removed on exit, also on error."""
+    hook = hook or sae.cfg.hook
+    if hook is None:
+        raise HookError("the SAE does not record its hook: pass hook=...")
+    features = {int(k): float(v) for k, v in features.items()}
+    _check(model, sae, hook, features, mode, positions)
+    steering = Steering(sae, hook, features, mode, positions, unit, prompt_len)
+    point = model.hook_dict[hook]
+    handle = point.register_forward_hook(lambda module, inputs, output: steering.hook_fn(output, point))
+    try:
+        yield steering
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def generate(model, prompt: str | torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+             seed: int = 0, steering: Steering | list[Steering] | None = None, return_tokens: bool = False):
+    """Sample a continuation without a KV cache (the hook sees every position each step).
+
+    temperature 0 is greedy. Returns the generated text (or the full token tensor [1 pos]).
+    """
+    tokens = _tokens(model, prompt)
+    n_ctx = model.cfg.n_ctx
+    if tokens.shape[1] + max_new_tokens > n_ctx:
+        raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {n_ctx}")
+    for s in ([steering] if isinstance(steering, Steering) else steering or []):
+        s.prompt_len = tokens.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    start = tokens.shape[1]
+    for _ in range(max_new_tokens):
+        logits = model(tokens)[:, -1].float().cpu()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+        tokens = torch.cat([tokens, nxt.to(tokens.device)], dim=1)
+    if return_tokens:
+        return tokens
+    return model.tokenizer.decode(tokens[0, start:])
+
+
+def _tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
+    if isinstance(prompt, torch.Tensor):
+        return prompt if prompt.dim() == 2 else prompt[None]
+    tok = model.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    device = next(model.parameters()).device
+    return torch.tensor([([bos] if bos is not None else []) + ids], device=device)
+
+
+def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tensor:
+    """The k token ids that W_dec[feature] @ W_U promotes most: [k]."""
+    return (sae.W_dec[feature].to(model.W_U.dtype) @ model.W_U).topk(k).indices
+
+
+@torch.no_grad()
+def steering_sweep(model, sae: SAE, feature: int, scales: list[float], prompt: str, hook: str | None = None, mode: str = "add",
+                   max_new_tokens: int = 24, temperature: float = 0.0, seed: int = 0, n_lens_tokens: int = 10) -> list[dict]:
+    """Per scale: the text, concept presence and fluency.
+
+    concept: mean log-prob (under the steered model) of the feature's logit-lens tokens over the
+    generated positions; fluency: perplexity of the generated tokens under the unsteered model.
+    """
+    lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
+    rows = []
+    for scale in scales:
+        with steer(model, sae, {feature: scale}, hook=hook, mode=mode) as s:
+            tokens = generate(model, prompt, max_new_tokens, temperature, seed=seed, steering=s, return_tokens=True)
+            start = s.prompt_len
+            steered = model(tokens).float().log_softmax(-1)
+        clean = model(tokens).float().log_softmax(-1)
+        gen_pos = torch.arange(start - 1, tokens.shape[1] - 1, device=tokens.device)
+        concept = float(steered[0, gen_pos][:, lens].logsumexp(-1).mean() - math.log(len(lens)))
+        nll = -clean[0, gen_pos].gather(-1, tokens[0, start:, None]).squeeze(-1)
+        rows.append({"scale": scale, "text": model.tokenizer.decode(tokens[0, start:]), "concept": concept, "fluency_ppl": float(nll.mean().exp())})
+    return rows
+
+
+@torch.no_grad()
+def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None, n_examples: int = 20, n_lens_tokens: int = 10) -> float:
+    """Share of the feature's top-activating contexts whose max-activating token is one of its logit-lens tokens."""
+    from saebench.harvest import Harvester
+
+    hook = hook or sae.cfg.hook
+    harvester = Harvester(model, [hook], exclude_special=False)
+    best = []
+    for i in range(0, len(contexts), 32):
+        toks = contexts.tokens[i : i + 32]
+        acts = harvester._forward(toks)[hook]
+        z = sae.encode(acts)[..., feature].masked_fill(contexts.special_mask[i : i + 32].to(acts.device), 0)
+        val, pos = z.max(-1)
+        best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos)) if v > 0]
+    if not best:
+        return 0.0
+    top = sorted(best, reverse=True)[:n_examples]
+    lens = set(logit_lens_tokens(model, sae, feature, n_lens_tokens).tolist())
+    return sum(tok in lens for _, tok in top) / len(top)
+
+
+@torch.no_grad()
+def output_score(model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10) -> float:
+    """Probability mass the next-token distribution gains on the feature's logit-lens tokens when
+    the feature is added (at `scale`, every position) to a neutral prompt."""
+    tokens = _tokens(model, prompt)
+    lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
+    clean = model(tokens)[0, -1].float().softmax(-1)[lens].sum()
+    with steer(model, sae, {feature: scale}, hook=hook):
+        steered = model(tokens)[0, -1].float().softmax(-1)[lens].sum()
+    return float(steered - clean)
+
+
+__all__ = ["Steering", "generate", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]
