@@ -4,6 +4,7 @@
     model = sb.load_model("tiny")
 """
 
+from saebench.circuits import TraceResult, trace_attention
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
@@ -16,7 +17,7 @@ from saebench.steering import Steering, generate, input_score, output_score, ste
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
-    "ActivationStore", "Steering", "generate", "input_score", "output_score", "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
+    "ActivationStore", "TraceResult", "trace_attention", "Steering", "generate", "input_score", "output_score", "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
     "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
     "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae", "train_saes",
 ]
