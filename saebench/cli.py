@@ -94,6 +94,37 @@ def _steer(args: argparse.Namespace) -> None:
     print(json.dumps({"prompt": args.prompt, "unsteered": plain, "steered": steered, "features": features, "mode": args.mode}))
 
 
+def _trace(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from saebench.circuits import trace_attention
+    from saebench.config import load_config
+    from saebench.errors import DataError
+    from saebench.models import load_model
+    from saebench.sae import SAE
+
+    saes = {}
+    model = None
+    for run in args.run:
+        run_dir = Path(run)
+        if not (run_dir / "config.yaml").exists():
+            raise DataError(f"{run} is not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+        model = model or load_model(cfg.model, cfg.device, cfg.torch_dtype)
+        for sae_dir in [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(run_dir.glob("*/sae")):
+            sae = SAE.load(sae_dir, cfg.device)
+            saes[sae.cfg.hook] = sae
+    model = model or load_model(args.model)
+    logit = tuple(int(t) for t in args.logit.split(",")) if args.logit else None
+    r = trace_attention(model, args.prompt, args.layer, args.head, args.query_pos, args.key_pos, saes=saes,
+                        logit_tokens=(logit[0] if logit and len(logit) == 1 else logit))
+    print(f"layer {r.layer} head {r.head}: query {r.query_pos} {r.tokens[r.query_pos]!r} -> key {r.key_pos} {r.tokens[r.key_pos]!r}; "
+          f"score {r.score:.4f} (pairs sum to {float(r.pair_scores.sum()):.4f}), attention {r.pattern:.3f}")
+    print(r.top_pairs(args.top).to_string(index=False))
+    print(r.marginals().head(args.top).to_string(index=False))
+    print(r.ov_table(args.top).to_string(index=False))
+
+
 def _train_tiny(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -146,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", default=None, metavar="S1,S2,...", help="scales to sweep for one feature")
     p.set_defaults(func=_steer)
+
+    p = sub.add_parser("trace", help="attribute an attention head's score and output to SAE features")
+    p.add_argument("run", nargs="*", help="run directories whose SAEs decompose the upstream residual stream")
+    p.add_argument("--model", default="tiny", help="model when no run is given")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--head", type=int, required=True)
+    p.add_argument("--query-pos", type=int, default=-1)
+    p.add_argument("--key-pos", type=int, default=None)
+    p.add_argument("--logit", default=None, metavar="TOKEN[,TOKEN]", help="direct logit attribution to a token id or a difference")
+    p.add_argument("--top", type=int, default=10)
+    p.set_defaults(func=_trace)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")

@@ -152,3 +152,11 @@ def test_steer_from_the_cli(config, tmp_path):
     assert [json.loads(l)["scale"] for l in sweep.stdout.strip().splitlines()] == [0.0, 10.0]
     line = one_error_line(run_cli("steer", "runs/t", "--feature", "99999=1", cwd=tmp_path))
     assert "feature index 99999 is out of range" in line
+
+
+def test_trace_from_the_cli(config, tmp_path):
+    assert run_cli("train", str(config), *TRAIN, cwd=tmp_path).returncode == 0  # an SAE on blocks.0.hook_resid_post
+    result = run_cli("trace", "runs/t", "--prompt", "And God said, Let there be light", "--layer", "1", "--head", "2", "--logit", "5,9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "layer 1 head 2" in result.stdout and "blocks.0.hook_resid_post:f" in result.stdout
+    assert "head 7 is out of range" in one_error_line(run_cli("trace", "--prompt", "x", "--layer", "1", "--head", "7", cwd=tmp_path))
