@@ -135,6 +135,18 @@ def _train_tiny(args: argparse.Namespace) -> None:
     print(json.dumps(card))
 
 
+def _kernels_build(args: argparse.Namespace) -> None:
+    from saebench import kernels
+    from saebench.errors import SAEBenchError
+
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        raise SAEBenchError(f"cannot build the sparse kernels here ({reason}); they build on a machine with a CUDA GPU")
+    if kernels.extension(verbose=args.verbose) is None:
+        raise SAEBenchError(f"kernel build failed: {kernels._state['reason']} (rerun with --verbose for the compiler output)")
+    print(f"sparse kernels built in {kernels.build_dir()}")
+
+
 def _hooks(args: argparse.Namespace) -> None:
     from saebench.models import load_model
 
@@ -202,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--lr", type=float, default=2e-3)
     p.set_defaults(func=_bench_synthetic)
+
+    kern = sub.add_parser("kernels", help="the sparse-decoder CUDA kernels").add_subparsers(dest="kernels_command", required=True)
+    p = kern.add_parser("build", help="compile the CUDA kernels now (otherwise they build on first use)")
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=_kernels_build)
 
     p = sub.add_parser("hooks", help="list a model's hook names")
     p.add_argument("model", nargs="?", default="tiny")

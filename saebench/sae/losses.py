@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saebench import sparse
 from saebench.sae import sparsify
 from saebench.sae.sae import SAE
 
@@ -42,8 +43,8 @@ def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
     else:
         values, idx = masked.topk(k_aux, dim=-1)
         values = values.relu()
-    from saebench import sparse
-
+    if not pre.requires_grad and torch.is_grad_enabled():  # sparse encoder backward: re-attach the chosen entries
+        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
     loss = normalised_mse(error, error_hat)
     return torch.nan_to_num(loss, nan=0.0)
@@ -67,8 +68,13 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf)."""
     cfg = sae.cfg
-    pre = sae.pre_acts(x)
-    sel = sae.select(pre, train=True)
+    if sparse.sparse_encoder_backward(sae.W_enc):
+        with torch.no_grad():
+            pre = sae.pre_acts(x)
+        sel = sae.reattach(sae.select(pre, train=True), x, pre)
+    else:
+        pre = sae.pre_acts(x)
+        sel = sae.select(pre, train=True)
     x_hat = sae.decode_selection(sel)
     mse = normalised_mse(x, x_hat)
     recon = mse

@@ -53,6 +53,13 @@ class SAE(nn.Module):
             return sparsify.batchtopk(pre, cfg.k)
         return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent)
 
+    def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
+        """A selection made on detached pre [batch n] with values recomputed at its entries only,
+        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's."""
+        at = sparse.pre_acts_at(x, self.b_dec, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
+        values = at if self.cfg.activation == "abstopk" else at.relu()
+        return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers)."""
         shape = x.shape
