@@ -4,6 +4,8 @@
     model = sb.load_model("tiny")
 """
 
+__version__ = "0.1.0"
+
 from saebench.circuits import TraceResult, trace_attention
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts

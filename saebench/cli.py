@@ -35,12 +35,12 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _bench_synthetic(args: argparse.Namespace) -> None:
-    from saebench.synthetic import SyntheticConfig, run_synthetic_bench
+    from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
     data = SyntheticConfig(d=args.d, n_true=args.n_true, true_l0=args.true_l0, hierarchy=args.hierarchy)
-    rows = run_synthetic_bench(tuple(args.activations.split(",")), data, n_tokens=args.tokens, matryoshka=args.matryoshka, batch_size=args.batch_size, lr=args.lr)
-    for row in rows:
-        print(json.dumps(row))
+    for row in iter_synthetic_bench(tuple(args.activations.split(",")), data, n_tokens=args.tokens, matryoshka=args.matryoshka,
+                                    batch_size=args.batch_size, lr=args.lr):
+        print(json.dumps(row), flush=True)
 
 
 def _load_run_sae(run: str, hook: str | None):

@@ -7,6 +7,8 @@ features are children that fire only when their parent (in the first half) fires
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,12 +87,17 @@ def recovery_metrics(W_dec: torch.Tensor, directions: torch.Tensor, threshold: f
     return {"mcc": float(cos[rows, cols].mean()), "mmcs": float(best.mean()), "recovered": float((best > threshold).mean())}
 
 
-def run_synthetic_bench(
+def run_synthetic_bench(*args, **kwargs) -> list[dict]:
+    """Train each family on the same planted features; one row of recovery metrics per family."""
+    return list(iter_synthetic_bench(*args, **kwargs))
+
+
+def iter_synthetic_bench(
     activations: tuple[str, ...] = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"),
     data: SyntheticConfig = SyntheticConfig(), n_latents: int | None = None, k: int | None = None,
     n_tokens: int = 8_000_000, batch_size: int = 4096, lr: float = 2e-3, matryoshka: bool = False, seed: int = 0,
-) -> list[dict]:
-    """Train each family on the same planted features; one row of recovery metrics per family."""
+) -> Iterator[dict]:
+    """run_synthetic_bench, yielding each family's row as soon as it is trained."""
     from saebench.evaluate import evaluate_sae
     from saebench.sae import SAEConfig
     from saebench.train import TrainConfig, train_sae
@@ -99,15 +106,13 @@ def run_synthetic_bench(
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)
     held_out, codes = planted.sample(50_000, torch.Generator().manual_seed(seed + 99))
-    rows = []
     for activation in activations:
         prefixes = [n_latents // 8, n_latents // 4, n_latents // 2, n_latents] if matryoshka else None
         cfg = SAEConfig(d_in=data.d, n_latents=n_latents, activation=activation, k=k, matryoshka=prefixes, dead_tokens=200_000)
         sae, report = train_sae(cfg, planted.stream(batch_size, seed), TrainConfig(n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed))
         metrics = evaluate_sae(sae, held_out)
-        rows.append({
+        yield {
             "activation": activation, "matryoshka": bool(prefixes), **recovery_metrics(sae.W_dec.detach().cpu(), planted.directions),
             "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2), "true_l0": round(float((codes > 0).sum(-1).float().mean()), 2),
             "dead_fraction": metrics["dead_fraction"], "train_tokens_per_s": report.get("tokens_per_s"),
-        })
-    return rows
+        }

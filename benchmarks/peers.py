@@ -1,0 +1,130 @@
+"""saebench against SAELens: TopK SAEs on the same activations, width, k, batch and tokens, in one run.
+
+    python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32]
+
+Harvests `tiny` blocks.1.hook_resid_post activations once (train split for training, the
+held-out split for FVU), trains saebench's TopK SAE in this process and SAELens' TopK SAE in
+its own venv (.cache/peers-venv, made on first use: torch 2.13.0 CPU, then sae-lens from PyPI),
+each with its own default learning rate and schedule. Prints one JSON line per tool and one
+with the ratios: FVU (saebench's should be no worse) and training tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import saebench as sb
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_VENV = ROOT / ".cache" / "peers-venv"
+HOOK = "blocks.1.hook_resid_post"
+
+SAELENS_SCRIPT = r'''
+import json, sys, time
+import torch
+from safetensors.torch import load_file
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainingSAE  # noqa: F401  (import check: the v6 layout)
+
+path, n_tokens, batch, n_latents, k, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+data = load_file(path)
+train, test = data["train"], data["test"]
+torch.manual_seed(0)
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=n_latents, k=k, device="cpu", dtype="float32"))
+steps = n_tokens // batch
+
+def provider():
+    for step in range(steps):
+        i = (step * batch) % (len(train) - batch + 1)
+        yield train[i:i + batch]
+
+cfg = SAETrainerConfig(
+    n_checkpoints=0, checkpoint_path=out_dir, save_final_checkpoint=False, total_training_samples=steps * batch,
+    device="cpu", autocast=False, lr=3e-4, lr_end=3e-5, lr_scheduler_name="constant", lr_warm_up_steps=0,
+    adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=batch,
+    dead_feature_window=1000, feature_sampling_window=2000, logger=None,
+)
+trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
+start = time.perf_counter()
+trainer.fit()
+seconds = time.perf_counter() - start
+with torch.no_grad():
+    x_hat = sae.decode(sae.encode(test))
+    fvu = float((test - x_hat).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
+    l0 = float((sae.encode(test) != 0).float().sum(-1).mean())
+import sae_lens
+print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
+                  "tokens_per_s": round(steps * batch / seconds)}))
+'''
+
+
+def ensure_peers_venv() -> Path:
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    probe = subprocess.run([str(python), "-c", "import sae_lens"], capture_output=True)
+    if probe.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "sae-lens==6.54.12"], check=True)
+    return python
+
+
+def harvest(n_train: int, n_test: int) -> dict[str, torch.Tensor]:
+    model = sb.load_model("tiny")
+    harvester = sb.Harvester(model, [HOOK])
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        contexts = sb.load_contexts(sb.DataConfig(split=split), model.tokenizer)
+        out[split] = torch.cat([b[HOOK] for b in sb.stream_activations(harvester, contexts, batch_tokens=8192, n_tokens=n, seed=0)])[:n].float()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--test-tokens", type=int, default=100_000)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--k", type=int, default=32)
+    args = p.parse_args()
+    python = ensure_peers_venv()
+    acts = harvest(args.tokens, args.test_tokens)
+    d = acts["train"].shape[1]
+    n_latents = args.expansion * d
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "acts.safetensors"
+        save_file({k: v.contiguous() for k, v in acts.items()}, str(path))
+
+        cfg = sb.SAEConfig(d_in=d, n_latents=n_latents, k=args.k, activation="topk")
+        start = time.perf_counter()
+        sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, seed=0))
+        seconds = time.perf_counter() - start
+        m = sb.evaluate_sae(sae, acts["test"])
+        ours = {"tool": f"saebench {sb.__version__}", "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
+                "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}
+        common = {"model": "tiny", "hook": HOOK, "d_in": d, "n_latents": n_latents, "k": args.k, "batch": args.batch, "tokens": args.tokens,
+                  "threads": torch.get_num_threads()}
+        print(json.dumps({**common, **ours}), flush=True)
+        run = subprocess.run([str(python), "-c", SAELENS_SCRIPT, str(path), str(args.tokens), str(args.batch), str(n_latents), str(args.k), tmp],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"SAELens run failed:\n{run.stderr[-3000:]}")
+        theirs = json.loads(run.stdout.strip().splitlines()[-1])
+        print(json.dumps({**common, **theirs}))
+        print(json.dumps({"fvu_saebench_minus_saelens": round(ours["fvu"] - theirs["fvu"], 4),
+                          "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)}))
+
+
+if __name__ == "__main__":
+    main()
