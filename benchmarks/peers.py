@@ -33,9 +33,8 @@ import json, sys, time
 import torch
 from safetensors.torch import load_file
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.training.sae_trainer import SAETrainer
+from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import TrainingSAE  # noqa: F401  (import check: the v6 layout)
 
 path, n_tokens, batch, n_latents, k, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 data = load_file(path)
@@ -53,7 +52,7 @@ cfg = SAETrainerConfig(
     n_checkpoints=0, checkpoint_path=out_dir, save_final_checkpoint=False, total_training_samples=steps * batch,
     device="cpu", autocast=False, lr=3e-4, lr_end=3e-5, lr_scheduler_name="constant", lr_warm_up_steps=0,
     adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=batch,
-    dead_feature_window=1000, feature_sampling_window=2000, logger=None,
+    dead_feature_window=1000, feature_sampling_window=2000,
 )
 trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider())
 start = time.perf_counter()

@@ -80,3 +80,46 @@ def test_errors(tiny, saes):
         trace_attention(tiny, PROMPT, layer=1, head=0, saes={"blocks.0.hook_attn_out": saes["blocks.0.hook_mlp_out"]})
     with pytest.raises(sb.ConfigError, match="downstream_feature must lie in"):
         trace_attention(tiny, PROMPT, layer=1, head=0, downstream=saes["blocks.1.attn.hook_z"], downstream_feature=10_000)
+
+
+def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
+    """How the head was found: on held-out text, for each head, take the query positions whose
+    most-attended key is not BOS (the attention sink) and count how often it is the previous token.
+    tiny's layer-0 head with the highest share is a previous-token head. Its residual input holds
+    only embeddings, so tracing must put its preference for key q-1 over key q-3 on the two
+    tokens' identity and position embeddings, query side and key side, not on biases."""
+    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300), tiny.tokenizer, show_progress=False)
+    tokens = ctx.tokens[:16, :96]
+    _, cache = tiny.run_with_cache(tokens)
+    q = torch.arange(2, tokens.shape[1])
+    best = None
+    for layer in range(tiny.cfg.n_layers):
+        top = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, 2:].argmax(-1)  # [batch head q]
+        not_sink = top != 0
+        share = ((top == q - 1) & not_sink).sum((0, 2)) / not_sink.sum((0, 2)).clamp_min(1)
+        for head, s in enumerate(share.tolist()):
+            if best is None or s > best[0]:
+                best = (s, layer, head)
+    share, layer, head = best
+    assert layer == 0 and share > 0.6, best
+
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, head]
+    advantage, by_kind, n = 0.0, {}, 0
+    for b in range(4):
+        for qp in range(8, tokens.shape[1]):
+            if int(pattern[b, qp].argmax()) != qp - 1 or n >= 24:
+                continue
+            prompt = tokens[b : b + 1, : qp + 1]
+            prev = trace_attention(tiny, prompt, layer, head, query_pos=qp, key_pos=qp - 1)
+            far = trace_attention(tiny, prompt, layer, head, query_pos=qp, key_pos=qp - 3)
+            assert prev.k_names == far.k_names
+            diff = prev.pair_scores - far.pair_scores
+            advantage += prev.score - far.score
+            for j, name in enumerate(prev.k_names):
+                by_kind[name] = by_kind.get(name, 0.0) + float(diff[:, j].sum())
+            n += 1
+    assert n >= 10
+    assert advantage / n > 1.0  # the head prefers the previous token by a clear margin
+    embeddings = by_kind["tok_embed"] + by_kind["pos_embed"]
+    assert embeddings / advantage > 0.9, by_kind
+    assert by_kind["tok_embed"] > 0.25 * advantage and by_kind["pos_embed"] > 0.25 * advantage, by_kind
