@@ -37,7 +37,9 @@ class SAE(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """x: [... d_in] -> [... n]."""
         self._check_input(x)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        # = (x - b_dec) W_enc + b_enc; folding b_dec into the bias keeps a [batch d_in] gradient
+        # (a third dense matmul) out of the backward when x needs none.
+        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def select(self, pre: torch.Tensor, train: bool | None = None) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]."""
