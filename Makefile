@@ -4,7 +4,8 @@ setup:
 	bash scripts/setup
 
 demo: setup
-	.venv/bin/saebench harvest configs/tiny.yaml
+	.venv/bin/saebench train configs/tiny.yaml
+	.venv/bin/saebench eval runs/tiny
 
 test: setup
 	.venv/bin/python -m pytest
