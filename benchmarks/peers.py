@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--saebench-lr", type=float, default=None, help="saebench's lr (default: its n-scaled rule)")
     args = p.parse_args()
     python = ensure_peers_venv()
     acts = harvest(args.tokens, args.test_tokens)
@@ -107,10 +108,10 @@ def main() -> None:
 
         cfg = sb.SAEConfig(d_in=d, n_latents=n_latents, k=args.k, activation="topk")
         start = time.perf_counter()
-        sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, seed=0))
+        sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=args.saebench_lr, seed=0))
         seconds = time.perf_counter() - start
         m = sb.evaluate_sae(sae, acts["test"])
-        ours = {"tool": f"saebench {sb.__version__}", "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
+        ours = {"tool": f"saebench {sb.__version__}", "lr": args.saebench_lr, "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
                 "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}
         common = {"model": "tiny", "hook": HOOK, "d_in": d, "n_latents": n_latents, "k": args.k, "batch": args.batch, "tokens": args.tokens,
                   "threads": torch.get_num_threads()}
