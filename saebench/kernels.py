@@ -15,19 +15,13 @@ from pathlib import Path
 
 import torch
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"  # the source checkout (installed editable)
 SOURCES = ("binding.cpp", "sparse_decoder.cu")
 _state: dict = {}
 
 
-def _source_dir() -> Path:
-    """kernels/ of the source checkout (saebench is installed editable from it)."""
-    return KERNEL_DIR
-
-
 def build_dir() -> Path:
-    src = _source_dir()
-    digest = hashlib.sha256(b"".join((src / f).read_bytes() for f in (*SOURCES, "sparse_decoder.cuh")))
+    digest = hashlib.sha256(b"".join((KERNEL_DIR / f).read_bytes() for f in (*SOURCES, "sparse_decoder.cuh")))
     digest.update(torch.__version__.encode())
     root = Path(os.environ.get("SAEBENCH_CACHE", Path.home() / ".cache" / "saebench"))
     return root / "kernels" / digest.hexdigest()[:16]
@@ -38,7 +32,7 @@ def unavailable_reason() -> str | None:
         return "SAEBENCH_KERNELS=0"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if not (_source_dir() / SOURCES[1]).exists():
+    if not (KERNEL_DIR / SOURCES[1]).exists():
         return "kernel sources not found"
     return None
 
@@ -55,8 +49,7 @@ def extension(verbose: bool = False):
 
             out = build_dir()
             out.mkdir(parents=True, exist_ok=True)
-            src = _source_dir()
-            ext = load(name="saebench_sparse_kernels", sources=[str(src / f) for f in SOURCES], build_directory=str(out),
+            ext = load(name="saebench_sparse_kernels", sources=[str(KERNEL_DIR / f) for f in SOURCES], build_directory=str(out),
                        extra_cuda_cflags=["-O3", "--use_fast_math"], extra_cflags=["-O3"], verbose=verbose)
         except Exception as e:  # a failed build must not stop training: the torch path is exact
             reason = f"build failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"

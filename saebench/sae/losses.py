@@ -25,25 +25,26 @@ def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, candidates: torch.Tensor,
+              reattach: bool = False) -> torch.Tensor:
     """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
 
     candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for abstopk.
+    reattach: pre is detached (sparse encoder backward); recompute the chosen entries with autograd.
     """
     n_cand = int(candidates.sum())
     if n_cand == 0:
         return x.new_zeros(())
     k_aux = min(sae.cfg.aux_k, n_cand)
     error = (x - x_hat).detach()
-    masked = torch.where(candidates, pre, torch.full_like(pre, -torch.inf))
     if sae.cfg.activation == "abstopk":
         rank = torch.where(candidates, pre.abs(), torch.full_like(pre, -torch.inf))
         _, idx = rank.topk(k_aux, dim=-1)
         values = pre.gather(-1, idx)
     else:
-        values, idx = masked.topk(k_aux, dim=-1)
+        values, idx = torch.where(candidates, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
         values = values.relu()
-    if not pre.requires_grad and torch.is_grad_enabled():  # sparse encoder backward: re-attach the chosen entries
+    if reattach:
         values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
     loss = normalised_mse(error, error_hat)
@@ -68,7 +69,8 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf)."""
     cfg = sae.cfg
-    if sparse.sparse_encoder_backward(sae.W_enc):
+    sparse_backward = sparse.sparse_encoder_backward(sae.W_enc)
+    if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
         sel = sae.reattach(sae.select(pre, train=True), x, pre)
@@ -83,7 +85,7 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: 
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.activation in ("mutual_choice", "feature_choice") and freq is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent))
+            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward)
         elif dead is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, dead)
+            aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward)
     return StepOutput(recon + cfg.aux_coef * aux, mse, aux, sel, x_hat)
