@@ -29,7 +29,7 @@ def sync(device: torch.device) -> None:
 
 def parts_ms(trainer: SAETrainer, x: torch.Tensor, device: torch.device) -> dict:
     """One step taken apart: encoder, selection, decoder+loss forward, backward, optimizer."""
-    sae, out, marks = trainer.sae, {}, [("start", time.perf_counter())]
+    sae, marks = trainer.sae, [("start", time.perf_counter())]
 
     def mark(name):
         sync(device)

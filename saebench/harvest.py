@@ -12,17 +12,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.config import HarvestConfig, parse_dtype
 from saebench.data import DataConfig, TokenContexts
 from saebench.errors import DataError, HookError
@@ -167,20 +166,8 @@ def _settings(model_name: str, harvester: Harvester, cfg: HarvestConfig, data: D
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_manifest(cache_dir: Path, manifest: dict) -> None:
-    _atomic_write(cache_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def hook_dirname(hook: str) -> str:
@@ -210,10 +197,10 @@ def harvest_to_disk(
         manifest = {**settings, "shards": [], "n_tokens": 0, "complete": False}
     if manifest["complete"]:
         return manifest
+    clean_partial(cache_dir)  # what a killed run was writing
     for hook in harvester.hooks:
         (cache_dir / hook_dirname(hook)).mkdir(exist_ok=True)
-        for stale in (cache_dir / hook_dirname(hook)).glob(".*.tmp"):  # left by a killed run
-            stale.unlink()
+        clean_partial(cache_dir / hook_dirname(hook))
     shard_ctx = cfg.shard_contexts
     n_shards_max = -(-len(contexts) // shard_ctx)
     bar = tqdm(total=cfg.n_tokens, initial=manifest["n_tokens"], desc="harvest", unit="tok", unit_scale=True)
@@ -245,7 +232,7 @@ def harvest_to_disk(
         name = f"shard_{index:05d}.safetensors"
         for h in harvester.hooks:
             tensors = {"acts": torch.cat(parts[h])[:n_rows].contiguous(), **{k: v[:n_rows].contiguous() for k, v in columns.items()}}
-            _atomic_write(cache_dir / hook_dirname(h) / name, lambda tmp, t=tensors: save_file(t, tmp))
+            atomic_save_file(tensors, cache_dir / hook_dirname(h) / name)
         manifest["shards"].append({"file": name, "n": n_rows, "contexts": [start, end]})
         manifest["n_tokens"] += n_rows
         manifest["complete"] = manifest["n_tokens"] >= cfg.n_tokens or len(manifest["shards"]) == n_shards_max

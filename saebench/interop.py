@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from saebench.errors import DataError
 from saebench.sae import SAE, SAEConfig
-from saebench.sae.sae import atomic_save_file, atomic_write_text
+from saebench.atomic import atomic_save_file, atomic_write_text
 
 WEIGHTS = "sae_weights.safetensors"
 

@@ -42,7 +42,7 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
     from saebench.config import to_dict
     from saebench.errors import ConfigError
     from saebench.harvest import ActivationStore, stream_activations
-    from saebench.sae.sae import atomic_write_text
+    from saebench.atomic import atomic_write_text
     from saebench.harvest import hook_dirname
     from saebench.train import TrainConfig, train_sae, train_saes
 
@@ -96,7 +96,7 @@ def eval_from_config(run_dir: str | Path) -> dict:
     from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
     from saebench.harvest import stream_activations
     from saebench.sae import SAE
-    from saebench.sae.sae import atomic_write_text
+    from saebench.atomic import atomic_write_text
 
     run_dir = Path(run_dir)
     sae_dirs = [run_dir / "sae"] if (run_dir / "sae" / "cfg.json").exists() else sorted(p.parent for p in run_dir.glob("*/sae/cfg.json"))

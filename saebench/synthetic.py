@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 

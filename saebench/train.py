@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from saebench.errors import DataError
 from saebench.sae import SAE, SAEConfig
 from saebench.sae.losses import sae_loss
-from saebench.sae.sae import atomic_save_file, atomic_write_text
+from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.sae.sparsify import min_kept
 
 
@@ -236,20 +237,43 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         raise DataError(f"NaN or inf in {where}: check the model dtype and the activation source")
 
 
+CHECKPOINT = "state-{step:08d}.safetensors"
+
+
 def save_checkpoint(trainer: SAETrainer, folder: Path, batches_consumed: int) -> None:
+    """One file per step: tensors, with the trainer's meta in the safetensors metadata."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = trainer.state()
     tensors["rng.torch"] = torch.get_rng_state()
-    atomic_save_file(tensors, folder / "state.safetensors")
-    atomic_write_text(folder / "state.json", json.dumps({**meta, "batches_consumed": batches_consumed}) + "\n")
+    meta = {**meta, "batches_consumed": batches_consumed}
+    atomic_save_file(tensors, folder / CHECKPOINT.format(step=trainer.step_count), metadata={"saebench_state": json.dumps(meta)})
 
 
-def load_checkpoint(trainer: SAETrainer, folder: Path) -> int:
-    tensors = load_file(str(folder / "state.safetensors"))
-    meta = json.loads((folder / "state.json").read_text())
+def checkpoint_steps(folder: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in folder.glob("state-*.safetensors")}
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    clean_partial(folder)
+    for step in checkpoint_steps(folder) - {keep}:
+        (folder / CHECKPOINT.format(step=step)).unlink(missing_ok=True)
+
+
+def load_checkpoint(trainer: SAETrainer, folder: Path, step: int) -> int:
+    path = folder / CHECKPOINT.format(step=step)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["saebench_state"])
+    tensors = load_file(str(path))
     torch.set_rng_state(tensors.pop("rng.torch"))
     trainer.load_state(tensors, meta)
     return meta["batches_consumed"]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint, so a resumed log has no repeats."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
 def train_sae(
@@ -280,14 +304,16 @@ def train_saes(
     base = Path(run_dir) if run_dir is not None else None
     dirs = {name: (base if _flat else base / name) for name in sae_cfgs} if base else {}
     consumed = 0
-    for name, trainer in trainers.items():
-        if not base:
-            break
-        if resume:
-            if not (dirs[name] / "checkpoints/state.json").exists():
-                raise DataError(f"nothing to resume in {dirs[name]}: no checkpoints/state.json (drop --resume to start fresh)")
-            consumed = load_checkpoint(trainer, dirs[name] / "checkpoints")
-        elif (dirs[name] / "metrics.jsonl").exists():
+    if base and resume:
+        # the newest step that every SAE checkpointed (a kill can fall between two SAEs' writes)
+        common = set.intersection(*(checkpoint_steps(d / "checkpoints") for d in dirs.values()))
+        if not common:
+            raise DataError(f"nothing to resume in {base}: no checkpoint common to every SAE (drop --resume to start fresh)")
+        for name, trainer in trainers.items():
+            consumed = load_checkpoint(trainer, dirs[name] / "checkpoints", max(common))
+            _truncate_metrics(dirs[name] / "metrics.jsonl", max(common))
+    for name in trainers:
+        if base and not resume and (dirs[name] / "metrics.jsonl").exists():
             raise DataError(f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name")
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -301,6 +327,8 @@ def train_saes(
     def checkpoint() -> None:
         for name, trainer in trainers.items():
             save_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
+        for name, trainer in trainers.items():  # only once every SAE holds the new step
+            prune_checkpoints(dirs[name] / "checkpoints", keep=trainer.step_count)
 
     try:
         for batch in source.batches(skip=consumed):

@@ -91,7 +91,7 @@ def test_killed_harvest_resumes_to_the_same_files(config, tmp_path):
     assert again.returncode == 0, again.stderr
 
     def files(root):
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
     assert files(tmp_path / "runs/killed/activations") == files(tmp_path / "runs/ref/activations")
 

@@ -94,14 +94,17 @@ def test_cache_resume_equals_uninterrupted(tmp_path, tiny, contexts):
     assert whole["complete"] and whole["n_tokens"] == 700
     part = _cache(tmp_path / "part", tiny, contexts, max_shards=2)
     assert not part["complete"] and len(part["shards"]) == 2
-    # a crash mid-shard leaves a temp file and a partial shard the manifest does not list
+    # a crash mid-shard leaves staged temp files (ours and safetensors' own) and a shard the manifest does not list
+    staging = tmp_path / "part/blocks.0.hook_resid_post/.partial"
+    staging.mkdir()
+    (staging / "shard_00002.safetensors.x").write_bytes(b"partial")
+    (staging / ".tmpAbC123").write_bytes(b"")
     (tmp_path / "part/blocks.0.hook_resid_post/shard_00002.safetensors").write_bytes(b"partial")
-    (tmp_path / "part/blocks.0.hook_resid_post/.shard_00002.safetensors.x.tmp").write_bytes(b"partial")
     store = sb.ActivationStore(tmp_path / "part", "blocks.0.hook_resid_post")
     assert len(store) == part["n_tokens"] and len(store.load_all()) == part["n_tokens"]
     resumed = _cache(tmp_path / "part", tiny, contexts)
     assert resumed == whole
-    assert not (tmp_path / "part/blocks.0.hook_resid_post/.shard_00002.safetensors.x.tmp").exists()  # stale temp removed
+    assert not staging.exists()
     assert _files(tmp_path / "part") == _files(tmp_path / "whole")
 
 

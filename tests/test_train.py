@@ -50,6 +50,40 @@ def test_resume_is_bit_identical(tmp_path):
     assert strip(whole_log) == strip(part_log)
 
 
+def test_resume_after_a_crash_between_checkpoints(tmp_path):
+    """Killed mid-interval (and, for one SAE, mid-checkpoint): resume from the newest step both SAEs hold."""
+    _, x = planted(20_000)
+    cfgs = {w: sb.SAEConfig(d_in=16, n_latents=w, k=3, activation="topk", dead_tokens=5_000) for w in (32, 48)}
+    cfgs = {f"w{w}": c for w, c in cfgs.items()}
+    tcfg = TrainConfig(n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5, init_tokens=512)
+    crash_at = [None]
+
+    def source(epoch):
+        for i in range(0, len(x) - 255, 256):
+            if crash_at[0] is not None and epoch * 78 + i // 256 == crash_at[0]:
+                raise KeyboardInterrupt
+            yield x[i : i + 256]
+
+    whole, _ = sb.train_saes(cfgs, source, tcfg, run_dir=tmp_path / "whole", show_progress=False)
+    crash_at[0] = 26  # batch 26 feeds step 27: steps 1-26 ran, 25 was logged, 21 was the last checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        sb.train_saes(cfgs, source, tcfg, run_dir=tmp_path / "part", show_progress=False)
+    ckpt = tmp_path / "part/w32/checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state-00000021.safetensors"]
+    (ckpt / "state-00000028.safetensors").write_bytes(b"")  # as if killed before w48 wrote step 28
+    (ckpt / ".partial").mkdir()
+    (ckpt / ".partial/state-00000035.safetensors.x").write_bytes(b"half")
+    crash_at[0] = None
+    sb.train_saes(cfgs, source, tcfg, run_dir=tmp_path / "part", resume=True, show_progress=False)
+    for name in cfgs:
+        a = load_file(str(tmp_path / f"whole/{name}/sae/sae.safetensors"))
+        b = load_file(str(tmp_path / f"part/{name}/sae/sae.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
+        assert strip(tmp_path / f"whole/{name}/metrics.jsonl") == strip(tmp_path / f"part/{name}/metrics.jsonl")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state-00000060.safetensors"]
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     _, x = planted(5_000)
     cfg = sb.SAEConfig(d_in=16, n_latents=32, k=3)
