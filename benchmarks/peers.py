@@ -1,12 +1,14 @@
 """saebench against SAELens: TopK SAEs on the same activations, width, k, batch and tokens, in one run.
 
-    python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32]
+    python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32] [--lr-grid 3e-4,1e-3,2e-3,4e-3]
 
 Harvests `tiny` blocks.1.hook_resid_post activations once (train split for training, the
 held-out split for FVU), trains saebench's TopK SAE in this process and SAELens' TopK SAE in
 its own venv (.cache/peers-venv, made on first use: torch 2.13.0 CPU, then sae-lens from PyPI),
 each with its own default learning rate and schedule. Prints one JSON line per tool and one
 with the ratios: FVU (saebench's should be no worse) and training tokens/s.
+--lr-grid then trains both tools again at each learning rate of one shared grid (each with its
+own schedule) and prints a line per (tool, lr) and the best FVU of each.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 
-path, n_tokens, batch, n_latents, k, out_dir = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+path, n_tokens, batch, n_latents, k, out_dir, lr = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], float(sys.argv[7])
 data = load_file(path)
 train, test = data["train"], data["test"]
 torch.manual_seed(0)
@@ -50,7 +52,7 @@ def provider():
 
 cfg = SAETrainerConfig(
     n_checkpoints=0, checkpoint_path=out_dir, save_final_checkpoint=False, total_training_samples=steps * batch,
-    device="cpu", autocast=False, lr=3e-4, lr_end=3e-5, lr_scheduler_name="constant", lr_warm_up_steps=0,
+    device="cpu", autocast=False, lr=lr, lr_end=lr / 10, lr_scheduler_name="constant", lr_warm_up_steps=0,
     adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=batch,
     dead_feature_window=1000, feature_sampling_window=2000,
 )
@@ -63,7 +65,7 @@ with torch.no_grad():
     fvu = float((test - x_hat).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
     l0 = float((sae.encode(test) != 0).float().sum(-1).mean())
 import sae_lens
-print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
+print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": lr, "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
                   "tokens_per_s": round(steps * batch / seconds)}))
 '''
 
@@ -89,6 +91,29 @@ def harvest(n_train: int, n_test: int) -> dict[str, torch.Tensor]:
     return out
 
 
+SAELENS_DEFAULT_LR = 3e-4  # SAELens' SAETrainerConfig default
+
+
+def run_saebench(acts: dict[str, torch.Tensor], args: argparse.Namespace, lr: float | None) -> dict:
+    d = acts["train"].shape[1]
+    cfg = sb.SAEConfig(d_in=d, n_latents=args.expansion * d, k=args.k, activation="topk")
+    start = time.perf_counter()
+    sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=lr, seed=0), show_progress=False)
+    seconds = time.perf_counter() - start
+    m = sb.evaluate_sae(sae, acts["test"])
+    return {"tool": f"saebench {sb.__version__}", "lr": lr if lr is not None else round(sb.TrainConfig().resolved_lr(cfg.n_latents), 7),
+            "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
+            "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}
+
+
+def run_saelens(python: Path, path: Path, args: argparse.Namespace, n_latents: int, lr: float, tmp: str) -> dict:
+    run = subprocess.run([str(python), "-c", SAELENS_SCRIPT, str(path), str(args.tokens), str(args.batch), str(n_latents), str(args.k), tmp, str(lr)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"SAELens run failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2_000_000)
@@ -97,33 +122,34 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--saebench-lr", type=float, default=None, help="saebench's lr (default: its n-scaled rule)")
+    p.add_argument("--lr-grid", type=str, default="", help="comma-separated lrs to train both tools at, after the default runs")
     args = p.parse_args()
     python = ensure_peers_venv()
     acts = harvest(args.tokens, args.test_tokens)
     d = acts["train"].shape[1]
     n_latents = args.expansion * d
+    common = {"model": "tiny", "hook": HOOK, "d_in": d, "n_latents": n_latents, "k": args.k, "batch": args.batch, "tokens": args.tokens,
+              "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "acts.safetensors"
         save_file({k: v.contiguous() for k, v in acts.items()}, str(path))
-
-        cfg = sb.SAEConfig(d_in=d, n_latents=n_latents, k=args.k, activation="topk")
-        start = time.perf_counter()
-        sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=args.saebench_lr, seed=0))
-        seconds = time.perf_counter() - start
-        m = sb.evaluate_sae(sae, acts["test"])
-        ours = {"tool": f"saebench {sb.__version__}", "lr": args.saebench_lr, "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
-                "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}
-        common = {"model": "tiny", "hook": HOOK, "d_in": d, "n_latents": n_latents, "k": args.k, "batch": args.batch, "tokens": args.tokens,
-                  "threads": torch.get_num_threads()}
+        ours = run_saebench(acts, args, args.saebench_lr)
         print(json.dumps({**common, **ours}), flush=True)
-        run = subprocess.run([str(python), "-c", SAELENS_SCRIPT, str(path), str(args.tokens), str(args.batch), str(n_latents), str(args.k), tmp],
-                             capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"SAELens run failed:\n{run.stderr[-3000:]}")
-        theirs = json.loads(run.stdout.strip().splitlines()[-1])
-        print(json.dumps({**common, **theirs}))
+        theirs = run_saelens(python, path, args, n_latents, SAELENS_DEFAULT_LR, tmp)
+        print(json.dumps({**common, **theirs}), flush=True)
         print(json.dumps({"fvu_saebench_minus_saelens": round(ours["fvu"] - theirs["fvu"], 4),
-                          "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)}))
+                          "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)}), flush=True)
+        if not args.lr_grid:
+            return
+        best = {"saebench": ours, "sae_lens": theirs}
+        for lr in (float(v) for v in args.lr_grid.split(",")):
+            for name, row in (("saebench", run_saebench(acts, args, lr)), ("sae_lens", run_saelens(python, path, args, n_latents, lr, tmp))):
+                print(json.dumps({**common, **row}), flush=True)
+                if row["fvu"] < best[name]["fvu"]:
+                    best[name] = row
+        print(json.dumps({"best_fvu_saebench": best["saebench"]["fvu"], "best_lr_saebench": best["saebench"]["lr"],
+                          "best_fvu_saelens": best["sae_lens"]["fvu"], "best_lr_saelens": best["sae_lens"]["lr"],
+                          "best_fvu_saebench_minus_saelens": round(best["saebench"]["fvu"] - best["sae_lens"]["fvu"], 4)}))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class TrainSection:
     n_tokens: int = 2_000_000
     batch_size: int = 4096
     lr: float | None = None
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # default min(100, 5% of the steps)
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)

@@ -32,7 +32,7 @@ class TrainConfig:
     n_tokens: int = 2_000_000
     batch_size: int = 4096  # tokens per step
     lr: float | None = None  # default 2e-4 / sqrt(n_latents / 2^14)
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # default min(100, 5% of the steps)
     decay_fraction: float = 0.2  # lr falls linearly to 0 over this last share of steps
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -48,6 +48,9 @@ class TrainConfig:
 
     def resolved_lr(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def resolved_warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(100, math.ceil(0.05 * total_steps))
 
 
 Batch = dict[str, torch.Tensor]  # hook -> [batch d]; a plain tensor source becomes {"": tensor}
@@ -151,7 +154,7 @@ class SAETrainer:
         self.threshold_set = False
 
     def lr_at(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, self.cfg.resolved_warmup(self.total_steps)))
         decay_start = int(self.total_steps * (1 - self.cfg.decay_fraction))
         decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
         return self.lr * warm * decay
