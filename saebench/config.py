@@ -63,6 +63,7 @@ class TrainSection:
     warmup_steps: int | None = None  # default min(100, 5% of the steps)
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
+    enc_init_scale: float = 0.1  # W_enc = enc_init_scale * W_dec^T
     source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)
     log_every: int = 50
     checkpoint_every: int = 500

@@ -74,7 +74,7 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
             batch_size=cfg.harvest.batch_size, seed=cfg.seed * 1000 + epoch, epochs=1)
     train_cfg = TrainConfig(
         n_tokens=t.n_tokens, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-        grad_clip=t.grad_clip, log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=cfg.seed, device=cfg.device,
+        grad_clip=t.grad_clip, enc_init_scale=t.enc_init_scale, log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=cfg.seed, device=cfg.device,
         wandb_project=t.wandb_project,
     )
     run_dir.mkdir(parents=True, exist_ok=True)

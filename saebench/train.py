@@ -38,6 +38,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into the weights at save
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
+    # W_enc = enc_init_scale * W_dec^T: tied directions at the scale of Anthropic's April 2024 update
+    # (0.1 for inputs of norm sqrt(d_in)); unit scale trains far slower at the default lr (docs/benchmarks.md)
+    enc_init_scale: float = 0.1
     init_tokens: int = 16_384  # sample for b_dec and the scale
     log_every: int = 50
     checkpoint_every: int = 500  # steps; 0 = only at the end
@@ -141,6 +144,7 @@ class SAETrainer:
         sample = sample.to(self.device, torch.float32)
         self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
         with torch.no_grad():
+            self.sae.W_enc.mul_(cfg.enc_init_scale)
             if cfg.b_dec_init == "geometric_median":
                 self.sae.b_dec.copy_(geometric_median(sample * self.scale))
             elif cfg.b_dec_init == "mean":
