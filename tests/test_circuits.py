@@ -42,7 +42,7 @@ def test_decompositions_sum_to_the_model(tiny, saes, upstream):
         assert r.score == pytest.approx(float(cache["blocks.1.attn.hook_attn_scores"][0, head, r.query_pos, r.key_pos]))
         head_out = cache["blocks.1.attn.hook_z"][0, r.query_pos, head] @ tiny.W_O[1, head]
         assert rel_err(r.ov_by_key.sum((0, 1)), head_out) < 1e-4
-        assert r.logit_contrib.sum().item() == pytest.approx(float(logits[0, -1, 5] - logits[0, -1, 9]), rel=1e-4, abs=1e-4)
+        assert r.logit_contrib.detach().sum().item() == pytest.approx(float(logits[0, -1, 5] - logits[0, -1, 9]), rel=1e-4, abs=1e-4)
         assert r.query_marginals().sum().item() == pytest.approx(r.score, rel=1e-4, abs=1e-4)
 
 
