@@ -34,6 +34,16 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"written to {result['run']}/eval.json")
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from saebench.analysis import AnalysisConfig
+    from saebench.pipeline import analyze
+
+    cfg = AnalysisConfig(n_tokens=args.tokens, split=args.split, n_examples=args.examples, batch_size=args.batch_size,
+                         checkpoint_tokens=args.checkpoint_tokens, seed=args.seed)
+    summary = analyze(args.run, cfg, resume=args.resume, restart=args.restart)
+    print(json.dumps(summary))
+
+
 def _bench_synthetic(args: argparse.Namespace) -> None:
     from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
@@ -175,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")
+    p.add_argument("run", help="run directory with a trained SAE, e.g. runs/tiny")
+    p.add_argument("--tokens", type=int, default=None, help="tokens to analyse (default: 2M, or the whole split if smaller)")
+    p.add_argument("--split", default="test", help="data split of the run's dataset (default: the held-out test split)")
+    p.add_argument("--examples", type=int, default=20, help="top-activating examples kept per feature")
+    p.add_argument("--batch-size", type=int, default=64, help="contexts per model forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-feature uniform samples")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted analysis from its last checkpoint")
+    p.add_argument("--restart", action="store_true", help="discard an interrupted analysis and start over")
+    p.add_argument("--checkpoint-tokens", type=int, default=500_000, help=argparse.SUPPRESS)
+    p.set_defaults(func=_analyze)
 
     p = sub.add_parser("steer", help="generate with SAE features pushed, next to the unsteered text")
     p.add_argument("run", help="run directory with a trained SAE")

@@ -130,3 +130,129 @@ def torch_cat(parts):
     import torch
 
     return torch.cat(list(parts))
+
+
+def run_sae_dirs(run_dir: Path) -> list[Path]:
+    """The SAE folders of a run: RUN/sae, or RUN/<hook>/sae for a multi-hook run."""
+    if (run_dir / "sae" / "cfg.json").exists():
+        return [run_dir / "sae"]
+    return sorted(p.parent for p in run_dir.glob("*/sae/cfg.json"))
+
+
+DEFAULT_ANALYSIS_TOKENS = 2_000_000
+STATE_DIR = ".analysis"
+
+
+def analyze(run_dir: str | Path, cfg=None, resume: bool = False, restart: bool = False, show_progress: bool = True) -> dict:
+    """`saebench analyze RUN`: one pass over held-out text through the model and every SAE of the run;
+    writes each SAE's feature store (features.sqlite beside its sae/ folder). Returns a summary.
+
+    A checkpoint of the accumulators is written every cfg.checkpoint_tokens; `resume` continues an
+    interrupted pass from it and ends with the same store as an uninterrupted one."""
+    import dataclasses
+    import json
+    import shutil
+    import time
+
+    import torch
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    from saebench.analysis import AnalysisConfig, FeatureAccumulator, decoder_neighbours, logit_lens, sparse_codes
+    from saebench.atomic import atomic_save_file
+    from saebench.errors import DataError
+    from saebench.models import is_causal
+    from saebench.sae import SAE
+    from saebench.store import STORE_NAME, write_store
+
+    run_dir, cfg = Path(run_dir), cfg or AnalysisConfig()
+    sae_dirs = run_sae_dirs(run_dir)
+    if not (run_dir / "config.yaml").exists() or not sae_dirs:
+        raise DataError(f"{run_dir} holds no trained SAE (needs config.yaml and sae/): train one with `saebench train CONFIG` first")
+    rc = load_config(run_dir / "config.yaml")
+    model = load_model(rc.model, rc.device, rc.torch_dtype)
+    saes = {d: SAE.load(d, rc.device) for d in sae_dirs}
+    hook_of = {d: sae.cfg.hook or rc.harvest.hooks[0] for d, sae in saes.items()}
+    harvester = Harvester(model, sorted(set(hook_of.values())), exclude_special=True)
+    contexts = load_contexts(dataclasses.replace(rc.data, split=cfg.split), model.tokenizer, show_progress=show_progress)
+    cum = (~contexts.special_mask).sum(1).cumsum(0)
+    available = int(cum[-1])
+    if cfg.n_tokens is not None and cfg.n_tokens > available:
+        raise DataError(f"--tokens {cfg.n_tokens} is more than the {cfg.split!r} split holds ({available} tokens): "
+                        f"lower --tokens or pick a larger --split")
+    wanted = cfg.n_tokens or min(DEFAULT_ANALYSIS_TOKENS, available)
+    n_ctx = int(torch.searchsorted(cum, torch.tensor(wanted))) + 1  # whole contexts
+    n_tokens, ctx = int(cum[n_ctx - 1]), contexts.tokens.shape[1]
+
+    device = harvester.device
+    accs = {d: FeatureAccumulator(sae.cfg.n_latents, ctx, cfg, sae.cfg.activation == "abstopk", device) for d, sae in saes.items()}
+    state_dir = run_dir / STATE_DIR
+    state_path = state_dir / "state.safetensors"
+    fingerprint = json.dumps({"analysis": {**dataclasses.asdict(cfg), "checkpoint_tokens": None}, "data": dataclasses.asdict(rc.data),
+                              "model": rc.model, "n_tokens": n_tokens,
+                              "saes": {str(d): (d / "sae.safetensors").stat().st_size for d in sae_dirs}}, sort_keys=True)
+    start_ctx = tokens_done = 0
+    if state_path.exists():
+        with safe_open(str(state_path), "pt") as f:
+            meta = f.metadata()
+        if restart:
+            shutil.rmtree(state_dir)
+        elif not resume:
+            raise DataError(f"an interrupted analysis ({meta['tokens_done']} of {n_tokens} tokens) is in {state_dir}: "
+                            f"pass --resume to continue it or --restart to start over")
+        elif meta["fingerprint"] != fingerprint:
+            raise DataError(f"the interrupted analysis in {state_dir} used other settings: rerun with the same ones, or pass --restart")
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(state_path), device=str(device))
+            for k, (d, acc) in enumerate(accs.items()):
+                acc.load(tensors, f"sae{k}")
+            start_ctx, tokens_done = int(meta["contexts_done"]), int(meta["tokens_done"])
+
+    started, tokens_before = time.perf_counter(), tokens_done
+    bar = tqdm(total=n_tokens, initial=tokens_done, desc="analyze", unit="tok", unit_scale=True, disable=not show_progress)
+    since_checkpoint = 0
+    for i in range(start_ctx, n_ctx, cfg.batch_size):
+        j = min(i + cfg.batch_size, n_ctx)
+        acts = harvester._forward(contexts.tokens[i:j])
+        keep = ~contexts.special_mask[i:j].to(device)
+        b, pos = keep.nonzero(as_tuple=True)
+        row_token = (b + i) * ctx + pos
+        for d, sae in saes.items():
+            x = acts[hook_of[d]][keep]
+            if not torch.isfinite(x).all():
+                raise DataError(f"the model produced NaN/inf activations at {hook_of[d]}; check the model dtype (try dtype: float32)")
+            accs[d].update(*sparse_codes(sae, x), row_token)
+        tokens_done += len(row_token)
+        since_checkpoint += len(row_token)
+        bar.update(len(row_token))
+        if since_checkpoint >= cfg.checkpoint_tokens and j < n_ctx:
+            state_dir.mkdir(exist_ok=True)
+            tensors = {k: v for n, acc in enumerate(accs.values()) for k, v in acc.state(f"sae{n}").items()}
+            atomic_save_file(tensors, state_path, {"fingerprint": fingerprint, "contexts_done": str(j), "tokens_done": str(tokens_done)})
+            since_checkpoint = 0
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    tok = model.tokenizer
+    vocab = tok.batch_decode([[t] for t in range(len(tok))])
+    vocab += [f"<{t}>" for t in range(len(vocab), int(model.cfg.d_vocab))]
+    stores = []
+    for d, sae in saes.items():
+        results = accs[d].finish(n_tokens)
+        results.decoder = decoder_neighbours(sae.W_dec.detach(), cfg.n_neighbours)
+        if is_causal(model):
+            results.logit_lens = logit_lens(model, sae.W_dec.detach(), cfg.n_logit)
+        else:
+            results.notes["logit_lens_note"] = "skipped: an encoder model's unembedding (MLM head) is not a trained next-token readout"
+        eval_path = d.parent / "eval.json"
+        if eval_path.exists():
+            results.notes["eval"] = json.loads(eval_path.read_text())
+        meta = {"model": rc.model, "hook": hook_of[d], "run": str(run_dir), "sae": str(d), "device": rc.device, "split": cfg.split,
+                "data": dataclasses.asdict(rc.data), "activation": sae.cfg.activation, "k": sae.cfg.k, "d_in": sae.cfg.d_in,
+                "signed": sae.cfg.activation == "abstopk", "n_examples": cfg.n_examples, "n_intervals": cfg.n_intervals,
+                "per_interval": cfg.per_interval, "n_samples": cfg.n_samples, "seed": cfg.seed, "seconds": round(seconds, 2)}
+        stores.append(str(write_store(d.parent / STORE_NAME, results, contexts.tokens[:n_ctx], vocab, meta)))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return {"stores": stores, "n_tokens": n_tokens, "seconds": round(seconds, 2), "tokens_per_s": round((tokens_done - tokens_before) / max(seconds, 1e-9))}

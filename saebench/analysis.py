@@ -1,0 +1,393 @@
+"""The analysis pass: one stream of held-out tokens -> per-feature statistics and examples.
+
+    contexts -> model (stopped at the last hook) -> each SAE's sparse selection
+             -> FeatureAccumulator.update (batched scatter / sort-merge; no loop over features)
+             -> finish(): quantiles, interval examples, logit lens, neighbours -> FeatureResults
+
+Memory is bounded by features x (examples + samples) x context, never by the token count.
+A fire is a (token, feature) pair with a non-zero code. For abstopk, whose codes are signed,
+every statistic ranks |z| and the sign is kept beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from saebench.sae import SAE
+
+# Fixed log-spaced histogram of |z|: bin 0 = [0, 1e-4), bins 1..180 = 20 per decade up to 1e5,
+# bin 181 = [1e5, inf). Fixed edges make histograms mergeable and streaming exact.
+HIST_DECADES = (-4, 5)
+BINS_PER_DECADE = 20
+HIST_INNER = torch.logspace(HIST_DECADES[0], HIST_DECADES[1], (HIST_DECADES[1] - HIST_DECADES[0]) * BINS_PER_DECADE + 1, dtype=torch.float64)
+N_BINS = len(HIST_INNER) + 1
+QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class AnalysisConfig:
+    """What one analysis pass collects."""
+
+    n_tokens: int | None = None  # None: min(2M, what the split holds)
+    split: str = "test"
+    n_examples: int = 20  # top-activating examples per feature
+    n_intervals: int = 10  # activation-quantile intervals for stratified examples
+    per_interval: int = 5
+    n_samples: int = 100  # uniform sample of each feature's fires that the intervals draw from
+    coact_tokens: int = 65_536  # first analysed tokens whose firings give co-activation neighbours
+    n_neighbours: int = 10
+    n_logit: int = 10
+    batch_size: int = 64  # contexts per model forward
+    checkpoint_tokens: int = 500_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from saebench.errors import ConfigError
+
+        for name in ("n_examples", "n_intervals", "per_interval", "n_samples", "batch_size", "n_neighbours", "n_logit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"analysis {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_tokens is not None and self.n_tokens < 1:
+            raise ConfigError(f"--tokens must be positive, got {self.n_tokens}")
+
+
+def histogram_edges() -> list[float]:
+    """The N_BINS + 1 boundaries of the |z| histogram (first 0, last inf)."""
+    return [0.0, *HIST_INNER.tolist(), math.inf]
+
+
+def histogram_bin(values: torch.Tensor) -> torch.Tensor:
+    """|z| values -> bin index in [0, N_BINS)."""
+    return torch.bucketize(values.double(), HIST_INNER.to(values.device), right=True)
+
+
+def quantiles_from_histogram(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, qs: tuple[float, ...] = QUANTILES) -> torch.Tensor:
+    """hist: [n bins] counts; vmin, vmax: [n] -> [n q] quantile estimates.
+
+    The q-quantile lies in the first bin whose cumulative count reaches q * count; inside it the
+    value is interpolated geometrically (linearly in bin 0), clamped to the feature's [min, max].
+    NaN where a feature never fired.
+    """
+    hist = hist.double()
+    cum = hist.cumsum(-1)
+    total = cum[:, -1:]
+    target = torch.tensor(qs, dtype=torch.float64, device=hist.device)[None] * total
+    b = torch.searchsorted(cum, target).clamp_max(hist.shape[1] - 1)
+    below = cum.gather(1, b) - hist.gather(1, b)
+    frac = ((target - below) / hist.gather(1, b).clamp_min(1)).clamp(0, 1)
+    edges = torch.tensor(histogram_edges(), dtype=torch.float64, device=hist.device)
+    lo, hi = edges[b], edges[b + 1]
+    hi = torch.minimum(hi, vmax.double()[:, None].expand_as(hi))
+    lo = torch.minimum(lo, hi)
+    geometric = lo * (hi / lo.clamp_min(1e-300)) ** frac
+    value = torch.where(lo > 0, geometric, lo + (hi - lo) * frac)
+    value = torch.maximum(torch.minimum(value, vmax.double()[:, None]), vmin.double()[:, None])
+    return torch.where(total > 0, value, torch.full_like(value, math.nan)).float()
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (multipliers below 2^31, so int64 never overflows)."""
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    h = ((h >> 16) ^ h) * 0x45D9F3B & _M32
+    return (h >> 16) ^ h
+
+
+def fire_hash(token_ids: torch.Tensor, features: torch.Tensor, seed: int) -> torch.Tensor:
+    """A deterministic pseudo-random key in [0, 2^62) per (token, feature): a feature's sample is
+    its fires with the smallest keys, the same whatever order or batching the tokens come in."""
+    f = _mix32((features.long() ^ (seed * 0x9E3779B & _M32)) & _M32)
+    a = _mix32((token_ids & _M32) ^ f)
+    b = _mix32(((token_ids >> 32) & _M32) ^ _mix32(a ^ 0x5BD1E995))
+    return (a << 30) ^ b
+
+
+@dataclass
+class Slots:
+    """The best `m` entries per feature by `key` (largest first; ties keep the earlier token).
+
+    key: [n m]; token: [n m] global token id (context * ctx + position), -1 if empty;
+    value: [n m] the signed code; acts: [n m ctx] the feature's codes over that token's context.
+    """
+
+    key: torch.Tensor
+    token: torch.Tensor
+    value: torch.Tensor
+    acts: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, m: int, ctx: int, key_dtype: torch.dtype, device, acts_dtype=torch.float16) -> "Slots":
+        low = -math.inf if key_dtype.is_floating_point else torch.iinfo(key_dtype).min
+        return cls(
+            torch.full((n, m), low, dtype=key_dtype, device=device), torch.full((n, m), -1, dtype=torch.long, device=device),
+            torch.zeros(n, m, device=device), torch.zeros(n, m, ctx, dtype=acts_dtype, device=device),
+        )
+
+    def merge(self, feat: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
+        """Offer candidates (feat, key, token, value: [c], tokens ascending); keep the best m per feature.
+        context_acts(accepted candidate indices [a]) -> [a ctx] is called for the accepted only."""
+        m = self.key.shape[1]
+        live = key > self.key[feat, -1]  # must beat the worst kept; a tie loses to the earlier token
+        if not live.any():
+            return
+        idx = live.nonzero().squeeze(-1)
+        feat, key = feat[idx], key[idx]
+        touched = torch.unique(feat)
+        old_feat = touched.repeat_interleave(m)
+        all_feat = torch.cat([old_feat, feat])
+        all_key = torch.cat([self.key[touched].reshape(-1), key])
+        order = all_key.sort(descending=True, stable=True).indices
+        order = order[all_feat[order].sort(stable=True).indices]  # by feature, best first within one
+        f_sorted = all_feat[order]
+        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(f_sorted, f_sorted)
+        keep = rank < m
+        order, f_sorted, rank = order[keep], f_sorted[keep], rank[keep]
+        n_old = len(old_feat)
+        from_old = order < n_old
+        old_src = order[from_old]
+        old_f, old_slot = touched[old_src // m], old_src % m
+        new_src = order[~from_old] - n_old
+
+        key_new = self.key[touched].clone()
+        tok_new, val_new, acts_new = self.token[touched].clone(), self.value[touched].clone(), self.acts[touched].clone()
+        row = torch.searchsorted(touched, f_sorted)
+        r_old, k_old = row[from_old], rank[from_old]
+        key_new[r_old, k_old] = self.key[old_f, old_slot]
+        tok_new[r_old, k_old] = self.token[old_f, old_slot]
+        val_new[r_old, k_old] = self.value[old_f, old_slot]
+        acts_new[r_old, k_old] = self.acts[old_f, old_slot]
+        r_new, k_new = row[~from_old], rank[~from_old]
+        key_new[r_new, k_new] = key[new_src]
+        accepted = idx[new_src]
+        tok_new[r_new, k_new] = token[accepted]
+        val_new[r_new, k_new] = value[accepted]
+        acts_new[r_new, k_new] = context_acts(accepted).to(acts_new.dtype)
+        self.key[touched], self.token[touched], self.value[touched], self.acts[touched] = key_new, tok_new, val_new, acts_new
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("key", "token", "value", "acts")}
+
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        for k in ("key", "token", "value", "acts"):
+            getattr(self, k).copy_(tensors[f"{prefix}.{k}"])
+
+
+class FeatureAccumulator:
+    """Streaming per-feature statistics of one SAE over a token stream."""
+
+    def __init__(self, n_latents: int, ctx: int, cfg: AnalysisConfig, signed: bool, device="cpu"):
+        self.n, self.ctx, self.cfg, self.signed = n_latents, ctx, cfg, signed
+        n = n_latents
+        self.n_fires = torch.zeros(n, dtype=torch.long, device=device)
+        self.n_positive = torch.zeros(n, dtype=torch.long, device=device)
+        self.sum = torch.zeros(n, dtype=torch.float64, device=device)  # of |z|
+        self.sum_signed = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sum_sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.max = torch.zeros(n, device=device)  # of |z|
+        self.min = torch.full((n,), math.inf, device=device)
+        self.hist = torch.zeros(n, N_BINS, dtype=torch.long, device=device)
+        self.top = Slots.empty(n, cfg.n_examples, ctx, torch.float32, device)
+        self.sample = Slots.empty(n, cfg.n_samples, ctx, torch.long, device)
+        self.coact_tokens: list[torch.Tensor] = []  # [nnz] token row index in the co-activation sample
+        self.coact_feats: list[torch.Tensor] = []
+        self.coact_seen = 0
+
+    @torch.no_grad()
+    def update(self, row: torch.Tensor, feat: torch.Tensor, value: torch.Tensor, row_token: torch.Tensor) -> None:
+        """One batch of fires. row, feat, value: [e] (row ascending); row_token: [rows] global token ids
+        (context * ctx + position, ascending); every row is one analysed token."""
+        nz = value != 0
+        row, feat, value = row[nz], feat[nz].long(), value[nz].float()
+        mag = value.abs()
+        self.n_fires += torch.bincount(feat, minlength=self.n)
+        self.n_positive += torch.bincount(feat[value > 0], minlength=self.n)
+        self.sum.index_add_(0, feat, mag.double())
+        self.sum_signed.index_add_(0, feat, value.double())
+        self.sum_sq.index_add_(0, feat, mag.double() ** 2)
+        self.max.scatter_reduce_(0, feat, mag, reduce="amax")
+        self.min.scatter_reduce_(0, feat, mag, reduce="amin")
+        self.hist.view(-1).index_add_(0, feat * N_BINS + histogram_bin(mag), torch.ones_like(feat))
+
+        token = row_token[row]
+        ctx_of_row = row_token // self.ctx
+        local_ctx = ctx_of_row - ctx_of_row[0]  # contexts in a batch are consecutive
+        entry_ctx, entry_pos = local_ctx[row], row_token[row] % self.ctx
+
+        def context_acts(accepted: torch.Tensor) -> torch.Tensor:
+            """Codes of feature feat[a] over the whole context of token[a]: [a ctx]."""
+            want = local_ctx[row[accepted]] * self.n + feat[accepted]
+            uniq, inverse = torch.unique(want, return_inverse=True)
+            have = entry_ctx * self.n + feat
+            at = torch.searchsorted(uniq, have).clamp_max(len(uniq) - 1)
+            hit = uniq[at] == have
+            buf = torch.zeros(len(uniq), self.ctx, device=value.device)
+            buf[at[hit], entry_pos[hit]] = value[hit]
+            return buf[inverse]
+
+        self.top.merge(feat, mag, token, value, context_acts)
+        self.sample.merge(feat, -fire_hash(token, feat, self.cfg.seed), token, value, context_acts)
+
+        room = self.cfg.coact_tokens - self.coact_seen
+        if room > 0:
+            take = row < room
+            self.coact_tokens.append((row[take] + self.coact_seen).int())
+            self.coact_feats.append(feat[take].int())
+            self.coact_seen += min(room, len(row_token))
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.{k}": getattr(self, k) for k in ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist")}
+        out.update(self.top.state(f"{prefix}.top"))
+        out.update(self.sample.state(f"{prefix}.sample"))
+        out[f"{prefix}.coact_tokens"] = torch.cat(self.coact_tokens) if self.coact_tokens else torch.zeros(0, dtype=torch.int32)
+        out[f"{prefix}.coact_feats"] = torch.cat(self.coact_feats) if self.coact_feats else torch.zeros(0, dtype=torch.int32)
+        out[f"{prefix}.coact_seen"] = torch.tensor([self.coact_seen])
+        return {k: v.contiguous().cpu() for k, v in out.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        for k in ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist"):
+            getattr(self, k).copy_(tensors[f"{prefix}.{k}"])
+        self.top.load(tensors, f"{prefix}.top")
+        self.sample.load(tensors, f"{prefix}.sample")
+        device = self.n_fires.device
+        self.coact_tokens = [tensors[f"{prefix}.coact_tokens"].to(device)]
+        self.coact_feats = [tensors[f"{prefix}.coact_feats"].to(device)]
+        self.coact_seen = int(tensors[f"{prefix}.coact_seen"][0])
+
+    # -- the end of the pass -----------------------------------------------------------------
+    @torch.no_grad()
+    def finish(self, n_tokens: int) -> "FeatureResults":
+        cfg = self.cfg
+        fired = self.n_fires.clamp_min(1).double()
+        vmin = torch.where(self.n_fires > 0, self.min, torch.zeros_like(self.min))
+        quantiles = quantiles_from_histogram(self.hist, vmin, self.max)
+        interval_edges = quantiles_from_histogram(self.hist, vmin, self.max, tuple(i / cfg.n_intervals for i in range(1, cfg.n_intervals)))
+        interval, interval_rank = self._interval_examples(interval_edges)
+        return FeatureResults(
+            n_tokens=n_tokens, n_fires=self.n_fires.cpu(), n_positive=self.n_positive.cpu(),
+            mean=(self.sum / fired).float().cpu(), mean_signed=(self.sum_signed / fired).float().cpu(),
+            std=((self.sum_sq / fired - (self.sum / fired) ** 2).clamp_min(0).sqrt()).float().cpu(),
+            max=self.max.cpu(), min=vmin.cpu(), hist=self.hist.cpu(), quantiles=quantiles.cpu(),
+            interval_edges=torch.cat([vmin[:, None], interval_edges, self.max[:, None]], 1).cpu(),
+            top=Slots(*(t.cpu() for t in (self.top.key, self.top.token, self.top.value, self.top.acts))),
+            sample=Slots(*(t.cpu() for t in (self.sample.key, self.sample.token, self.sample.value, self.sample.acts))),
+            sample_interval=interval.cpu(), sample_interval_rank=interval_rank.cpu(),
+            coact=coactivation_neighbours(
+                torch.cat(self.coact_tokens) if self.coact_tokens else torch.zeros(0, dtype=torch.int32),
+                torch.cat(self.coact_feats) if self.coact_feats else torch.zeros(0, dtype=torch.int32),
+                self.n, cfg.n_neighbours),
+            coact_tokens=self.coact_seen,
+        )
+
+    def _interval_examples(self, inner_edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval of every sampled fire ([n s], -1 if empty), and its rank within its interval
+        in sample order (smallest key first): the first `per_interval` of each are shown."""
+        s = self.sample
+        mag = s.value.abs()
+        interval = torch.searchsorted(inner_edges.contiguous(), mag.contiguous(), right=True)
+        interval = torch.where(s.token >= 0, interval, torch.full_like(interval, -1))
+        n, m = interval.shape
+        group = torch.arange(n, device=interval.device)[:, None] * (self.cfg.n_intervals + 1) + interval + 1
+        flat = group.reshape(-1)
+        order = flat.sort(stable=True).indices  # slots are already in sample order within a feature
+        g_sorted = flat[order]
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(len(flat), device=flat.device) - torch.searchsorted(g_sorted, g_sorted)
+        return interval, rank.reshape(n, m)
+
+
+@dataclass
+class FeatureResults:
+    """Everything the store holds for one SAE, as tensors over features ([n ...])."""
+
+    n_tokens: int
+    n_fires: torch.Tensor
+    n_positive: torch.Tensor
+    mean: torch.Tensor
+    mean_signed: torch.Tensor
+    std: torch.Tensor
+    max: torch.Tensor
+    min: torch.Tensor
+    hist: torch.Tensor  # [n N_BINS]
+    quantiles: torch.Tensor  # [n len(QUANTILES)]
+    interval_edges: torch.Tensor  # [n n_intervals+1]
+    top: Slots
+    sample: Slots
+    sample_interval: torch.Tensor  # [n n_samples]
+    sample_interval_rank: torch.Tensor
+    coact: tuple[torch.Tensor, torch.Tensor]  # ([n k] neighbour ids, -1 if none; [n k] Jaccard)
+    coact_tokens: int
+    decoder: tuple[torch.Tensor, torch.Tensor] | None = None  # ([n k] ids, [n k] cosine)
+    logit_lens: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # top ids, values, bottom ids, values
+    notes: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k cosine neighbours of each decoder row (self excluded). W_dec: [n d] -> ([n k], [n k])."""
+    w = W_dec.float()
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n = w.shape[0]
+    k = min(k, n - 1)
+    ids, vals = [], []
+    for start in range(0, n, block):
+        sim = w[start : start + block] @ w.T
+        rows = torch.arange(start, min(start + block, n), device=w.device)
+        sim[rows - start, rows] = -math.inf
+        v, i = sim.topk(k, dim=-1)
+        ids.append(i.cpu()), vals.append(v.cpu())
+    return torch.cat(ids), torch.cat(vals)
+
+
+@torch.no_grad()
+def coactivation_neighbours(tokens: torch.Tensor, feats: torch.Tensor, n: int, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k neighbours of each feature by the Jaccard index of their firing sets over a token
+    sample: |i and j| / |i or j|. tokens, feats: [nnz] (one entry per fire) -> ([n k] ids, -1 where
+    fewer than k features ever co-fire; [n k] Jaccard)."""
+    k = min(k, n - 1)
+    if len(tokens) == 0:
+        return torch.full((n, k), -1, dtype=torch.long), torch.zeros(n, k)
+    t = tokens.long().cpu()
+    f = feats.long().cpu()
+    n_tok = int(t.max()) + 1
+    counts = torch.bincount(f, minlength=n).float()
+    ones = torch.ones(len(t))
+    by_feature = torch.sparse_coo_tensor(torch.stack([f, t]), ones, (n, n_tok), check_invariants=True).coalesce()
+    block = max(1, min(n, 2**25 // n_tok, 2**25 // n))  # bounds the dense [n_tok b] and [n b] blocks
+    ids, vals = [], []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        cols = (f >= start) & (f < stop)
+        dense = torch.zeros(n_tok, stop - start)
+        dense[t[cols], f[cols] - start] = 1.0
+        co = torch.sparse.mm(by_feature, dense)  # [n b]: co-fire counts
+        union = counts[:, None] + counts[start:stop][None] - co
+        jac = torch.where(co > 0, co / union.clamp_min(1), torch.zeros_like(co))
+        jac[torch.arange(start, stop), torch.arange(stop - start)] = 0
+        v, i = jac.T.topk(k, dim=-1)
+        ids.append(torch.where(v > 0, i, torch.full_like(i, -1))), vals.append(v)
+    return torch.cat(ids), torch.cat(vals)
+
+
+@torch.no_grad()
+def logit_lens(model, W_dec: torch.Tensor, k: int = 10, block: int = 1024) -> tuple[torch.Tensor, ...]:
+    """Each decoder row through the model's final norm and the unembedding (no b_U), as in
+    Arad et al. 2025: -> top ids, top logits, bottom ids, bottom logits, each [n k]."""
+    W_U = model.W_U
+    out = [[], [], [], []]
+    for start in range(0, W_dec.shape[0], block):
+        logits = model.ln_final(W_dec[start : start + block].to(W_U.device, W_U.dtype)) @ W_U
+        top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
+        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+            lst.append(t.float().cpu() if t.is_floating_point() else t.cpu())
+    return tuple(torch.cat(o) for o in out)
+
+
+def sparse_codes(sae: SAE, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """acts: [rows d_in] -> the SAE's inference codes as (row, feature, value), each [e], row ascending."""
+    pre = sae.pre_acts(acts.to(sae.W_enc.dtype))
+    sel = sae.select(pre, train=False)
+    return sel.rows().reshape(-1), sel.indices.reshape(-1), sel.values.reshape(-1)
