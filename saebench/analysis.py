@@ -107,10 +107,12 @@ def fire_hash(token_ids: torch.Tensor, features: torch.Tensor, seed: int) -> tor
 
 @dataclass
 class Slots:
-    """The best `m` entries per feature by `key` (largest first; ties keep the earlier token).
+    """The best `m` entries per feature by `key` (larger is better; a tie keeps the earlier token).
 
-    key: [n m]; token: [n m] global token id (context * ctx + position), -1 if empty;
-    value: [n m] the signed code; acts: [n m ctx] the feature's codes over that token's context.
+    Unsorted while streaming (a better candidate overwrites an evicted slot, so nothing else
+    moves); `sorted()` orders them best first. key: [n m]; token: [n m] global token id
+    (context * ctx + position), -1 if empty; value: [n m] the signed code; acts: [n m ctx] the
+    feature's codes over that token's context.
     """
 
     key: torch.Tensor
@@ -127,45 +129,40 @@ class Slots:
         )
 
     def merge(self, feat: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
-        """Offer candidates (feat, key, token, value: [c], tokens ascending); keep the best m per feature.
+        """Offer candidates (feat, key, token, value: [c]; tokens later than every kept one).
         context_acts(accepted candidate indices [a]) -> [a ctx] is called for the accepted only."""
         m = self.key.shape[1]
-        live = key > self.key[feat, -1]  # must beat the worst kept; a tie loses to the earlier token
+        live = key > self.key[feat].amin(-1)  # must beat the worst kept; a tie loses to the earlier token
         if not live.any():
             return
         idx = live.nonzero().squeeze(-1)
-        feat, key = feat[idx], key[idx]
-        touched = torch.unique(feat)
+        c_feat, c_key = feat[idx], key[idx]
+        touched = torch.unique(c_feat)
         old_feat = touched.repeat_interleave(m)
-        all_feat = torch.cat([old_feat, feat])
-        all_key = torch.cat([self.key[touched].reshape(-1), key])
-        order = all_key.sort(descending=True, stable=True).indices
+        all_feat = torch.cat([old_feat, c_feat])
+        all_key = torch.cat([self.key[touched].reshape(-1), c_key])
+        all_tok = torch.cat([self.token[touched].reshape(-1), token[idx]])
+        order = all_tok.sort(stable=True).indices  # ties: earlier token first (empty slots hold -inf keys)
+        order = order[all_key[order].sort(descending=True, stable=True).indices]
         order = order[all_feat[order].sort(stable=True).indices]  # by feature, best first within one
         f_sorted = all_feat[order]
-        rank = torch.arange(len(order), device=order.device) - torch.searchsorted(f_sorted, f_sorted)
-        keep = rank < m
-        order, f_sorted, rank = order[keep], f_sorted[keep], rank[keep]
+        kept = torch.arange(len(order), device=order.device) - torch.searchsorted(f_sorted, f_sorted) < m
         n_old = len(old_feat)
-        from_old = order < n_old
-        old_src = order[from_old]
-        old_f, old_slot = touched[old_src // m], old_src % m
-        new_src = order[~from_old] - n_old
+        evicted = order[~kept & (order < n_old)].sort().values  # old slots, by (feature, slot)
+        entering = order[kept & (order >= n_old)] - n_old  # candidates, by feature: one per evicted slot
+        ev_f, ev_slot = touched[evicted // m], evicted % m
+        accepted = idx[entering]
+        self.key[ev_f, ev_slot] = c_key[entering]
+        self.token[ev_f, ev_slot] = token[accepted]
+        self.value[ev_f, ev_slot] = value[accepted]
+        self.acts[ev_f, ev_slot] = context_acts(accepted).to(self.acts.dtype)
 
-        key_new = self.key[touched].clone()
-        tok_new, val_new, acts_new = self.token[touched].clone(), self.value[touched].clone(), self.acts[touched].clone()
-        row = torch.searchsorted(touched, f_sorted)
-        r_old, k_old = row[from_old], rank[from_old]
-        key_new[r_old, k_old] = self.key[old_f, old_slot]
-        tok_new[r_old, k_old] = self.token[old_f, old_slot]
-        val_new[r_old, k_old] = self.value[old_f, old_slot]
-        acts_new[r_old, k_old] = self.acts[old_f, old_slot]
-        r_new, k_new = row[~from_old], rank[~from_old]
-        key_new[r_new, k_new] = key[new_src]
-        accepted = idx[new_src]
-        tok_new[r_new, k_new] = token[accepted]
-        val_new[r_new, k_new] = value[accepted]
-        acts_new[r_new, k_new] = context_acts(accepted).to(acts_new.dtype)
-        self.key[touched], self.token[touched], self.value[touched], self.acts[touched] = key_new, tok_new, val_new, acts_new
+    def sorted(self) -> "Slots":
+        """Best first per feature (key descending, earlier token first on ties), on the CPU."""
+        order = self.token.sort(dim=1, stable=True).indices
+        order = order.gather(1, self.key.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
+        take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand_as(t)).cpu()
+        return Slots(take(self.key), take(self.token), take(self.value), take(self.acts))
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{k}": getattr(self, k) for k in ("key", "token", "value", "acts")}
@@ -265,15 +262,15 @@ class FeatureAccumulator:
         vmin = torch.where(self.n_fires > 0, self.min, torch.zeros_like(self.min))
         quantiles = quantiles_from_histogram(self.hist, vmin, self.max)
         interval_edges = quantiles_from_histogram(self.hist, vmin, self.max, tuple(i / cfg.n_intervals for i in range(1, cfg.n_intervals)))
-        interval, interval_rank = self._interval_examples(interval_edges)
+        top, sample = self.top.sorted(), self.sample.sorted()
+        interval, interval_rank = self._interval_examples(sample, interval_edges.cpu())
         return FeatureResults(
             n_tokens=n_tokens, n_fires=self.n_fires.cpu(), n_positive=self.n_positive.cpu(),
             mean=(self.sum / fired).float().cpu(), mean_signed=(self.sum_signed / fired).float().cpu(),
             std=((self.sum_sq / fired - (self.sum / fired) ** 2).clamp_min(0).sqrt()).float().cpu(),
             max=self.max.cpu(), min=vmin.cpu(), hist=self.hist.cpu(), quantiles=quantiles.cpu(),
             interval_edges=torch.cat([vmin[:, None], interval_edges, self.max[:, None]], 1).cpu(),
-            top=Slots(*(t.cpu() for t in (self.top.key, self.top.token, self.top.value, self.top.acts))),
-            sample=Slots(*(t.cpu() for t in (self.sample.key, self.sample.token, self.sample.value, self.sample.acts))),
+            top=top, sample=sample,
             sample_interval=interval.cpu(), sample_interval_rank=interval_rank.cpu(),
             coact=coactivation_neighbours(
                 torch.cat(self.coact_tokens) if self.coact_tokens else torch.zeros(0, dtype=torch.int32),
@@ -282,10 +279,9 @@ class FeatureAccumulator:
             coact_tokens=self.coact_seen,
         )
 
-    def _interval_examples(self, inner_edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Interval of every sampled fire ([n s], -1 if empty), and its rank within its interval
-        in sample order (smallest key first): the first `per_interval` of each are shown."""
-        s = self.sample
+    def _interval_examples(self, s: Slots, inner_edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval of every sampled fire ([n s] in sorted sample order, -1 if empty), and its rank
+        within its interval (smallest key first): the first `per_interval` of each are shown."""
         mag = s.value.abs()
         interval = torch.searchsorted(inner_edges.contiguous(), mag.contiguous(), right=True)
         interval = torch.where(s.token >= 0, interval, torch.full_like(interval, -1))
