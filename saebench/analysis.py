@@ -96,79 +96,110 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return (h >> 16) ^ h
 
 
-def fire_hash(token_ids: torch.Tensor, features: torch.Tensor, seed: int) -> torch.Tensor:
-    """A deterministic pseudo-random key in [0, 2^62) per (token, feature): a feature's sample is
-    its fires with the smallest keys, the same whatever order or batching the tokens come in."""
-    f = _mix32((features.long() ^ (seed * 0x9E3779B & _M32)) & _M32)
+SAMPLE_BITS = 40
+TOP_BITS = 32
+
+
+def feature_mix(features: torch.Tensor, seed: int) -> torch.Tensor:
+    return _mix32((features.long() ^ (seed * 0x9E3779B & _M32)) & _M32)
+
+
+def fire_hash(token_ids: torch.Tensor, features: torch.Tensor, seed: int, mix_table: torch.Tensor | None = None) -> torch.Tensor:
+    """A deterministic pseudo-random key in [0, 2^40) per (token, feature): a feature's sample is
+    its fires with the smallest keys, the same whatever order or batching the tokens come in.
+    mix_table: feature_mix(arange(n), seed), to skip recomputing it per fire."""
+    f = mix_table[features] if mix_table is not None else feature_mix(features, seed)
     a = _mix32((token_ids & _M32) ^ f)
     b = _mix32(((token_ids >> 32) & _M32) ^ _mix32(a ^ 0x5BD1E995))
-    return (a << 30) ^ b
+    return ((a << 8) ^ b) & ((1 << SAMPLE_BITS) - 1)
+
+
+def magnitude_rank(mag: torch.Tensor) -> torch.Tensor:
+    """|z| (float32, >= 0) -> int64 rank in [0, 2^31), smaller for larger |z| (IEEE order of bits)."""
+    return 0x7FFFFFFF - mag.float().view(torch.int32).long()
 
 
 @dataclass
 class Slots:
-    """The best `m` entries per feature by `key` (larger is better; a tie keeps the earlier token).
+    """The best `m` entries per feature: the smallest `rank` (an int64 below 2^bits); on equal
+    rank the earlier token wins.
 
-    Unsorted while streaming (a better candidate overwrites an evicted slot, so nothing else
-    moves); `sorted()` orders them best first. key: [n m]; token: [n m] global token id
-    (context * ctx + position), -1 if empty; value: [n m] the signed code; acts: [n m ctx] the
-    feature's codes over that token's context.
+    Each feature has 2m slots. A candidate that beats the feature's threshold (its m-th best at
+    the last compaction) is appended; a feature whose slots are full is compacted to its best m
+    (a row sort), so each accepted entry costs O(1) amortised and nothing else moves.
+    rank: [n 2m] (2^bits where empty); token: [n 2m] global token id (context * ctx + position),
+    -1 if empty; value: [n 2m] the signed code; acts: [n 2m ctx] the feature's codes over that
+    token's context; fill: [n] slots in use; threshold: [n] rank to beat.
     """
 
-    key: torch.Tensor
+    rank: torch.Tensor
     token: torch.Tensor
     value: torch.Tensor
     acts: torch.Tensor
+    fill: torch.Tensor
+    threshold: torch.Tensor
+    m: int
+    bits: int
 
     @classmethod
-    def empty(cls, n: int, m: int, ctx: int, key_dtype: torch.dtype, device, acts_dtype=torch.float16) -> "Slots":
-        low = -math.inf if key_dtype.is_floating_point else torch.iinfo(key_dtype).min
+    def empty(cls, n: int, m: int, ctx: int, bits: int, device, acts_dtype=torch.float16) -> "Slots":
+        empty = 1 << bits
         return cls(
-            torch.full((n, m), low, dtype=key_dtype, device=device), torch.full((n, m), -1, dtype=torch.long, device=device),
-            torch.zeros(n, m, device=device), torch.zeros(n, m, ctx, dtype=acts_dtype, device=device),
+            torch.full((n, 2 * m), empty, dtype=torch.long, device=device), torch.full((n, 2 * m), -1, dtype=torch.long, device=device),
+            torch.zeros(n, 2 * m, device=device), torch.zeros(n, 2 * m, ctx, dtype=acts_dtype, device=device),
+            torch.zeros(n, dtype=torch.long, device=device), torch.full((n,), empty, dtype=torch.long, device=device), m, bits,
         )
 
-    def merge(self, feat: torch.Tensor, key: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
-        """Offer candidates (feat, key, token, value: [c]; tokens later than every kept one).
-        context_acts(accepted candidate indices [a]) -> [a ctx] is called for the accepted only."""
-        m = self.key.shape[1]
-        live = key > self.key[feat].amin(-1)  # must beat the worst kept; a tie loses to the earlier token
-        if not live.any():
+    def offer(self, feat: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
+        """Candidates (feat, rank, token, value: [c]; tokens ascending and later than every kept
+        one). context_acts(accepted candidate indices [a]) -> [a ctx] runs for the accepted only."""
+        m = self.m
+        live = (rank < self.threshold[feat]).nonzero().squeeze(-1)
+        if not len(live):
             return
-        idx = live.nonzero().squeeze(-1)
-        c_feat, c_key = feat[idx], key[idx]
-        touched = torch.unique(c_feat)
-        old_feat = touched.repeat_interleave(m)
-        all_feat = torch.cat([old_feat, c_feat])
-        all_key = torch.cat([self.key[touched].reshape(-1), c_key])
-        all_tok = torch.cat([self.token[touched].reshape(-1), token[idx]])
-        order = all_tok.sort(stable=True).indices  # ties: earlier token first (empty slots hold -inf keys)
-        order = order[all_key[order].sort(descending=True, stable=True).indices]
-        order = order[all_feat[order].sort(stable=True).indices]  # by feature, best first within one
-        f_sorted = all_feat[order]
-        kept = torch.arange(len(order), device=order.device) - torch.searchsorted(f_sorted, f_sorted) < m
-        n_old = len(old_feat)
-        evicted = order[~kept & (order < n_old)].sort().values  # old slots, by (feature, slot)
-        entering = order[kept & (order >= n_old)] - n_old  # candidates, by feature: one per evicted slot
-        ev_f, ev_slot = touched[evicted // m], evicted % m
-        accepted = idx[entering]
-        self.key[ev_f, ev_slot] = c_key[entering]
-        self.token[ev_f, ev_slot] = token[accepted]
-        self.value[ev_f, ev_slot] = value[accepted]
-        self.acts[ev_f, ev_slot] = context_acts(accepted).to(self.acts.dtype)
+        c_feat = feat[live]
+        order = ((c_feat << self.bits + 1) | rank[live]).sort(stable=True).indices  # by feature, best first
+        live, c_feat = live[order], c_feat[order]
+        within = torch.arange(len(live), device=live.device) - torch.searchsorted(c_feat, c_feat)
+        live, c_feat, within = live[within < m], c_feat[within < m], within[within < m]  # only a batch's best m can stay
+        count = torch.bincount(c_feat, minlength=len(self.fill))
+        full = (self.fill + count > 2 * m).nonzero().squeeze(-1)
+        if len(full):
+            self._compact(full)
+        slot = self.fill[c_feat] + within
+        self.rank[c_feat, slot] = rank[live]
+        self.token[c_feat, slot] = token[live]
+        self.value[c_feat, slot] = value[live]
+        self.acts[c_feat, slot] = context_acts(live).to(self.acts.dtype)
+        self.fill += count
+
+    def _compact(self, rows: torch.Tensor) -> None:
+        """Keep the best m of each of these features, best first, and raise their thresholds."""
+        m = self.m
+        order = self.token[rows].sort(dim=1, stable=True).indices
+        order = order.gather(1, self.rank[rows].gather(1, order).sort(dim=1, stable=True).indices)
+        for t in (self.rank, self.token, self.value):
+            kept = t[rows].gather(1, order)
+            t[rows] = torch.cat([kept[:, :m], torch.full_like(kept[:, m:], 1 << self.bits if t is self.rank else (-1 if t is self.token else 0))], 1)
+        acts = self.acts[rows].gather(1, order[..., None].expand(-1, -1, self.acts.shape[2]))
+        acts[:, m:] = 0
+        self.acts[rows] = acts
+        self.fill[rows] = (self.token[rows, :m] >= 0).sum(1)
+        self.threshold[rows] = torch.where(self.fill[rows] == m, self.rank[rows, m - 1], torch.full_like(self.fill[rows], 1 << self.bits))
 
     def sorted(self) -> "Slots":
-        """Best first per feature (key descending, earlier token first on ties), on the CPU."""
-        order = self.token.sort(dim=1, stable=True).indices
-        order = order.gather(1, self.key.gather(1, order).sort(dim=1, descending=True, stable=True).indices)
-        take = lambda t: t.gather(1, order if t.dim() == 2 else order[..., None].expand_as(t)).cpu()
-        return Slots(take(self.key), take(self.token), take(self.value), take(self.acts))
+        """The best m per feature, best first, on the CPU."""
+        out = Slots(*(t.clone() for t in (self.rank, self.token, self.value, self.acts, self.fill, self.threshold)), self.m, self.bits)
+        out._compact(torch.arange(len(out.fill), device=out.fill.device))
+        m = self.m
+        return Slots(out.rank[:, :m].cpu(), out.token[:, :m].cpu(), out.value[:, :m].cpu(), out.acts[:, :m].cpu(),
+                     out.fill.cpu(), out.threshold.cpu(), m, self.bits)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in ("key", "token", "value", "acts")}
+        return {f"{prefix}.{k}": getattr(self, k) for k in ("rank", "token", "value", "acts", "fill", "threshold")}
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        for k in ("key", "token", "value", "acts"):
+        for k in ("rank", "token", "value", "acts", "fill", "threshold"):
             getattr(self, k).copy_(tensors[f"{prefix}.{k}"])
 
 
@@ -186,8 +217,9 @@ class FeatureAccumulator:
         self.max = torch.zeros(n, device=device)  # of |z|
         self.min = torch.full((n,), math.inf, device=device)
         self.hist = torch.zeros(n, N_BINS, dtype=torch.long, device=device)
-        self.top = Slots.empty(n, cfg.n_examples, ctx, torch.float32, device)
-        self.sample = Slots.empty(n, cfg.n_samples, ctx, torch.long, device)
+        self.top = Slots.empty(n, cfg.n_examples, ctx, TOP_BITS, device)
+        self.sample = Slots.empty(n, cfg.n_samples, ctx, SAMPLE_BITS, device)
+        self.mix_table = feature_mix(torch.arange(n, device=device), cfg.seed)
         self.coact_tokens: list[torch.Tensor] = []  # [nnz] token row index in the co-activation sample
         self.coact_feats: list[torch.Tensor] = []
         self.coact_seen = 0
@@ -209,23 +241,19 @@ class FeatureAccumulator:
         self.hist.view(-1).index_add_(0, feat * N_BINS + histogram_bin(mag), torch.ones_like(feat))
 
         token = row_token[row]
-        ctx_of_row = row_token // self.ctx
-        local_ctx = ctx_of_row - ctx_of_row[0]  # contexts in a batch are consecutive
-        entry_ctx, entry_pos = local_ctx[row], row_token[row] % self.ctx
+        ctx_of_row, pos_of_row = row_token // self.ctx, row_token % self.ctx
+        first = ctx_of_row[0]
+        row_at = torch.full((int(ctx_of_row[-1] - first) + 1, self.ctx), -1, dtype=torch.long, device=value.device)
+        row_at[ctx_of_row - first, pos_of_row] = torch.arange(len(row_token), device=value.device)
+        codes = torch.zeros(len(row_token) + 1, self.n, device=value.device)  # last row: zeros, for row_at = -1
+        codes[row, feat] = value
 
         def context_acts(accepted: torch.Tensor) -> torch.Tensor:
             """Codes of feature feat[a] over the whole context of token[a]: [a ctx]."""
-            want = local_ctx[row[accepted]] * self.n + feat[accepted]
-            uniq, inverse = torch.unique(want, return_inverse=True)
-            have = entry_ctx * self.n + feat
-            at = torch.searchsorted(uniq, have).clamp_max(len(uniq) - 1)
-            hit = uniq[at] == have
-            buf = torch.zeros(len(uniq), self.ctx, device=value.device)
-            buf[at[hit], entry_pos[hit]] = value[hit]
-            return buf[inverse]
+            return codes[row_at[ctx_of_row[row[accepted]] - first], feat[accepted, None]]
 
-        self.top.merge(feat, mag, token, value, context_acts)
-        self.sample.merge(feat, -fire_hash(token, feat, self.cfg.seed), token, value, context_acts)
+        self.top.offer(feat, magnitude_rank(mag), token, value, context_acts)
+        self.sample.offer(feat, fire_hash(token, feat, self.cfg.seed, self.mix_table), token, value, context_acts)
 
         room = self.cfg.coact_tokens - self.coact_seen
         if room > 0:
@@ -338,34 +366,63 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int = 4096) -> t
     return torch.cat(ids), torch.cat(vals)
 
 
+PAIR_COUNT_MAX_LATENTS = 8192  # up to here co-fire counts are a dense [n n] pair histogram
+
+
 @torch.no_grad()
-def coactivation_neighbours(tokens: torch.Tensor, feats: torch.Tensor, n: int, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def coactivation_neighbours(tokens: torch.Tensor, feats: torch.Tensor, n: int, k: int = 10, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbours of each feature by the Jaccard index of their firing sets over a token
-    sample: |i and j| / |i or j|. tokens, feats: [nnz] (one entry per fire) -> ([n k] ids, -1 where
-    fewer than k features ever co-fire; [n k] Jaccard)."""
+    sample: |i and j| / |i or j|. tokens, feats: [nnz] (one entry per fire, tokens ascending)
+    -> ([n k] ids, -1 where fewer than k features ever co-fire; [n k] Jaccard).
+
+    method: "pairs" counts co-firing pairs into a dense [n n] histogram (n <= 8192), "sparse"
+    multiplies the sparse firing matrix by blocks of itself (any n); default by n."""
     k = min(k, n - 1)
     if len(tokens) == 0:
         return torch.full((n, k), -1, dtype=torch.long), torch.zeros(n, k)
-    t = tokens.long().cpu()
-    f = feats.long().cpu()
-    n_tok = int(t.max()) + 1
+    t, f = tokens.long(), feats.long()
     counts = torch.bincount(f, minlength=n).float()
-    ones = torch.ones(len(t))
-    by_feature = torch.sparse_coo_tensor(torch.stack([f, t]), ones, (n, n_tok), check_invariants=True).coalesce()
-    block = max(1, min(n, 2**25 // n_tok, 2**25 // n))  # bounds the dense [n_tok b] and [n b] blocks
+    method = method or ("pairs" if n <= PAIR_COUNT_MAX_LATENTS else "sparse")
+    co_blocks = _co_counts_pairs(t, f, n) if method == "pairs" else _co_counts_sparse(t, f, n)
     ids, vals = [], []
+    for start, co in co_blocks:  # co: [b n] co-fire counts of features start..start+b
+        stop = start + co.shape[0]
+        union = counts[start:stop, None] + counts[None] - co
+        jac = torch.where(co > 0, co / union.clamp_min(1), torch.zeros_like(co))
+        jac[torch.arange(stop - start, device=jac.device), torch.arange(start, stop, device=jac.device)] = 0
+        v, i = jac.topk(k, dim=-1)
+        ids.append(torch.where(v > 0, i, torch.full_like(i, -1)).cpu()), vals.append(v.cpu())
+    return torch.cat(ids), torch.cat(vals)
+
+
+def _co_counts_pairs(t: torch.Tensor, f: torch.Tensor, n: int, chunk_pairs: int = 1 << 24):
+    """Each token's active features, padded to [tokens L]; every ordered pair counted once."""
+    n_tok = int(t.max()) + 1
+    per_token = torch.bincount(t, minlength=n_tok)
+    width = int(per_token.max())
+    slot = torch.arange(len(t), device=t.device) - (per_token.cumsum(0) - per_token)[t]
+    active = torch.full((n_tok, width), -1, dtype=torch.long, device=t.device)
+    active[t, slot] = f
+    co = torch.zeros(n * n, dtype=torch.long, device=t.device)
+    step = max(1, chunk_pairs // (width * width))
+    for a in range(0, n_tok, step):
+        rows = active[a : a + step]
+        i, j = rows[:, :, None].expand(-1, -1, width), rows[:, None, :].expand(-1, width, -1)
+        ok = (i >= 0) & (j >= 0) & (i != j)
+        co += torch.bincount(i[ok] * n + j[ok], minlength=n * n)
+    yield 0, co.view(n, n).float()
+
+
+def _co_counts_sparse(t: torch.Tensor, f: torch.Tensor, n: int):
+    n_tok = int(t.max()) + 1
+    by_feature = torch.sparse_coo_tensor(torch.stack([f, t]), torch.ones(len(t), device=t.device), (n, n_tok), check_invariants=True).coalesce()
+    block = max(1, min(n, 2**25 // n_tok, 2**25 // n))  # bounds the dense [n_tok b] and [b n] blocks
     for start in range(0, n, block):
         stop = min(start + block, n)
         cols = (f >= start) & (f < stop)
-        dense = torch.zeros(n_tok, stop - start)
+        dense = torch.zeros(n_tok, stop - start, device=t.device)
         dense[t[cols], f[cols] - start] = 1.0
-        co = torch.sparse.mm(by_feature, dense)  # [n b]: co-fire counts
-        union = counts[:, None] + counts[start:stop][None] - co
-        jac = torch.where(co > 0, co / union.clamp_min(1), torch.zeros_like(co))
-        jac[torch.arange(start, stop), torch.arange(stop - start)] = 0
-        v, i = jac.T.topk(k, dim=-1)
-        ids.append(torch.where(v > 0, i, torch.full_like(i, -1))), vals.append(v)
-    return torch.cat(ids), torch.cat(vals)
+        yield start, torch.sparse.mm(by_feature, dense).T
 
 
 @torch.no_grad()

@@ -82,5 +82,12 @@ def _load_hub(name: str, device, dtype):
     return model
 
 
+ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "RobertaModel", "RobertaForMaskedLM", "DistilBertForMaskedLM")
+
+
 def is_causal(model) -> bool:
-    return not bool(getattr(model.cfg, "is_bidirectional", False)) and getattr(model.cfg, "original_architecture", "") not in ("BertModel", "BertForMaskedLM")
+    """False for encoder models (BERT-style), whose MLM head is no next-token readout."""
+    if getattr(model.cfg, "is_bidirectional", False):
+        return False
+    arch = getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or ""
+    return arch not in ENCODER_ARCHITECTURES

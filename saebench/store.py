@@ -196,30 +196,34 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
     examples, used_ctx = [], set()
     per_feature_tokens: list[list[int]] = [[] for _ in range(n)]
     snippets: list[list[str]] = [[] for _ in range(n)]
-    rows = [("top", r.top, None, None)] + [("interval", r.sample, r.sample_interval, r.sample_interval_rank)]
-    for kind, slots, interval, irank in rows:
+    all_tokens = contexts.numpy()
+    for kind, slots, interval, irank in [("top", r.top, None, None), ("interval", r.sample, r.sample_interval, r.sample_interval_rank)]:
         show = slots.token >= 0
         if kind == "interval":
             show &= irank < meta["per_interval"]
         f_idx, s_idx = show.nonzero(as_tuple=True)
-        tok = slots.token[f_idx, s_idx]
-        ctx_id, pos = (tok // ctx).tolist(), (tok % ctx).tolist()
-        vals = slots.value[f_idx, s_idx].tolist()
-        acts = slots.acts[f_idx, s_idx].float()
-        ranks = s_idx.tolist() if kind == "top" else irank[f_idx, s_idx].tolist()
-        ints = [0] * len(ranks) if kind == "top" else interval[f_idx, s_idx].tolist()
-        for j, (f, c, p, v, rank, iv) in enumerate(zip(f_idx.tolist(), ctx_id, pos, vals, ranks, ints)):
-            nz = acts[j].nonzero().squeeze(-1)
-            examples.append((f, kind, iv, rank, v, c, p, nz.to(torch.int16).numpy().tobytes(), acts[j, nz].numpy().astype("<f4").tobytes()))
-            used_ctx.add(c)
-            if kind == "top":
-                tokens = contexts[c]
-                per_feature_tokens[f].append(int(tokens[p]))
-                if rank < N_SNIPPET_EXAMPLES:
-                    window = tokens[max(0, p - SNIPPET_RADIUS) : p + SNIPPET_RADIUS + 1].tolist()
-                    snippets[f].append("".join(vocab[t] for t in window))
+        tok = slots.token[f_idx, s_idx].numpy()
+        ctx_id, pos = tok // ctx, tok % ctx
+        acts = slots.acts[f_idx, s_idx].float().numpy()
+        rows, cols = np.nonzero(acts)  # row-major: each example's non-zero positions are contiguous
+        bounds = np.searchsorted(rows, np.arange(len(acts) + 1))
+        cols16, vals32 = cols.astype("<i2"), acts[rows, cols].astype("<f4")
+        ranks = s_idx.numpy() if kind == "top" else irank[f_idx, s_idx].numpy()
+        ints = np.zeros(len(ranks), dtype=np.int64) if kind == "top" else interval[f_idx, s_idx].numpy()
+        values = slots.value[f_idx, s_idx].numpy()
+        for j, (f, c, p, v, rank, iv) in enumerate(zip(f_idx.tolist(), ctx_id.tolist(), pos.tolist(), values.tolist(), ranks.tolist(), ints.tolist())):
+            lo, hi = bounds[j], bounds[j + 1]
+            examples.append((f, kind, iv, rank, v, c, p, cols16[lo:hi].tobytes(), vals32[lo:hi].tobytes()))
+        used_ctx.update(np.unique(ctx_id).tolist())
+        if kind == "top":
+            for f, t in zip(f_idx.tolist(), all_tokens[ctx_id, pos].tolist()):
+                per_feature_tokens[f].append(t)
+            first = ranks < N_SNIPPET_EXAMPLES
+            for f, c, p in zip(f_idx[first].tolist(), ctx_id[first].tolist(), pos[first].tolist()):
+                window = all_tokens[c, max(0, p - SNIPPET_RADIUS) : p + SNIPPET_RADIUS + 1]
+                snippets[f].append("".join(vocab[t] for t in window.tolist()))
     con.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", examples)
-    con.executemany("INSERT INTO contexts VALUES (?, ?)", [(c, contexts[c].numpy().astype("<i4").tobytes()) for c in sorted(used_ctx)])
+    con.executemany("INSERT INTO contexts VALUES (?, ?)", [(c, all_tokens[c].astype("<i4").tobytes()) for c in sorted(used_ctx)])
 
     density = (r.n_fires.double() / max(r.n_tokens, 1)).tolist()
     pos_frac = (r.n_positive.double() / r.n_fires.clamp_min(1)).tolist()

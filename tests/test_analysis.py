@@ -20,15 +20,15 @@ HOOK = "blocks.0.hook_resid_post"
 CFG = AnalysisConfig(n_examples=5, n_samples=12, n_intervals=4, per_interval=2, coact_tokens=3000, batch_size=8, n_neighbours=6)
 
 
-def make_run(root, activation="topk", n_latents=128, k=6, hooks=(HOOK,), name="t"):
-    rc = RunConfig(name=name, runs_dir=str(root / "runs"))
+def make_run(root, activation="topk", n_latents=128, k=6, hooks=(HOOK,), name="t", model="tiny", d_in=192):
+    rc = RunConfig(name=name, model=model, runs_dir=str(root / "runs"))
     rc.data = dataclasses.replace(rc.data, split="test", context_size=32, max_documents=40)
     rc.harvest.hooks = list(hooks)
     run = rc.run_dir
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(rc)))
     for n, hook in enumerate(hooks):
-        sae = sb.SAE(sb.SAEConfig(d_in=192, n_latents=n_latents, activation=activation, k=k, hook=hook, model="tiny"), seed=n)
+        sae = sb.SAE(sb.SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, k=k, hook=hook, model=model), seed=n)
         if activation in ("batchtopk", "feature_choice"):
             with torch.no_grad():
                 sae.threshold.fill_(1.5)
@@ -171,13 +171,23 @@ def test_coactivation_neighbours_are_the_top_jaccard_over_the_sample(analysed):
         assert all(jac[f, j] == pytest.approx(v, abs=1e-5) for j, v in got)  # ties may order either way
 
 
-def test_coactivation_by_hand():
+@pytest.mark.parametrize("method", ["pairs", "sparse"])
+def test_coactivation_by_hand(method):
     # tokens 0..3; feature 0 fires on {0,1,2}, 1 on {1,2}, 2 on {3}, 3 on {0}
-    tokens = torch.tensor([0, 1, 2, 1, 2, 3, 0])
-    feats = torch.tensor([0, 0, 0, 1, 1, 2, 3])
-    ids, vals = coactivation_neighbours(tokens, feats, n=4, k=2)
+    tokens = torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    feats = torch.tensor([0, 3, 0, 1, 0, 1, 2])
+    ids, vals = coactivation_neighbours(tokens, feats, n=4, k=2, method=method)
     assert ids[0].tolist() == [1, 3] and vals[0].tolist() == pytest.approx([2 / 3, 1 / 3])
     assert ids[2].tolist() == [-1, -1]  # fires alone
+    assert ids[1].tolist() == [0, -1] and vals[1].tolist() == pytest.approx([2 / 3, 0])
+
+
+def test_coactivation_methods_agree_on_real_codes(analysed):
+    *_, z, token, _ = analysed
+    rows, feats = (z[:2000] != 0).nonzero(as_tuple=True)
+    a_ids, a_vals = coactivation_neighbours(rows, feats, z.shape[1], 6, method="pairs")
+    b_ids, b_vals = coactivation_neighbours(rows, feats, z.shape[1], 6, method="sparse")
+    assert torch.allclose(a_vals, b_vals, atol=1e-6)
 
 
 def test_logit_lens_by_hand_through_the_final_norm(analysed, tiny):
@@ -285,3 +295,14 @@ def test_a_multi_hook_run_gets_one_store_per_sae(tmp_path):
         sb.FeatureStore(run)
     store = sb.FeatureStore(run, hook="blocks.1.hook_resid_post")
     assert store.meta["hook"] == "blocks.1.hook_resid_post" and store.n_features == 32
+
+
+def test_store_is_wal_and_an_encoder_model_gets_no_logit_lens(tmp_path):
+    run, _ = make_run(tmp_path, model="minilm", d_in=384, n_latents=64, k=4)
+    sb.analyze(run, dataclasses.replace(CFG, n_tokens=400), show_progress=False)
+    with sqlite3.connect(run / "features.sqlite") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    store = sb.FeatureStore(run)
+    assert "skipped" in store.meta["logit_lens_note"]
+    assert all(store.feature(f).logit_lens is None for f in range(4))
+    assert store.feature(0).decoder_neighbours  # the rest of the card is there

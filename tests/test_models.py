@@ -53,3 +53,9 @@ def test_missing_models_fail_clearly(tmp_path):
         sb.load_model(str(tmp_path))
     with pytest.raises(sb.ModelError, match="not in the Hugging Face cache.*hf download gpt2"):
         sb.load_model("gpt2")
+
+
+def test_is_causal_tells_decoders_from_encoders(tiny, minilm):
+    from saebench.models import is_causal
+
+    assert is_causal(tiny) and not is_causal(minilm)
