@@ -6,6 +6,7 @@ setup:
 demo: setup
 	.venv/bin/saebench train configs/tiny.yaml
 	.venv/bin/saebench eval runs/tiny
+	.venv/bin/saebench analyze runs/tiny
 
 test: setup
 	.venv/bin/python -m pytest

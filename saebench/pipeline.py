@@ -235,6 +235,7 @@ def analyze(run_dir: str | Path, cfg=None, resume: bool = False, restart: bool =
     bar.close()
     seconds = time.perf_counter() - started
 
+    finish_started = time.perf_counter()
     tok = model.tokenizer
     vocab = tok.batch_decode([[t] for t in range(len(tok))])
     vocab += [f"<{t}>" for t in range(len(vocab), int(model.cfg.d_vocab))]
@@ -255,4 +256,5 @@ def analyze(run_dir: str | Path, cfg=None, resume: bool = False, restart: bool =
                 "per_interval": cfg.per_interval, "n_samples": cfg.n_samples, "seed": cfg.seed, "seconds": round(seconds, 2)}
         stores.append(str(write_store(d.parent / STORE_NAME, results, contexts.tokens[:n_ctx], vocab, meta)))
     shutil.rmtree(state_dir, ignore_errors=True)
-    return {"stores": stores, "n_tokens": n_tokens, "seconds": round(seconds, 2), "tokens_per_s": round((tokens_done - tokens_before) / max(seconds, 1e-9))}
+    return {"stores": stores, "n_tokens": n_tokens, "seconds": round(seconds, 2), "tokens_per_s": round((tokens_done - tokens_before) / max(seconds, 1e-9)),
+            "finish_seconds": round(time.perf_counter() - finish_started, 2)}
