@@ -258,9 +258,11 @@ def test_reanalysis_keeps_labels(tmp_path, tiny):
     cfg = dataclasses.replace(CFG, n_tokens=600)
     sb.analyze(run, cfg, show_progress=False)
     sb.FeatureStore(run, writable=True).set_label(3, "kept")
+    (run / "eval.json").write_text('{"sae": {"fvu": 0.25}}')
     sb.analyze(run, dataclasses.replace(cfg, n_tokens=900), show_progress=False)
     store = sb.FeatureStore(run)
     assert store.feature(3).label == "kept" and store.meta["n_tokens"] >= 900
+    assert store.meta["eval"] == {"sae": {"fvu": 0.25}}
     assert store.search("kept")["feature"].tolist() == [3]
 
 
