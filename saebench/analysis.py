@@ -228,6 +228,8 @@ class FeatureAccumulator:
     def update(self, row: torch.Tensor, feat: torch.Tensor, value: torch.Tensor, row_token: torch.Tensor) -> None:
         """One batch of fires. row, feat, value: [e] (row ascending); row_token: [rows] global token ids
         (context * ctx + position, ascending); every row is one analysed token."""
+        if len(row_token) == 0:
+            return
         nz = value != 0
         row, feat, value = row[nz], feat[nz].long(), value[nz].float()
         mag = value.abs()
@@ -262,13 +264,18 @@ class FeatureAccumulator:
             self.coact_feats.append(feat[take].int())
             self.coact_seen += min(room, len(row_token))
 
+    def _coact_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token, feature) of every fire in the co-activation sample: [nnz], [nnz]."""
+        if not self.coact_tokens:
+            return torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+        return torch.cat(self.coact_tokens), torch.cat(self.coact_feats)
+
     # -- checkpoint state --------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.{k}": getattr(self, k) for k in ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist")}
         out.update(self.top.state(f"{prefix}.top"))
         out.update(self.sample.state(f"{prefix}.sample"))
-        out[f"{prefix}.coact_tokens"] = torch.cat(self.coact_tokens) if self.coact_tokens else torch.zeros(0, dtype=torch.int32)
-        out[f"{prefix}.coact_feats"] = torch.cat(self.coact_feats) if self.coact_feats else torch.zeros(0, dtype=torch.int32)
+        out[f"{prefix}.coact_tokens"], out[f"{prefix}.coact_feats"] = self._coact_sample()
         out[f"{prefix}.coact_seen"] = torch.tensor([self.coact_seen])
         return {k: v.contiguous().cpu() for k, v in out.items()}
 
@@ -300,10 +307,7 @@ class FeatureAccumulator:
             interval_edges=torch.cat([vmin[:, None], interval_edges, self.max[:, None]], 1).cpu(),
             top=top, sample=sample,
             sample_interval=interval.cpu(), sample_interval_rank=interval_rank.cpu(),
-            coact=coactivation_neighbours(
-                torch.cat(self.coact_tokens) if self.coact_tokens else torch.zeros(0, dtype=torch.int32),
-                torch.cat(self.coact_feats) if self.coact_feats else torch.zeros(0, dtype=torch.int32),
-                self.n, cfg.n_neighbours),
+            coact=coactivation_neighbours(*self._coact_sample(), self.n, cfg.n_neighbours),
             coact_tokens=self.coact_seen,
         )
 

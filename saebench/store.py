@@ -9,9 +9,7 @@ Schema: docs/formats.md ("Feature store").
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 
 from saebench.analysis import QUANTILES, FeatureResults, histogram_edges
-from saebench.atomic import PARTIAL
+from saebench.atomic import atomic_write
 from saebench.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -125,15 +123,12 @@ def _rounded(values, digits: int = 6) -> list:
 
 
 def write_store(path: str | Path, results: FeatureResults, contexts: torch.Tensor, vocab: list[str], meta: dict) -> Path:
-    """Build the store for one SAE at `path` atomically. contexts: [n_ctx ctx] the analysed split's
-    token contexts (examples refer to them by index); vocab: each token id's text."""
+    """Build the store for one SAE at `path` atomically, keeping the labels of the store it
+    replaces. contexts: [n_ctx ctx] the analysed split's token contexts (examples refer to them
+    by index); vocab: each token id's text."""
     path = Path(path)
-    staging = path.parent / PARTIAL
-    staging.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{path.name}.")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
+
+    def build(tmp: str) -> None:
         con = sqlite3.connect(tmp)
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
@@ -146,16 +141,8 @@ def write_store(path: str | Path, results: FeatureResults, contexts: torch.Tenso
         con.execute("PRAGMA journal_mode=WAL")
         con.close()
         _checkpoint_old(path)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        try:
-            staging.rmdir()
-        except OSError:
-            pass
+
+    atomic_write(path, build)
     return path
 
 
