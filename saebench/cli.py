@@ -44,6 +44,12 @@ def _analyze(args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def _app(args: argparse.Namespace) -> None:
+    from saebench.app_launcher import launch
+
+    launch(args.run, host=args.host, port=args.port)
+
+
 def _bench_synthetic(args: argparse.Namespace) -> None:
     from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
@@ -197,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="discard an interrupted analysis and start over")
     p.add_argument("--checkpoint-tokens", type=int, default=500_000, help=argparse.SUPPRESS)
     p.set_defaults(func=_analyze)
+
+    p = sub.add_parser("app", help="open the web app on trained (and analysed) runs")
+    p.add_argument("run", nargs="+", help="run directories; only these are ever opened")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8501)
+    p.set_defaults(func=_app)
 
     p = sub.add_parser("steer", help="generate with SAE features pushed, next to the unsteered text")
     p.add_argument("run", help="run directory with a trained SAE")

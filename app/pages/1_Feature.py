@@ -1,0 +1,116 @@
+"""One feature's dashboard: examples highlighted by activation, quantile intervals, histogram,
+logit lens, neighbours, a label saved to the store, export; search by text or id."""
+
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import state
+from saebench.errors import SAEBenchError
+from widgets import highlighted_tokens
+
+st.set_page_config(page_title="saebench · feature", layout="wide")
+views = state.runs()
+run, hook = state.pick_run_and_hook(views)
+if hook is None:
+    st.error(f"{run.name} holds no trained SAE.")
+    st.stop()
+store = state.store(run, hook)
+if store is None:
+    st.stop()
+run_index = views.index(run)
+
+
+def go_to(feature: int) -> None:
+    st.query_params["feature"] = str(feature)
+
+
+feature = state.int_param("feature", 0)
+search_col, prev_col, next_col, rand_col = st.columns([6, 1, 1, 1])
+query = search_col.text_input("search: a feature id, or words (top tokens, logit-lens tokens, examples, labels)", key="search")
+if prev_col.button("previous"):
+    feature = max(0, feature - 1)
+if next_col.button("next"):
+    feature = min(store.n_features - 1, feature + 1)
+if rand_col.button("random"):
+    feature = random.randrange(store.n_features)
+if query.strip().isdigit():
+    feature = int(query.strip())
+elif query.strip():
+    hits = store.search(query, limit=20)
+    if hits.empty:
+        st.info(f"No feature matches {query!r}.")
+    else:
+        st.markdown("  ".join(f"[{f}]({state.feature_url(run_index, hook, f)})" + (f" *{lab}*" if lab else "")
+                              for f, lab in zip(hits.feature, hits.label)))
+go_to(feature)
+
+try:
+    card = store.feature(feature)
+except SAEBenchError as e:
+    st.error(str(e))
+    st.stop()
+
+st.title(f"Feature {card.id}" + (f" · {card.label}" if card.label else ""))
+cols = st.columns(5)
+cols[0].metric("density", f"{card.density:.3%}")
+cols[1].metric("fires", f"{card.n_fires:,}")
+cols[2].metric("mean |z|", f"{card.mean_activation:.3f}")
+cols[3].metric("max |z|", f"{card.max_activation:.3f}")
+cols[4].metric("median |z|", f"{card.quantiles.get(0.5, float('nan')):.3f}")
+
+with st.form("label"):
+    label = st.text_input("label", value=card.label)
+    note = st.text_area("note", value=card.note, height=68)
+    if st.form_submit_button("save label"):
+        store.set_label(card.id, label, note)
+        st.success("saved")
+
+scale = card.max_activation or 1.0
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Top activations")
+    if not card.top_examples:
+        st.info("This feature never fired on the analysed tokens.")
+    for ex in card.top_examples:
+        lo, hi = max(0, ex.position - 24), min(len(ex.tokens), ex.position + 8)
+        st.markdown(f"**{ex.value:.3f}** · context {ex.context}, position {ex.position}", help="hover a token for its code")
+        st.markdown(highlighted_tokens(ex.pieces[lo:hi], ex.acts[lo:hi], scale, ex.position - lo), unsafe_allow_html=True)
+    st.subheader("Across the activation range")
+    for j, iv in enumerate(reversed(card.quantile_examples)):
+        with st.expander(f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), {len(iv.examples)} examples"):
+            for ex in iv.examples:
+                lo, hi = max(0, ex.position - 24), min(len(ex.tokens), ex.position + 8)
+                st.markdown(f"**{ex.value:.3f}**")
+                st.markdown(highlighted_tokens(ex.pieces[lo:hi], ex.acts[lo:hi], scale, ex.position - lo), unsafe_allow_html=True)
+with right:
+    edges, counts = card.histogram
+    if counts:
+        mids = [(a * b) ** 0.5 if a > 0 else b / 2 for a, b in zip(edges[:-1], edges[1:])]
+        fig = go.Figure(go.Bar(x=mids, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])]))
+        fig.update_layout(title="|z| histogram (fires)", xaxis_type="log", height=260, margin=dict(t=40, b=10))
+        st.plotly_chart(fig, width="stretch")
+    if card.logit_lens is None:
+        st.info(store.meta.get("logit_lens_note", "No logit lens for this model."))
+    else:
+        top, bottom = card.logit_lens
+        st.subheader("Logit lens")
+        st.dataframe(pd.DataFrame({"promoted": [p for p, _ in top], "logit": [v for _, v in top],
+                                   "suppressed": [p for p, _ in bottom], "logit ": [v for _, v in bottom]}), hide_index=True)
+    st.subheader("Neighbours")
+    st.markdown("decoder cosine: " + ", ".join(f"[{j}]({state.feature_url(run_index, hook, j)}) ({c:.2f})" for j, c in card.decoder_neighbours))
+    st.markdown("co-activation (Jaccard): " + (", ".join(f"[{j}]({state.feature_url(run_index, hook, j)}) ({c:.2f})"
+                                                          for j, c in card.coactivation_neighbours) or "none"))
+    st.caption(store.meta["coactivation_statistic"])
+    st.download_button("export card (JSON)", json.dumps(dataclasses.asdict(card)), file_name=f"feature_{card.id}.json", mime="application/json")
+    rows = [{"kind": "top", "value": ex.value, "context": ex.context, "position": ex.position, "token": ex.pieces[ex.position],
+             "text": "".join(ex.pieces)} for ex in card.top_examples]
+    st.download_button("export examples (CSV)", pd.DataFrame(rows).to_csv(index=False), file_name=f"feature_{card.id}.csv", mime="text/csv")

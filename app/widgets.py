@@ -1,0 +1,18 @@
+"""Shared view pieces: tokens highlighted by a feature's codes."""
+
+from __future__ import annotations
+
+import html
+
+
+def highlighted_tokens(pieces: list[str], acts: list[float], scale: float, focus: int | None = None) -> str:
+    """HTML: each token's background is orange in proportion to its code / scale (blue if negative);
+    hovering shows the code; `focus` is underlined."""
+    spans = []
+    for i, (piece, a) in enumerate(zip(pieces, acts)):
+        alpha = min(1.0, abs(a) / scale) if scale > 0 else 0.0
+        colour = f"rgba(255,140,0,{alpha:.2f})" if a >= 0 else f"rgba(60,120,255,{alpha:.2f})"
+        style = f"background:{colour};white-space:pre-wrap;" + ("border-bottom:2px solid black;" if i == focus else "")
+        text = html.escape(piece).replace("\n", "↵")
+        spans.append(f'<span title="{a:.3f}" style="{style}">{text}</span>')
+    return '<div style="font-family:monospace;line-height:1.7">' + "".join(spans) + "</div>"

@@ -1,0 +1,138 @@
+"""The app's pages under streamlit's AppTest: what they show is what the library computes."""
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+from streamlit.testing.v1 import AppTest
+
+import saebench as sb
+from saebench.analysis import AnalysisConfig
+from saebench.app_launcher import RUNS_ENV
+from saebench.pipeline import eval_from_config
+from test_analysis import make_run
+
+APP = Path(__file__).resolve().parents[1] / "app"
+
+
+@pytest.fixture(scope="module")
+def app_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    run, rc = make_run(root, name="analysed")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["eval"].update(n_tokens=2000, n_contexts=4)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "fvu": 1 / (s + 1), "l0": 6.0}) + "\n" for s in range(5)))
+    eval_from_config(run)
+    sb.analyze(run, AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2), show_progress=False)
+    bare, _ = make_run(root, name="bare")  # trained, never analysed
+    return run, bare
+
+
+def page(name, runs, monkeypatch, **params):
+    monkeypatch.setenv(RUNS_ENV, ":".join(str(r) for r in runs))
+    at = AppTest.from_file(str(APP / name), default_timeout=120)
+    for k, v in params.items():
+        at.query_params[k] = str(v)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def markdown_text(at):
+    return "\n".join(m.value for m in at.markdown)
+
+
+def test_home_shows_eval_and_the_feature_table(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("Home.py", [run], monkeypatch)
+    result = json.loads((run / "eval.json").read_text())
+    table = at.dataframe[0].value
+    assert table.set_index("metric")["sae"]["fvu"] == pytest.approx(result["sae"]["fvu"])
+    assert table.set_index("metric")["random SAE"]["ce_recovered"] == pytest.approx(result["random_baseline"]["ce_recovered"])
+    features = at.dataframe[1].value
+    want = sb.FeatureStore(run).table()
+    assert features["feature"].tolist() == want["feature"].tolist()
+    assert features["n_fires"].tolist() == want["n_fires"].tolist()
+    assert features["open"].iloc[3].endswith("feature=3")
+
+
+def test_home_filters_the_table(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("Home.py", [run], monkeypatch)
+    token = sb.FeatureStore(run).table().top_token.iloc[0]
+    at.text_input(key="filter").input(token).run()
+    shown = at.dataframe[1].value
+    assert len(shown) >= 1 and all(token.lower() in t.lower() for t in shown.top_token)
+
+
+def test_feature_page_shows_the_stored_card(app_runs, monkeypatch):
+    run, _ = app_runs
+    card = sb.FeatureStore(run).feature(4)
+    at = page("pages/1_Feature.py", [run], monkeypatch, feature=4)
+    assert at.title[0].value.startswith("Feature 4")
+    text = markdown_text(at)
+    assert f"**{card.top_examples[0].value:.3f}** · context {card.top_examples[0].context}" in text
+    assert text.index(f"**{card.top_examples[0].value:.3f}**") < text.index(f"**{card.top_examples[-1].value:.3f}**")
+    assert f"feature={card.decoder_neighbours[0][0]})" in text  # neighbours link to their pages
+    assert at.metric[1].value == f"{card.n_fires:,}"
+    logit = at.dataframe[0].value
+    assert logit["promoted"].tolist() == [p for p, _ in card.logit_lens[0]]
+
+
+def test_feature_page_saves_a_label_to_the_store(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/1_Feature.py", [run], monkeypatch, feature=2)
+    at.text_input[1].input("dialogue quotes")
+    at.form_submit_button[0].click().run()
+    assert not at.exception and at.success[0].value == "saved"
+    with sqlite3.connect(run / "features.sqlite") as con:
+        assert con.execute("SELECT label FROM labels WHERE feature = 2").fetchone() == ("dialogue quotes",)
+
+
+def test_feature_page_search_and_navigation(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/1_Feature.py", [run], monkeypatch, feature=5)
+    at.button[1].click().run()  # next
+    assert at.title[0].value.startswith("Feature 6")
+    at.text_input(key="search").input("17").run()
+    assert at.title[0].value.startswith("Feature 17")
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"feature": 999}, "feature 999 is out of range: this SAE has 128 features (0-127)"),
+    ({"feature": "abc"}, "is not a number"),
+    ({"run": 7}, "There is no run 7"),
+])
+def test_feature_page_bad_input_is_a_message(app_runs, monkeypatch, params, message):
+    run, _ = app_runs
+    at = page("pages/1_Feature.py", [run], monkeypatch, **params)
+    shown = [e.value for e in at.error] + [w.value for w in at.warning]
+    assert any(message in s for s in shown), shown
+
+
+def test_a_run_without_analysis_says_what_to_run(app_runs, monkeypatch):
+    _, bare = app_runs
+    for name in ("Home.py", "pages/1_Feature.py"):
+        at = page(name, [bare], monkeypatch)
+        assert any(f"saebench analyze {bare}" in i.value for i in at.info), [i.value for i in at.info]
+
+
+def test_an_older_store_is_a_message_not_a_traceback(app_runs, monkeypatch, tmp_path):
+    run, _ = app_runs
+    old, _ = make_run(tmp_path, name="old")
+    (old / "features.sqlite").write_bytes((run / "features.sqlite").read_bytes())
+    with sqlite3.connect(old / "features.sqlite") as con:
+        con.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    at = page("pages/1_Feature.py", [old], monkeypatch)
+    assert any("rerun `saebench analyze`" in e.value for e in at.error)
+
+
+def test_app_command_refuses_a_path_that_is_no_run(tmp_path):
+    from test_cli import one_error_line, run_cli
+
+    line = one_error_line(run_cli("app", str(tmp_path / "nowhere"), cwd=tmp_path))
+    assert "is not a run directory" in line and "saebench train" in line
