@@ -7,6 +7,7 @@ demo: setup
 	.venv/bin/saebench train configs/tiny.yaml
 	.venv/bin/saebench eval runs/tiny
 	.venv/bin/saebench analyze runs/tiny
+	@echo "open the app: .venv/bin/saebench app runs/tiny"
 
 test: setup
 	.venv/bin/python -m pytest

@@ -107,3 +107,16 @@ def pick_run_and_hook(views: list[RunView]) -> tuple[RunView, str | None]:
 
 def feature_url(run_index: int, hook: str, feature: int) -> str:
     return f"./Feature?run={run_index}&hook={hook}&feature={feature}"
+
+
+@st.cache_resource
+def model(name: str, device: str = "cpu"):
+    return sb.load_model(name, device)
+
+
+def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
+    """The store with the run's model attached (loaded once per process), for live encoding."""
+    s = store(run, hook)
+    if s is not None:
+        s.attach(model=model(s.meta["model"], s.meta.get("device", "cpu")))
+    return s

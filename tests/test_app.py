@@ -136,3 +136,25 @@ def test_app_command_refuses_a_path_that_is_no_run(tmp_path):
 
     line = one_error_line(run_cli("app", str(tmp_path / "nowhere"), cwd=tmp_path))
     assert "is not a run directory" in line and "saebench train" in line
+
+
+def test_prompt_page_lists_the_features_the_store_computes(app_runs, monkeypatch, tiny):
+    run, _ = app_runs
+    prompt = "And God said, Let there be light"
+    want = sb.FeatureStore(run, model=tiny).features_firing_on(prompt, top=64)
+    at = page("pages/2_Prompt.py", [run], monkeypatch, prompt=prompt)
+    table = at.dataframe[0].value
+    assert table["token"].tolist() == [t.piece for t in want.tokens]
+    first = want.tokens[1].features[:5]
+    assert table["features"].iloc[1] == ", ".join(f"{f} ({v:.2f})" for f, v in first)
+    at.selectbox(key="token").select(3).run()
+    listed = markdown_text(at)
+    assert all(f"feature={f})" in listed for f, _ in want.tokens[3].features)
+
+
+def test_prompt_page_empty_and_too_long_prompts(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/2_Prompt.py", [run], monkeypatch)
+    assert any("Type some text" in i.value for i in at.info)
+    at = page("pages/2_Prompt.py", [run], monkeypatch, prompt="word " * 400)
+    assert any("longer than the model's context" in w.value for w in at.warning)
