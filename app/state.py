@@ -120,3 +120,19 @@ def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
     if s is not None:
         s.attach(model=model(s.meta["model"], s.meta.get("device", "cpu")))
     return s
+
+
+def feature_page(title: str, live: bool = False) -> tuple[int, str, sb.FeatureStore]:
+    """The start of a page that needs one SAE's store: page config, run and hook selectors, the
+    store (with the model attached if `live`); stops the page with a message when there is none.
+    -> (index of the chosen run, hook, store)."""
+    st.set_page_config(page_title=f"saebench · {title}", layout="wide")
+    views = runs()
+    run, hook = pick_run_and_hook(views)
+    if hook is None:
+        st.error(f"{run.name} holds no trained SAE.")
+        st.stop()
+    s = live_store(run, hook) if live else store(run, hook)
+    if s is None:
+        st.stop()
+    return views.index(run), hook, s

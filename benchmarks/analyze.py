@@ -30,7 +30,7 @@ import saebench as sb
 from saebench.analysis import AnalysisConfig, sparse_codes
 from saebench.config import load_config, to_dict
 from saebench.harvest import Harvester
-from saebench.pipeline import run_sae_dirs
+from saebench.pipeline import run_sae_dirs, whole_contexts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,14 +61,12 @@ def bare_pass(run: Path, n_tokens: int, split: str, batch_size: int) -> dict:
     sae = sb.SAE.load(run / "sae", rc.device)
     harvester = Harvester(model, [sae.cfg.hook], exclude_special=True)
     contexts = sb.load_contexts(dataclasses.replace(rc.data, split=split), model.tokenizer, show_progress=False)
-    cum = (~contexts.special_mask).sum(1).cumsum(0)
-    n_ctx = int(torch.searchsorted(cum, torch.tensor(n_tokens))) + 1
+    n_ctx, _ = whole_contexts(contexts, n_tokens)
     start, done, fires = time.perf_counter(), 0, 0
     with torch.no_grad():
         for i in range(0, n_ctx, batch_size):
             j = min(i + batch_size, n_ctx)
-            acts = harvester._forward(contexts.tokens[i:j])[sae.cfg.hook]
-            x = acts[~contexts.special_mask[i:j].to(acts.device)]
+            x = harvester.device_activations(contexts.tokens[i:j], contexts.special_mask[i:j])[0][sae.cfg.hook]
             _, _, values = sparse_codes(sae, x)
             fires += int((values != 0).sum())
             done += len(x)

@@ -141,14 +141,20 @@ class Slots:
     m: int
     bits: int
 
+    TENSORS = ("rank", "token", "value", "acts", "fill", "threshold")
+    PER_SLOT = ("rank", "token", "value", "acts")
+
     @classmethod
     def empty(cls, n: int, m: int, ctx: int, bits: int, device, acts_dtype=torch.float16) -> "Slots":
-        empty = 1 << bits
+        full = lambda shape, v, dtype=torch.long: torch.full(shape, v, dtype=dtype, device=device)
         return cls(
-            torch.full((n, 2 * m), empty, dtype=torch.long, device=device), torch.full((n, 2 * m), -1, dtype=torch.long, device=device),
-            torch.zeros(n, 2 * m, device=device), torch.zeros(n, 2 * m, ctx, dtype=acts_dtype, device=device),
-            torch.zeros(n, dtype=torch.long, device=device), torch.full((n,), empty, dtype=torch.long, device=device), m, bits,
+            full((n, 2 * m), 1 << bits), full((n, 2 * m), -1), full((n, 2 * m), 0.0, torch.float32),
+            full((n, 2 * m, ctx), 0.0, acts_dtype), full((n,), 0), full((n,), 1 << bits), m, bits,
         )
+
+    def blank(self, name: str) -> float:
+        """What an empty slot holds in tensor `name`."""
+        return {"rank": 1 << self.bits, "token": -1}.get(name, 0)
 
     def offer(self, feat: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
         """Candidates (feat, rank, token, value: [c]; tokens ascending and later than every kept
@@ -178,33 +184,34 @@ class Slots:
         m = self.m
         order = self.token[rows].sort(dim=1, stable=True).indices
         order = order.gather(1, self.rank[rows].gather(1, order).sort(dim=1, stable=True).indices)
-        for t in (self.rank, self.token, self.value):
-            kept = t[rows].gather(1, order)
-            t[rows] = torch.cat([kept[:, :m], torch.full_like(kept[:, m:], 1 << self.bits if t is self.rank else (-1 if t is self.token else 0))], 1)
-        acts = self.acts[rows].gather(1, order[..., None].expand(-1, -1, self.acts.shape[2]))
-        acts[:, m:] = 0
-        self.acts[rows] = acts
-        self.fill[rows] = (self.token[rows, :m] >= 0).sum(1)
-        self.threshold[rows] = torch.where(self.fill[rows] == m, self.rank[rows, m - 1], torch.full_like(self.fill[rows], 1 << self.bits))
+        for name in self.PER_SLOT:
+            t = getattr(self, name)
+            kept = t[rows].gather(1, order if t.dim() == 2 else order[..., None].expand(-1, -1, t.shape[2]))
+            kept[:, m:] = self.blank(name)
+            t[rows] = kept
+        fill = (self.token[rows, :m] >= 0).sum(1)
+        self.fill[rows] = fill
+        self.threshold[rows] = torch.where(fill == m, self.rank[rows, m - 1], torch.full_like(fill, self.blank("rank")))
 
     def sorted(self) -> "Slots":
         """The best m per feature, best first, on the CPU."""
-        out = Slots(*(t.clone() for t in (self.rank, self.token, self.value, self.acts, self.fill, self.threshold)), self.m, self.bits)
+        out = Slots(*(getattr(self, k).clone() for k in self.TENSORS), self.m, self.bits)
         out._compact(torch.arange(len(out.fill), device=out.fill.device))
-        m = self.m
-        return Slots(out.rank[:, :m].cpu(), out.token[:, :m].cpu(), out.value[:, :m].cpu(), out.acts[:, :m].cpu(),
-                     out.fill.cpu(), out.threshold.cpu(), m, self.bits)
+        best = {k: getattr(out, k)[:, : self.m] if k in self.PER_SLOT else getattr(out, k) for k in self.TENSORS}
+        return Slots(*(best[k].cpu() for k in self.TENSORS), self.m, self.bits)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{k}": getattr(self, k) for k in ("rank", "token", "value", "acts", "fill", "threshold")}
+        return {f"{prefix}.{k}": getattr(self, k) for k in self.TENSORS}
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        for k in ("rank", "token", "value", "acts", "fill", "threshold"):
+        for k in self.TENSORS:
             getattr(self, k).copy_(tensors[f"{prefix}.{k}"])
 
 
 class FeatureAccumulator:
     """Streaming per-feature statistics of one SAE over a token stream."""
+
+    STATS = ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist")
 
     def __init__(self, n_latents: int, ctx: int, cfg: AnalysisConfig, signed: bool, device="cpu"):
         self.n, self.ctx, self.cfg, self.signed = n_latents, ctx, cfg, signed
@@ -272,7 +279,7 @@ class FeatureAccumulator:
 
     # -- checkpoint state --------------------------------------------------------------------
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.{k}": getattr(self, k) for k in ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist")}
+        out = {f"{prefix}.{k}": getattr(self, k) for k in self.STATS}
         out.update(self.top.state(f"{prefix}.top"))
         out.update(self.sample.state(f"{prefix}.sample"))
         out[f"{prefix}.coact_tokens"], out[f"{prefix}.coact_feats"] = self._coact_sample()
@@ -280,7 +287,7 @@ class FeatureAccumulator:
         return {k: v.contiguous().cpu() for k, v in out.items()}
 
     def load(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-        for k in ("n_fires", "n_positive", "sum", "sum_signed", "sum_sq", "max", "min", "hist"):
+        for k in self.STATS:
             getattr(self, k).copy_(tensors[f"{prefix}.{k}"])
         self.top.load(tensors, f"{prefix}.top")
         self.sample.load(tensors, f"{prefix}.sample")

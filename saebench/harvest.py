@@ -85,18 +85,24 @@ class Harvester:
         acts = self._forward(torch.full((1, 4), bos, dtype=torch.long))
         return {h: a.shape[-1] for h, a in acts.items()}
 
-    def activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """tokens, special_mask: [batch pos] -> ({hook: [n d]}, keep [batch pos]) over kept positions."""
+    def device_activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """tokens, special_mask: [batch pos] -> ({hook: [n d]} in the model's device and dtype, keep [batch pos])."""
         acts = self._forward(tokens)
         keep = ~special_mask if self.exclude_special else torch.ones_like(special_mask)
         keep_dev = keep.to(self.device)
-        rows = {}
-        for hook, a in acts.items():
-            r = a[keep_dev].to(self.out_dtype).cpu()
-            if not torch.isfinite(r).all():
-                raise DataError(f"the model produced NaN/inf activations at {hook}; check the model dtype (try dtype: float32)")
-            rows[hook] = r
+        rows = {hook: check_finite(a[keep_dev], hook) for hook, a in acts.items()}
         return rows, keep
+
+    def activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """tokens, special_mask: [batch pos] -> ({hook: [n d]} on the CPU in out_dtype, keep [batch pos])."""
+        rows, keep = self.device_activations(tokens, special_mask)
+        return {hook: check_finite(r.to(self.out_dtype).cpu(), hook) for hook, r in rows.items()}, keep
+
+
+def check_finite(acts: torch.Tensor, hook: str) -> torch.Tensor:
+    if not torch.isfinite(acts).all():
+        raise DataError(f"the model produced NaN/inf activations at {hook}; check the model dtype (try dtype: float32)")
+    return acts
 
 
 def stream_activations(

@@ -99,8 +99,7 @@ def eval_from_config(run_dir: str | Path) -> dict:
     from saebench.atomic import atomic_write_text
 
     run_dir = Path(run_dir)
-    sae_dirs = [run_dir / "sae"] if (run_dir / "sae" / "cfg.json").exists() else sorted(p.parent for p in run_dir.glob("*/sae/cfg.json"))
-    sae_dirs = [d if d.name == "sae" else d / "sae" for d in sae_dirs]
+    sae_dirs = run_sae_dirs(run_dir)
     if not (run_dir / "config.yaml").exists() or not sae_dirs:
         raise DataError(f"{run_dir} is not a finished training run (needs config.yaml and sae/); train it with `saebench train`")
     cfg = load_config(run_dir / "config.yaml")
@@ -139,6 +138,15 @@ def run_sae_dirs(run_dir: Path) -> list[Path]:
     return sorted(p.parent for p in run_dir.glob("*/sae/cfg.json"))
 
 
+def whole_contexts(contexts, n_tokens: int) -> tuple[int, int]:
+    """The fewest leading contexts holding at least n_tokens non-special tokens: (contexts, their tokens)."""
+    import torch
+
+    cum = (~contexts.special_mask).sum(1).cumsum(0)
+    n_ctx = min(int(torch.searchsorted(cum, torch.tensor(n_tokens))) + 1, len(cum))
+    return n_ctx, int(cum[n_ctx - 1])
+
+
 DEFAULT_ANALYSIS_TOKENS = 2_000_000
 STATE_DIR = ".analysis"
 
@@ -175,14 +183,12 @@ def analyze(run_dir: str | Path, cfg=None, resume: bool = False, restart: bool =
     hook_of = {d: sae.cfg.hook or rc.harvest.hooks[0] for d, sae in saes.items()}
     harvester = Harvester(model, sorted(set(hook_of.values())), exclude_special=True)
     contexts = load_contexts(dataclasses.replace(rc.data, split=cfg.split), model.tokenizer, show_progress=show_progress)
-    cum = (~contexts.special_mask).sum(1).cumsum(0)
-    available = int(cum[-1])
+    available = int((~contexts.special_mask).sum())
     if cfg.n_tokens is not None and cfg.n_tokens > available:
         raise DataError(f"--tokens {cfg.n_tokens} is more than the {cfg.split!r} split holds ({available} tokens): "
                         f"lower --tokens or pick a larger --split")
-    wanted = cfg.n_tokens or min(DEFAULT_ANALYSIS_TOKENS, available)
-    n_ctx = int(torch.searchsorted(cum, torch.tensor(wanted))) + 1  # whole contexts
-    n_tokens, ctx = int(cum[n_ctx - 1]), contexts.tokens.shape[1]
+    n_ctx, n_tokens = whole_contexts(contexts, cfg.n_tokens or min(DEFAULT_ANALYSIS_TOKENS, available))
+    ctx = contexts.tokens.shape[1]
 
     device = harvester.device
     accs = {d: FeatureAccumulator(sae.cfg.n_latents, ctx, cfg, sae.cfg.activation == "abstopk", device) for d, sae in saes.items()}
@@ -215,15 +221,11 @@ def analyze(run_dir: str | Path, cfg=None, resume: bool = False, restart: bool =
     since_checkpoint = 0
     for i in range(start_ctx, n_ctx, cfg.batch_size):
         j = min(i + cfg.batch_size, n_ctx)
-        acts = harvester._forward(contexts.tokens[i:j])
-        keep = ~contexts.special_mask[i:j].to(device)
-        b, pos = keep.nonzero(as_tuple=True)
+        acts, keep = harvester.device_activations(contexts.tokens[i:j], contexts.special_mask[i:j])
+        b, pos = keep.to(device).nonzero(as_tuple=True)
         row_token = (b + i) * ctx + pos
         for d, sae in saes.items():
-            x = acts[hook_of[d]][keep]
-            if not torch.isfinite(x).all():
-                raise DataError(f"the model produced NaN/inf activations at {hook_of[d]}; check the model dtype (try dtype: float32)")
-            accs[d].update(*sparse_codes(sae, x), row_token)
+            accs[d].update(*sparse_codes(sae, acts[hook_of[d]]), row_token)
         tokens_done += len(row_token)
         since_checkpoint += len(row_token)
         bar.update(len(row_token))

@@ -301,7 +301,8 @@ class FeatureStore:
         self.context_size: int = self.meta["context_size"]
         self.edges: list[float] = self.meta["histogram_edges"]
         self._vocab = [p for (p,) in self._query("SELECT piece FROM vocab ORDER BY id")]
-        self._model, self._sae = model, sae
+        self._model, self._sae, self._harvester = model, sae, None
+        self._columns = [d[0] for d in self._con.execute("SELECT * FROM features LIMIT 0").description]
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -333,8 +334,7 @@ class FeatureStore:
     def feature(self, i: int) -> FeatureCard:
         i = self._check_id(i)
         (row,) = self._query("SELECT * FROM features WHERE id = ?", (i,))
-        cols = [d[0] for d in self._con.execute("SELECT * FROM features LIMIT 0").description]
-        f = dict(zip(cols, row))
+        f = dict(zip(self._columns, row))
         examples = self._query("SELECT kind, interval, rank, value, context, position, act_positions, act_values, tokens "
                                "FROM examples JOIN contexts ON contexts.id = examples.context WHERE feature = ? "
                                "ORDER BY kind DESC, interval, rank", (i,))
@@ -345,8 +345,7 @@ class FeatureStore:
         edges, m = json.loads(f["interval_edges"]), self.meta["n_intervals"]
         intervals = [IntervalExamples(edges[j], edges[j + 1], j / m, (j + 1) / m, by_interval.get(j, [])) for j in range(len(edges) - 1)]
         hist = json.loads(f["histogram"])
-        labels = self._query("SELECT label, note FROM labels WHERE feature = ?", (i,))
-        label, note = labels[0] if labels else ("", "")
+        label, note = self._label_note(i)
         lens = None
         if f["logit_top"] is not None:
             lens = tuple([(self._vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom"))
@@ -405,6 +404,14 @@ class FeatureStore:
                            "WHERE search MATCH ? ORDER BY score LIMIT ?", (query, int(limit)))
         return pd.DataFrame(rows, columns=["feature", "label", "density", "max", "score"])
 
+    def _label_note(self, i: int) -> tuple[str, str]:
+        rows = self._query("SELECT label, note FROM labels WHERE feature = ?", (i,))
+        return rows[0] if rows else ("", "")
+
+    def label(self, i: int) -> str:
+        """Feature i's user label ('' if none), without reading its card."""
+        return self._label_note(self._check_id(i))[0]
+
     def set_label(self, i: int, label: str, note: str | None = None) -> None:
         """Save a user label (and note) for feature i; a re-analysis keeps it."""
         i = self._check_id(i)
@@ -423,6 +430,7 @@ class FeatureStore:
         self._model, self._sae = model or self._model, sae or self._sae
 
     def _live(self):
+        """(model, SAE, harvester at the store's hook), each loaded once."""
         if self._sae is None:
             from saebench.sae import SAE
 
@@ -431,24 +439,26 @@ class FeatureStore:
             from saebench.models import load_model
 
             self._model = load_model(self.meta["model"], self.meta.get("device", "cpu"))
-        return self._model, self._sae
+        if self._harvester is None or self._harvester.model is not self._model:
+            from saebench.harvest import Harvester
+
+            self._harvester = Harvester(self._model, [self.meta["hook"]], exclude_special=False)
+        return self._model, self._sae, self._harvester
 
     @torch.no_grad()
     def features_firing_on(self, prompt: str, top: int = 10) -> PromptFeatures:
         """Encode `prompt` (BOS first, cut to the model's context) and list per token its `top`
         features by |code|. Special tokens (BOS) are listed with no features, as in the analysis."""
-        from saebench.harvest import Harvester
+        from saebench.steering import _tokens
 
-        model, sae = self._live()
+        model, sae, harvester = self._live()
         tok = model.tokenizer
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
-        ids = ([bos] if bos is not None else []) + ids
+        ids = _tokens(model, prompt)[0].tolist()
         n_ctx = int(getattr(model.cfg, "n_ctx", len(ids)) or len(ids))
         truncated = len(ids) > n_ctx
         ids = ids[:n_ctx]
         hook = self.meta["hook"]
-        acts = Harvester(model, [hook], exclude_special=False)._forward(torch.tensor([ids]))[hook][0]
+        acts = harvester._forward(torch.tensor([ids]))[hook][0]
         z = sae.encode(acts.to(sae.W_enc.dtype))
         special = set(tok.all_special_ids)
         k = min(top, z.shape[-1])

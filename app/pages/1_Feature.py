@@ -17,16 +17,7 @@ import state
 from saebench.errors import SAEBenchError
 from widgets import highlighted_tokens
 
-st.set_page_config(page_title="saebench · feature", layout="wide")
-views = state.runs()
-run, hook = state.pick_run_and_hook(views)
-if hook is None:
-    st.error(f"{run.name} holds no trained SAE.")
-    st.stop()
-store = state.store(run, hook)
-if store is None:
-    st.stop()
-run_index = views.index(run)
+run_index, hook, store = state.feature_page("feature")
 
 
 def go_to(feature: int) -> None:
@@ -75,22 +66,27 @@ with st.form("label"):
         st.success("saved")
 
 scale = card.max_activation or 1.0
+
+
+def show(ex, caption: str) -> None:
+    """An example's value and the tokens around it, highlighted by the feature's codes."""
+    lo, hi = max(0, ex.position - 24), min(len(ex.tokens), ex.position + 8)
+    st.markdown(caption, help="hover a token for its code")
+    st.markdown(highlighted_tokens(ex.pieces[lo:hi], ex.acts[lo:hi], scale, ex.position - lo), unsafe_allow_html=True)
+
+
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Top activations")
     if not card.top_examples:
         st.info("This feature never fired on the analysed tokens.")
     for ex in card.top_examples:
-        lo, hi = max(0, ex.position - 24), min(len(ex.tokens), ex.position + 8)
-        st.markdown(f"**{ex.value:.3f}** · context {ex.context}, position {ex.position}", help="hover a token for its code")
-        st.markdown(highlighted_tokens(ex.pieces[lo:hi], ex.acts[lo:hi], scale, ex.position - lo), unsafe_allow_html=True)
+        show(ex, f"**{ex.value:.3f}** · context {ex.context}, position {ex.position}")
     st.subheader("Across the activation range")
-    for j, iv in enumerate(reversed(card.quantile_examples)):
+    for iv in reversed(card.quantile_examples):
         with st.expander(f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), {len(iv.examples)} examples"):
             for ex in iv.examples:
-                lo, hi = max(0, ex.position - 24), min(len(ex.tokens), ex.position + 8)
-                st.markdown(f"**{ex.value:.3f}**")
-                st.markdown(highlighted_tokens(ex.pieces[lo:hi], ex.acts[lo:hi], scale, ex.position - lo), unsafe_allow_html=True)
+                show(ex, f"**{ex.value:.3f}**")
 with right:
     edges, counts = card.histogram
     if counts:

@@ -10,16 +10,7 @@ import streamlit as st
 
 import state
 
-st.set_page_config(page_title="saebench · prompt", layout="wide")
-views = state.runs()
-run, hook = state.pick_run_and_hook(views)
-if hook is None:
-    st.error(f"{run.name} holds no trained SAE.")
-    st.stop()
-store = state.live_store(run, hook)
-if store is None:
-    st.stop()
-run_index = views.index(run)
+run_index, hook, store = state.feature_page("prompt", live=True)
 
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)
 top = st.slider("features per token", 1, 20, 5)
@@ -34,10 +25,6 @@ if result.truncated:
     st.warning(f"The text is longer than the model's context: only its first {len(result.tokens)} tokens are encoded.")
 
 
-def label(f: int) -> str:
-    return store.feature(f).label
-
-
 rows = [{"position": t.position, "token": t.piece,
          "features": "" if t.special else ", ".join(f"{f} ({v:.2f})" for f, v in t.features[:top])} for t in result.tokens]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
@@ -46,4 +33,4 @@ choices = [t.position for t in result.tokens if not t.special]
 position = st.selectbox("token", choices, format_func=lambda p: f"{p}: {result.tokens[p].piece!r}", key="token")
 chosen = result.tokens[position]
 st.subheader(f"All features on {chosen.piece!r} (position {position})")
-st.markdown("\n".join(f"- [{f}]({state.feature_url(run_index, hook, f)}) **{v:.3f}** {label(f)}" for f, v in chosen.features) or "none")
+st.markdown("\n".join(f"- [{f}]({state.feature_url(run_index, hook, f)}) **{v:.3f}** {store.label(f)}" for f, v in chosen.features) or "none")
