@@ -118,6 +118,25 @@ class TraceResult:
     ov_projection: torch.Tensor | None = None  # [n_keys n_comp] onto a downstream feature's encoder row
     logit_names: list[str] = field(default_factory=list)
     logit_contrib: torch.Tensor | None = None  # [n_comp] direct logit attribution at query_pos
+    logit_target: str = ""  # what logit_contrib explains, e.g. "logit(' light')"
+    attention: torch.Tensor | None = None  # [pos pos] the head's pattern on the prompt
+
+    def logit_table(self, n: int = 20):
+        """Top components of the direct logit attribution, by |value|."""
+        import pandas as pd
+
+        if self.logit_contrib is None:
+            return pd.DataFrame(columns=["component", "value"])
+        order = self.logit_contrib.abs().argsort(descending=True)[:n].tolist()
+        return pd.DataFrame({"component": [self.logit_names[i] for i in order], "value": [float(self.logit_contrib[i]) for i in order]})
+
+    def attention_figure(self):
+        import plotly.graph_objects as go
+
+        labels = [f"{i} {t!r}" for i, t in enumerate(self.tokens)]
+        fig = go.Figure(go.Heatmap(z=self.attention.tolist(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
+        fig.update_layout(title=f"L{self.layer}H{self.head} attention", xaxis_title="key", yaxis_title="query", yaxis_autorange="reversed")
+        return fig
 
     def query_marginals(self) -> torch.Tensor:
         return self.pair_scores.sum(1)
@@ -179,14 +198,14 @@ class TraceResult:
 @torch.no_grad()
 def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, key_pos: int | None = None,
                     saes: dict[str, SAE] | None = None, downstream: SAE | None = None, downstream_feature: int | None = None,
-                    logit_tokens: tuple[int, ...] | int | None = None, check: bool = True) -> TraceResult:
+                    logit_tokens: tuple[int, ...] | int | str | None = None, check: bool = True) -> TraceResult:
     """Trace head `head` of `layer` at `query_pos` (default: last). key_pos default: the most-attended key.
 
     saes: {hook: SAE} for upstream hooks (blocks.l.hook_attn_out / hook_mlp_out / attn.hook_z for
     l < layer, or a residual SAE at layer's input). downstream/downstream_feature: project the OV
     terms on that feature's encoder row (resid-space SAEs, or blocks.{layer}.attn.hook_z SAEs).
-    logit_tokens: a token id, or (a, b) for the logit difference a - b, for direct logit
-    attribution at query_pos. check: assert the decompositions sum to the model's own numbers.
+    logit_tokens: a token id, (a, b) for the logit difference a - b, or "top" for the model's own
+    top prediction, for direct logit attribution at query_pos. check: assert the decompositions sum to the model's own numbers.
     """
     from saebench.steering import _tokens
 
@@ -251,10 +270,14 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
             projection = ov @ enc
 
     result = TraceResult(layer, head, q, k, [model.tokenizer.decode([t]) for t in tokens[0].tolist()], score, float(pattern[q, k]),
-                         comps[q].names + ["b_Q"], comps[k].names + ["b_K"], pair_scores, names, ov, projection)
+                         comps[q].names + ["b_Q"], comps[k].names + ["b_K"], pair_scores, names, ov, projection, attention=pattern.detach())
     if logit_tokens is not None:
         final = _frozen_ln(model, cache, cfg.n_layers, q, residual_components(model, cache, cfg.n_layers, q, saes), 0)
+        if logit_tokens == "top":
+            logit_tokens = int(logits[0, q].argmax())
         a, b = (logit_tokens, None) if isinstance(logit_tokens, int) else logit_tokens
+        piece = lambda t: repr(model.tokenizer.decode([t]))
+        result.logit_target = f"logit({piece(a)})" + (f" - logit({piece(b)})" if b is not None else "")
         direction = model.W_U[:, a] - (model.W_U[:, b] if b is not None else 0)
         bias = model.b_U[a] - (model.b_U[b] if b is not None else 0)
         result.logit_names = final.names + ["b_U"]
@@ -269,6 +292,12 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
         _close(pair_scores.sum(), torch.tensor(score), "QK pair sum")
         _close(ov.sum((0, 1)), cache[f"blocks.{layer}.attn.hook_z"][0, q, head] @ W_O, "OV sum")
     return result
+
+
+def parse_component(name: str) -> tuple[str, int | None]:
+    """A component's name -> (hook or name, feature id or None): "blocks.0.attn.hook_z:f12" -> ("blocks.0.attn.hook_z", 12)."""
+    hook, sep, rest = name.rpartition(":f")
+    return (hook, int(rest)) if sep and rest.isdigit() else (name, None)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:

@@ -16,6 +16,7 @@ prompt_len and runs without a KV cache, so every position is visible to the hook
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -159,18 +160,27 @@ def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tenso
     return (sae.W_dec[feature].to(model.W_U.dtype) @ model.W_U).topk(k).indices
 
 
+def _concept_tokens(model, sae: SAE, features: dict[int, float], n_lens_tokens: int) -> torch.Tensor:
+    """The union of the features' logit-lens tokens: [m]."""
+    return torch.cat([logit_lens_tokens(model, sae, f, n_lens_tokens) for f in features]).unique()
+
+
 @torch.no_grad()
-def steering_sweep(model, sae: SAE, feature: int, scales: list[float], prompt: str, hook: str | None = None, mode: str = "add",
-                   max_new_tokens: int = 24, temperature: float = 0.0, seed: int = 0, n_lens_tokens: int = 10) -> list[dict]:
+def steering_sweep(model, sae: SAE, feature: int | dict[int, float], scales: list[float], prompt: str, hook: str | None = None, mode: str = "add",
+                   max_new_tokens: int = 24, temperature: float = 0.0, seed: int = 0, n_lens_tokens: int = 10, positions: str = "all",
+                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Per scale: the text, concept presence and fluency.
 
-    concept: mean log-prob (under the steered model) of the feature's logit-lens tokens over the
+    feature: one feature (strength = scale) or {feature: strength} (strengths x scale).
+    concept: mean log-prob (under the steered model) of the features' logit-lens tokens over the
     generated positions; fluency: perplexity of the generated tokens under the unsteered model.
+    progress(done, total) is called after each scale.
     """
-    lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
+    features = {feature: 1.0} if isinstance(feature, int) else {int(f): float(v) for f, v in feature.items()}
+    lens = _concept_tokens(model, sae, features, n_lens_tokens)
     rows = []
-    for scale in scales:
-        with steer(model, sae, {feature: scale}, hook=hook, mode=mode) as s:
+    for n, scale in enumerate(scales):
+        with steer(model, sae, {f: v * scale for f, v in features.items()}, hook=hook, mode=mode, positions=positions) as s:
             tokens = generate(model, prompt, max_new_tokens, temperature, seed=seed, steering=s, return_tokens=True)
             start = s.prompt_len
             steered = model(tokens).float().log_softmax(-1)
@@ -179,7 +189,70 @@ def steering_sweep(model, sae: SAE, feature: int, scales: list[float], prompt: s
         concept = float(steered[0, gen_pos][:, lens].logsumexp(-1).mean() - math.log(len(lens)))
         nll = -clean[0, gen_pos].gather(-1, tokens[0, start:, None]).squeeze(-1)
         rows.append({"scale": scale, "text": model.tokenizer.decode(tokens[0, start:]), "concept": concept, "fluency_ppl": float(nll.mean().exp())})
+        if progress is not None:
+            progress(n + 1, len(scales))
     return rows
+
+
+@dataclass
+class Generation:
+    """A continuation of a prompt. logprobs: log p(token) under the model that generated it
+    (steered or not, at temperature 1); clean_logprobs: under the unsteered model."""
+
+    token_ids: list[int]
+    pieces: list[str]
+    logprobs: list[float]
+    clean_logprobs: list[float]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def perplexity(self) -> float:
+        """Perplexity of the continuation under the unsteered model (fluency)."""
+        return math.exp(-sum(self.clean_logprobs) / max(1, len(self.clean_logprobs)))
+
+
+@dataclass
+class SteeringComparison:
+    prompt_pieces: list[str]
+    default: Generation
+    steered: Generation
+
+    def table(self):
+        """One row per generated position: default and steered token with their log-probs."""
+        import pandas as pd
+
+        d, s = self.default, self.steered
+        return pd.DataFrame({"position": range(len(d.pieces)), "default": d.pieces, "default_logprob": d.logprobs,
+                             "steered": s.pieces, "steered_logprob": s.logprobs, "steered_clean_logprob": s.clean_logprobs})
+
+
+@torch.no_grad()
+def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, hook: str | None = None, mode: str = "add",
+                     positions: str = "all", unit: bool = False, max_new_tokens: int = 32, temperature: float = 0.0,
+                     top_k: int | None = None, seed: int = 0) -> SteeringComparison:
+    """Generate with and without the steering edit from the same seed; per generated token its
+    log-prob under the generating model and under the unsteered model."""
+
+    def continuation(tokens: torch.Tensor, own: torch.Tensor, start: int) -> Generation:
+        clean = model(tokens).float().log_softmax(-1)
+        gen_pos = torch.arange(start - 1, tokens.shape[1] - 1, device=tokens.device)
+        target = tokens[0, start:, None]
+        ids = tokens[0, start:].tolist()
+        return Generation(ids, [model.tokenizer.decode([t]) for t in ids], own[0, gen_pos].gather(-1, target).squeeze(-1).tolist(),
+                          clean[0, gen_pos].gather(-1, target).squeeze(-1).tolist())
+
+    prompt_tokens = _tokens(model, prompt)
+    start = prompt_tokens.shape[1]
+    plain = generate(model, prompt_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True)
+    default = continuation(plain, model(plain).float().log_softmax(-1), start)
+    with steer(model, sae, features, hook=hook, mode=mode, positions=positions, unit=unit) as s:
+        tokens = generate(model, prompt_tokens, max_new_tokens, temperature, top_k, seed, steering=s, return_tokens=True)
+        own = model(tokens).float().log_softmax(-1)
+    steered = continuation(tokens, own, start)
+    return SteeringComparison([model.tokenizer.decode([t]) for t in prompt_tokens[0].tolist()], default, steered)
 
 
 @torch.no_grad()
@@ -215,4 +288,18 @@ def output_score(model, sae: SAE, feature: int, scale: float, prompt: str = "", 
     return float(steered - clean)
 
 
-__all__ = ["Steering", "generate", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]
+
+def rank_by_output_score(model, sae: SAE, scales: dict[int, float], prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10,
+                         progress: Callable[[int, int], None] | None = None):
+    """Candidate features for steering, best first: {feature: scale} -> table of feature, scale, output_score."""
+    import pandas as pd
+
+    rows = []
+    for n, (f, scale) in enumerate(scales.items()):
+        rows.append({"feature": int(f), "scale": float(scale), "output_score": output_score(model, sae, int(f), float(scale), prompt, hook, n_lens_tokens)})
+        if progress is not None:
+            progress(n + 1, len(scales))
+    return pd.DataFrame(rows, columns=["feature", "scale", "output_score"]).sort_values("output_score", ascending=False, ignore_index=True)
+
+
+__all__ = ["Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]

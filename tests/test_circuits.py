@@ -123,3 +123,19 @@ def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
     embeddings = by_kind["tok_embed"] + by_kind["pos_embed"]
     assert embeddings / advantage > 0.9, by_kind
     assert by_kind["tok_embed"] > 0.25 * advantage and by_kind["pos_embed"] > 0.25 * advantage, by_kind
+
+
+def test_trace_explains_the_top_prediction_and_keeps_the_pattern(tiny, saes):
+    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    logits, cache = tiny.run_with_cache(tokens)
+    r = trace_attention(tiny, tokens, layer=1, head=2, query_pos=6, saes={"blocks.0.hook_mlp_out": saes["blocks.0.hook_mlp_out"]}, logit_tokens="top")
+    top = int(logits[0, 6].argmax())
+    assert r.logit_target == f"logit({tiny.tokenizer.decode([top])!r})"
+    assert r.logit_contrib.sum().item() == pytest.approx(float(logits[0, 6, top]), rel=1e-4, abs=1e-4)
+    table = r.logit_table(5)
+    assert len(table) == 5 and table.value.abs().is_monotonic_decreasing
+    assert torch.equal(r.attention, cache["blocks.1.attn.hook_pattern"][0, 2])
+    assert r.pattern == pytest.approx(float(r.attention[6, r.key_pos]))
+    assert sb.parse_component("blocks.0.hook_mlp_out:f17") == ("blocks.0.hook_mlp_out", 17)
+    assert sb.parse_component("blocks.0.hook_mlp_out:error") == ("blocks.0.hook_mlp_out:error", None)
+    assert sb.parse_component("tok_embed") == ("tok_embed", None)

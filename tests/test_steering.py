@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import saebench as sb
-from saebench.steering import generate, input_score, output_score, steer, steering_sweep
+from saebench.steering import compare_steering, generate, input_score, output_score, rank_by_output_score, steer, steering_sweep
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -115,6 +115,52 @@ def test_sweep_and_scores(tiny, sae):
     assert output_score(tiny, sae, 4, 20.0, prompt="The") > 0
     ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=50, context_size=32), tiny.tokenizer, show_progress=False)
     assert 0.0 <= input_score(tiny, sae, 4, sb.TokenContexts(ctx.tokens[:64], ctx.special_mask[:64])) <= 1.0
+
+
+def test_compare_steering_scores_each_token_under_both_models(tiny, sae):
+    prompt, feats = "And God said", {4: 20.0, 9: -5.0}
+    r = compare_steering(tiny, sae, feats, prompt, mode="add", positions="all", max_new_tokens=6, temperature=0.8, seed=3)
+    assert r.default.text == generate(tiny, prompt, 6, 0.8, seed=3)
+    with steer(tiny, sae, feats) as s:
+        assert r.steered.text == generate(tiny, prompt, 6, 0.8, seed=3, steering=s)
+    assert "".join(r.prompt_pieces[1:]) == prompt
+    # brute force: re-run each prefix and read the next token's log-prob
+    for gen, steered in ((r.default, False), (r.steered, True)):
+        ids = tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prefix = [tiny.tokenizer.bos_token_id] + ids
+        for t, own, clean in zip(gen.token_ids, gen.logprobs, gen.clean_logprobs):
+            x = torch.tensor([prefix])
+            with torch.no_grad():
+                want_clean = float(tiny(x)[0, -1].log_softmax(-1)[t])
+                if steered:
+                    with steer(tiny, sae, feats):
+                        want_own = float(tiny(x)[0, -1].log_softmax(-1)[t])
+                else:
+                    want_own = want_clean
+            assert own == pytest.approx(want_own, abs=1e-4) and clean == pytest.approx(want_clean, abs=1e-4)
+            prefix.append(t)
+    assert r.default.logprobs == pytest.approx(r.default.clean_logprobs)
+    table = r.table()
+    assert table.steered.tolist() == r.steered.pieces and len(table) == 6
+    assert r.default.perplexity == pytest.approx(float(torch.tensor(r.default.clean_logprobs).mean().neg().exp()), rel=1e-5)
+
+
+def test_sweep_of_several_features_scales_their_strengths(tiny, sae):
+    done = []
+    rows = steering_sweep(tiny, sae, {4: 2.0, 9: 1.0}, [0.0, 5.0], "The", max_new_tokens=4, progress=lambda i, n: done.append((i, n)))
+    assert done == [(1, 2), (2, 2)]
+    with steer(tiny, sae, {4: 10.0, 9: 5.0}) as s:
+        assert rows[1]["text"] == generate(tiny, "The", 4, steering=s)
+    assert rows[0]["text"] == generate(tiny, "The", 4)
+
+
+def test_rank_by_output_score_orders_candidates(tiny, sae):
+    scales = {4: 20.0, 9: 20.0, 11: 0.0}
+    table = rank_by_output_score(tiny, sae, scales, prompt="The")
+    assert sorted(table.feature) == [4, 9, 11]
+    assert table.output_score.is_monotonic_decreasing
+    for f, v in zip(table.feature, table.output_score):
+        assert v == pytest.approx(output_score(tiny, sae, f, scales[f], prompt="The"))
 
 
 def test_errors(tiny, sae):
