@@ -6,6 +6,7 @@ run by its position in that list, never by a path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import streamlit as st
 
 import saebench as sb
 from saebench.app_launcher import RUNS_ENV
+from saebench.config import RunConfig, parse_dtype
 from saebench.errors import SAEBenchError
 from saebench.pipeline import run_sae_dirs
 
@@ -26,6 +28,7 @@ class RunView:
     path: Path
     saes: dict[str, Path]  # hook -> folder holding sae/ (and eval.json, features.sqlite)
     problems: list[str] = field(default_factory=list)
+    config: RunConfig | None = None
 
     def eval(self, hook: str) -> dict | None:
         path = self.saes[hook] / "eval.json"
@@ -47,7 +50,8 @@ def load_runs(spec: str) -> list[RunView]:
         for d in run_sae_dirs(path):
             cfg = json.loads((d / "cfg.json").read_text())
             saes[cfg.get("hook") or d.parent.name] = d.parent
-        views.append(RunView(path.name, path, saes, [] if saes else [f"{path} holds no trained SAE: train it with `saebench train`"]))
+        config = sb.load_config(path / "config.yaml") if saes else None
+        views.append(RunView(path.name, path, saes, [] if saes else [f"{path} holds no trained SAE: train it with `saebench train`"], config))
     return views
 
 
@@ -110,29 +114,120 @@ def feature_url(run_index: int, hook: str, feature: int) -> str:
 
 
 @st.cache_resource
-def model(name: str, device: str = "cpu"):
-    return sb.load_model(name, device)
+def _model(name: str, device: str, dtype: str):
+    return sb.load_model(name, device, parse_dtype(dtype))
+
+
+@st.cache_resource
+def _sae(path: str, device: str) -> sb.SAE:
+    return sb.SAE.load(path, device)
+
+
+def run_model(run: RunView):
+    """The run's model, loaded once per process (runs on the same model share it)."""
+    return _model(run.config.model, run.config.device, run.config.dtype)
+
+
+def run_sae(run: RunView, hook: str) -> sb.SAE:
+    return _sae(str(run.saes[hook] / "sae"), run.config.device)
 
 
 def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
-    """The store with the run's model attached (loaded once per process), for live encoding."""
+    """The store with the run's model and SAE attached (each loaded once per process), for live encoding."""
     s = store(run, hook)
     if s is not None:
-        s.attach(model=model(s.meta["model"], s.meta.get("device", "cpu")))
+        s.attach(model=run_model(run), sae=run_sae(run, hook))
     return s
 
 
-def feature_page(title: str, live: bool = False) -> tuple[int, str, sb.FeatureStore]:
-    """The start of a page that needs one SAE's store: page config, run and hook selectors, the
-    store (with the model attached if `live`); stops the page with a message when there is none.
-    -> (index of the chosen run, hook, store)."""
+def feature_page(title: str, live: bool = False, need_store: bool = True) -> tuple[RunView, int, str, sb.FeatureStore | None]:
+    """The start of a page about one SAE: page config, run and hook selectors, the store (with the
+    model attached if `live`); stops the page with a message when there is no store and the page
+    needs one. -> (run, index of the run, hook, store or None)."""
     st.set_page_config(page_title=f"saebench · {title}", layout="wide")
     views = runs()
     run, hook = pick_run_and_hook(views)
     if hook is None:
         st.error(f"{run.name} holds no trained SAE.")
         st.stop()
+    if not need_store and not (run.saes[hook] / "features.sqlite").exists():
+        return run, views.index(run), hook, None
     s = live_store(run, hook) if live else store(run, hook)
-    if s is None:
+    if s is None and need_store:
         st.stop()
-    return views.index(run), hook, s
+    return run, views.index(run), hook, s
+
+
+def strengths_param(name: str = "features") -> dict[int, float]:
+    """?features=12:8,40:-4 -> {12: 8.0, 40: -4.0}; malformed entries are dropped with a warning."""
+    out = {}
+    for item in (st.query_params.get(name) or "").split(","):
+        if not item.strip():
+            continue
+        f, _, v = item.partition(":")
+        try:
+            out[int(f)] = float(v or 0)
+        except ValueError:
+            st.warning(f"`{item}` in ?{name}= is not FEATURE:STRENGTH; ignored.")
+    return out
+
+
+def format_strengths(strengths: dict[int, float]) -> str:
+    return ",".join(f"{f}:{v:g}" for f, v in strengths.items())
+
+
+def float_param(name: str, default: float) -> float:
+    raw = st.query_params.get(name)
+    try:
+        return default if raw in (None, "") else float(raw)
+    except ValueError:
+        st.warning(f"`{name}={raw}` in the URL is not a number; using {default}.")
+        return default
+
+
+def choice_param(name: str, options: tuple[str, ...] | list[str], default: str) -> int:
+    """Index of ?name= in options (default's index when absent or unknown)."""
+    raw = st.query_params.get(name, default)
+    return list(options).index(raw if raw in options else default)
+
+
+def progress_callback(text: str):
+    """A progress bar and a callback(done, total) that moves it."""
+    bar = st.progress(0.0, text=text)
+    return lambda done, total: bar.progress(done / max(1, total), text=f"{text} ({done}/{total})")
+
+
+def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, sb.SAE]]:
+    """Every SAE of the runs on `base`'s model: hook -> (index of its run, SAE); the first run wins a hook."""
+    out = {}
+    for i, view in enumerate(views):
+        if view.config is None or view.config.model != base.config.model:
+            continue
+        for hook in view.saes:
+            out.setdefault(hook, (i, run_sae(view, hook)))
+    return out
+
+
+@st.cache_resource
+def _head_scores(run_path: str, model_name: str):
+    view = next(v for v in load_runs(os.environ.get(RUNS_ENV, "")) if str(v.path) == run_path)
+    data = dataclasses.replace(view.config.data, split="test", max_documents=200)
+    contexts = sb.load_contexts(data, run_model(view).tokenizer, show_progress=False)
+    return sb.head_scores(run_model(view), contexts)
+
+
+def head_scores(run: RunView) -> dict:
+    """Previous-token and induction scores per head on the run's held-out text, computed once."""
+    return _head_scores(str(run.path), run.config.model)
+
+
+def component_links(table: pd.DataFrame, column: str, owners: dict[str, int]) -> pd.DataFrame:
+    """Add a `page` column: the feature page of each component that is an SAE feature of a known run."""
+    links = []
+    for name in table[column]:
+        hook, feature = sb.parse_component(name)
+        links.append(feature_url(owners[hook], hook, feature) if feature is not None and hook in owners else None)
+    return table.assign(page=links)
+
+
+LINK = {"page": st.column_config.LinkColumn("feature page", display_text="open")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 
 
 def highlighted_tokens(pieces: list[str], acts: list[float], scale: float, focus: int | None = None) -> str:
@@ -15,4 +16,15 @@ def highlighted_tokens(pieces: list[str], acts: list[float], scale: float, focus
         style = f"background:{colour};white-space:pre-wrap;" + ("border-bottom:2px solid black;" if i == focus else "")
         text = html.escape(piece).replace("\n", "↵")
         spans.append(f'<span title="{a:.3f}" style="{style}">{text}</span>')
+    return '<div style="font-family:monospace;line-height:1.7">' + "".join(spans) + "</div>"
+
+
+def logprob_tokens(pieces: list[str], logprobs: list[float], prefix: list[str] = ()) -> str:
+    """HTML: generated tokens shaded red by how unlikely they were (1 - p); hovering shows log p.
+    `prefix` (the prompt) is shown plain before them."""
+    spans = [f'<span style="color:#777;white-space:pre-wrap">{html.escape(p).replace(chr(10), "↵")}</span>' for p in prefix]
+    for piece, lp in zip(pieces, logprobs):
+        alpha = 1.0 - math.exp(lp)
+        text = html.escape(piece).replace("\n", "↵")
+        spans.append(f'<span title="log p = {lp:.3f}" style="background:rgba(220,50,50,{alpha:.2f});white-space:pre-wrap">{text}</span>')
     return '<div style="font-family:monospace;line-height:1.7">' + "".join(spans) + "</div>"

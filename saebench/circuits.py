@@ -207,7 +207,7 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
     logit_tokens: a token id, (a, b) for the logit difference a - b, or "top" for the model's own
     top prediction, for direct logit attribution at query_pos. check: assert the decompositions sum to the model's own numbers.
     """
-    from saebench.steering import _tokens
+    from saebench.steering import prompt_tokens
 
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers:
@@ -220,7 +220,7 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
             raise HookError(f"model has no hook {hook!r}")
         if sae.cfg.hook is not None and sae.cfg.hook != hook:
             raise HookError(f"the SAE given for {hook} was trained on {sae.cfg.hook}")
-    tokens = _tokens(model, prompt)
+    tokens = prompt_tokens(model, prompt)
     n = tokens.shape[1]
     q = query_pos % n
     logits, cache = model.run_with_cache(tokens)

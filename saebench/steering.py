@@ -121,7 +121,7 @@ def generate(model, prompt: str | torch.Tensor, max_new_tokens: int = 32, temper
 
     temperature 0 is greedy. Returns the generated text (or the full token tensor [1 pos]).
     """
-    tokens = _tokens(model, prompt)
+    tokens = prompt_tokens(model, prompt)
     n_ctx = model.cfg.n_ctx
     if tokens.shape[1] + max_new_tokens > n_ctx:
         raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {n_ctx}")
@@ -145,7 +145,8 @@ def generate(model, prompt: str | torch.Tensor, max_new_tokens: int = 32, temper
     return model.tokenizer.decode(tokens[0, start:])
 
 
-def _tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
+def prompt_tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
+    """Text -> [1 pos] token ids on the model's device, BOS (or CLS) first; a tensor passes through."""
     if isinstance(prompt, torch.Tensor):
         return prompt if prompt.dim() == 2 else prompt[None]
     tok = model.tokenizer
@@ -244,15 +245,15 @@ def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, h
         return Generation(ids, [model.tokenizer.decode([t]) for t in ids], own[0, gen_pos].gather(-1, target).squeeze(-1).tolist(),
                           clean[0, gen_pos].gather(-1, target).squeeze(-1).tolist())
 
-    prompt_tokens = _tokens(model, prompt)
-    start = prompt_tokens.shape[1]
-    plain = generate(model, prompt_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True)
+    start_tokens = prompt_tokens(model, prompt)
+    start = start_tokens.shape[1]
+    plain = generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True)
     default = continuation(plain, model(plain).float().log_softmax(-1), start)
     with steer(model, sae, features, hook=hook, mode=mode, positions=positions, unit=unit) as s:
-        tokens = generate(model, prompt_tokens, max_new_tokens, temperature, top_k, seed, steering=s, return_tokens=True)
+        tokens = generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, steering=s, return_tokens=True)
         own = model(tokens).float().log_softmax(-1)
     steered = continuation(tokens, own, start)
-    return SteeringComparison([model.tokenizer.decode([t]) for t in prompt_tokens[0].tolist()], default, steered)
+    return SteeringComparison([model.tokenizer.decode([t]) for t in start_tokens[0].tolist()], default, steered)
 
 
 @torch.no_grad()
@@ -280,7 +281,7 @@ def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None
 def output_score(model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10) -> float:
     """Probability mass the next-token distribution gains on the feature's logit-lens tokens when
     the feature is added (at `scale`, every position) to a neutral prompt."""
-    tokens = _tokens(model, prompt)
+    tokens = prompt_tokens(model, prompt)
     lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
     clean = model(tokens)[0, -1].float().softmax(-1)[lens].sum()
     with steer(model, sae, {feature: scale}, hook=hook):
@@ -302,4 +303,4 @@ def rank_by_output_score(model, sae: SAE, scales: dict[int, float], prompt: str 
     return pd.DataFrame(rows, columns=["feature", "scale", "output_score"]).sort_values("output_score", ascending=False, ignore_index=True)
 
 
-__all__ = ["Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]
+__all__ = ["prompt_tokens", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]

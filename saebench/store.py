@@ -449,11 +449,11 @@ class FeatureStore:
     def features_firing_on(self, prompt: str, top: int = 10) -> PromptFeatures:
         """Encode `prompt` (BOS first, cut to the model's context) and list per token its `top`
         features by |code|. Special tokens (BOS) are listed with no features, as in the analysis."""
-        from saebench.steering import _tokens
+        from saebench.steering import prompt_tokens
 
         model, sae, harvester = self._live()
         tok = model.tokenizer
-        ids = _tokens(model, prompt)[0].tolist()
+        ids = prompt_tokens(model, prompt)[0].tolist()
         n_ctx = int(getattr(model.cfg, "n_ctx", len(ids)) or len(ids))
         truncated = len(ids) > n_ctx
         ids = ids[:n_ctx]

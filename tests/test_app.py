@@ -158,3 +158,103 @@ def test_prompt_page_empty_and_too_long_prompts(app_runs, monkeypatch):
     assert any("Type some text" in i.value for i in at.info)
     at = page("pages/2_Prompt.py", [run], monkeypatch, prompt="word " * 400)
     assert any("longer than the model's context" in w.value for w in at.warning)
+
+
+@pytest.fixture(scope="module")
+def upstream_run(tmp_path_factory):
+    run, _ = make_run(tmp_path_factory.mktemp("upstream"), hooks=("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"), name="upstream")
+    return run
+
+
+def test_steer_page_shows_what_compare_steering_computes(app_runs, monkeypatch, tiny):
+    run, _ = app_runs
+    prompt, feats = "And God said", {3: 5.0, 7: -2.0}
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt=prompt, features="3:5,7:-2", mult=2, mode="add", positions="generated",
+              temp=0.7, seed=4, tokens=6)
+    sae = sb.SAE.load(run / "sae")
+    want = sb.compare_steering(tiny, sae, {f: 2 * v for f, v in feats.items()}, prompt, mode="add", positions="generated",
+                               max_new_tokens=6, temperature=0.7, seed=4)
+    table = at.dataframe[0].value
+    assert table["steered"].tolist() == want.steered.pieces and table["default"].tolist() == want.default.pieces
+    assert table["steered_logprob"].tolist() == pytest.approx(want.steered.logprobs, abs=1e-5)
+    assert [m.value for m in at.metric] == [f"{want.default.perplexity:.2f}", f"{want.steered.perplexity:.2f}"]
+    assert at.query_params["features"] == ["3:5,7:-2"] or at.query_params["features"] == "3:5,7:-2"
+    assert "feature=3)" in markdown_text(at)  # each steered feature links to its page
+
+
+def test_steer_page_sweep_and_ranking_come_from_the_library(app_runs, monkeypatch, tiny):
+    run, _ = app_runs
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", features="4:3", tokens=4, sweep="0,2", rank="")
+    sae, store = sb.SAE.load(run / "sae"), sb.FeatureStore(run)
+    rows = sb.steering_sweep(tiny, sae, {4: 3.0}, [0.0, 2.0], "The", max_new_tokens=4)
+    sweep = at.dataframe[1].value
+    assert sweep["text"].tolist() == [r["text"] for r in rows]
+    assert sweep["concept"].tolist() == pytest.approx([r["concept"] for r in rows], abs=1e-5)
+    densest = store.table().nlargest(20, "density").feature.tolist()
+    scales = {f: 10 * round(store.feature(f).max_activation or 1.0, 2) for f in densest}
+    ranked = at.dataframe[2].value
+    want = sb.rank_by_output_score(tiny, sae, scales)
+    assert ranked["feature"].tolist() == want["feature"].tolist()
+    assert ranked["output_score"].tolist() == pytest.approx(want["output_score"].tolist(), abs=1e-6)
+
+
+def test_steer_page_adds_features_and_reports_errors(app_runs, monkeypatch):
+    run, bare = app_runs
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", tokens=4)
+    assert any("Add features" in i.value for i in at.info)
+    at.text_input(key="add").input("9").run()
+    next(b for b in at.button if b.label.startswith("add 9")).click().run()
+    assert not at.exception
+    assert "9:" in str(at.query_params["features"])
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="word " * 120, features="9:1", tokens=32)
+    assert any("exceeds the model's context" in e.value for e in at.error)
+    at = page("pages/3_Steer.py", [bare], monkeypatch, prompt="The", features="2:4", tokens=3)  # steering needs no analysis
+    assert any(f"saebench analyze {bare}" in i.value for i in at.info) and len(at.dataframe) == 1
+
+
+def test_trace_page_shows_what_trace_attention_computes(app_runs, upstream_run, monkeypatch, tiny):
+    run, _ = app_runs
+    prompt = "The cat sat on the mat. The cat sat on the mat."
+    at = page("pages/4_Trace.py", [upstream_run, run], monkeypatch, prompt=prompt, layer=1, head=2, q=9)
+    saes = {h: sb.SAE.load(p) for h, p in (("blocks.0.attn.hook_z", upstream_run / "blocks.0.attn.hook_z" / "sae"),
+                                            ("blocks.0.hook_mlp_out", upstream_run / "blocks.0.hook_mlp_out" / "sae"),
+                                            ("blocks.0.hook_resid_post", run / "sae"))}
+    r = sb.trace_attention(tiny, prompt, 1, 2, 9, saes=saes, logit_tokens="top")
+    assert at.metric[0].value == f"9 → {r.key_pos}" and at.metric[2].value == f"{r.score:.3f}"
+    pairs = at.dataframe[0].value
+    want = r.top_pairs(20)
+    assert pairs["query_component"].tolist() == want["query_component"].tolist()
+    assert pairs["score"].tolist() == pytest.approx(want["score"].tolist(), abs=1e-5)
+    feature_rows = pairs[pairs.query_component.str.contains(":f")]
+    assert len(feature_rows) and all(f"run=1&hook=blocks.0.hook_resid_post&feature={c.rsplit(':f', 1)[1]}" in u
+                                     for c, u in zip(feature_rows.query_component, feature_rows["query page"]))
+    logit = at.dataframe[3].value
+    assert logit["component"].tolist() == r.logit_table(20)["component"].tolist()
+    z_rows = logit[logit.component.str.startswith("blocks.0.attn.hook_z:f")]
+    assert len(z_rows) and all(u.startswith("./Feature?run=0&hook=blocks.0.attn.hook_z&feature=") for u in z_rows.page)
+    assert at.query_params["layer"] in ("1", ["1"]) and at.query_params["q"] in ("9", ["9"])
+
+
+def test_trace_page_head_finder_picks_the_best_induction_head(app_runs, monkeypatch, tiny):
+    run, _ = app_runs
+    at = page("pages/4_Trace.py", [run], monkeypatch)
+    rc = sb.load_config(run / "config.yaml")
+    import dataclasses
+
+    contexts = sb.load_contexts(dataclasses.replace(rc.data, split="test", max_documents=200), tiny.tokenizer, show_progress=False)
+    best = divmod(int(sb.head_scores(tiny, contexts)["induction"].argmax()), tiny.cfg.n_heads)
+    assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == best
+    at.selectbox(key="layer").select(0).run()
+    at.selectbox(key="k").select(1).run()
+    assert not at.exception and at.metric[0].value.endswith("→ 1")
+    at = page("pages/4_Trace.py", [run], monkeypatch, prompt="word " * 400)
+    assert any("Shorten it" in e.value for e in at.error)
+
+
+def test_feature_page_opens_steer_and_trace(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/1_Feature.py", [run], monkeypatch, feature=4)
+    urls = [b.proto.url for b in at.get("link_button")]
+    card = sb.FeatureStore(run).feature(4)
+    assert any(u.startswith("./Steer?run=0&hook=blocks.0.hook_resid_post&features=4:") for u in urls)
+    assert any(u.startswith("./Trace?run=0&prompt=") for u in urls)

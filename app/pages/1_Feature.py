@@ -6,6 +6,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -17,7 +18,7 @@ import state
 from saebench.errors import SAEBenchError
 from widgets import highlighted_tokens
 
-run_index, hook, store = state.feature_page("feature")
+_, run_index, hook, store = state.feature_page("feature")
 
 
 def go_to(feature: int) -> None:
@@ -57,6 +58,15 @@ cols[1].metric("fires", f"{card.n_fires:,}")
 cols[2].metric("mean |z|", f"{card.mean_activation:.3f}")
 cols[3].metric("max |z|", f"{card.max_activation:.3f}")
 cols[4].metric("median |z|", f"{card.quantiles.get(0.5, float('nan')):.3f}")
+
+steer_col, trace_col, _ = st.columns([1, 1, 4])
+steer_col.link_button("steer with it", f"./Steer?run={run_index}&hook={quote(hook)}&features={card.id}:{card.max_activation or 1:.3g}")
+if card.top_examples:
+    ex = card.top_examples[0]
+    start = max(1 if store.meta["data"].get("prepend_bos", True) else 0, ex.position - 47)
+    text = "".join(ex.pieces[start : ex.position + 1])
+    trace_col.link_button("trace its top example", f"./Trace?run={run_index}&prompt={quote(text)}",
+                          help="its top example, cut at the token where it fires most, opened in Trace with that token as the query")
 
 with st.form("label"):
     label = st.text_input("label", value=card.label)

@@ -10,7 +10,7 @@ import streamlit as st
 
 import state
 
-run_index, hook, store = state.feature_page("prompt", live=True)
+_, run_index, hook, store = state.feature_page("prompt", live=True)
 
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)
 top = st.slider("features per token", 1, 20, 5)

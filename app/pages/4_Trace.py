@@ -1,0 +1,128 @@
+"""Why does a head attend where it does: a head finder, then one head's QK score split into
+(query-side, key-side) component pairs, its output split by (key position, component), and the
+direct logit attribution, through every SAE of the given runs upstream of the head."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import state
+import saebench as sb
+from saebench.errors import SAEBenchError
+
+st.set_page_config(page_title="saebench · trace", layout="wide")
+views = [v for v in state.runs() if v.config is not None]
+if not views:
+    st.error("None of the runs holds a trained SAE to trace through.")
+    st.stop()
+qp = st.query_params
+base_index = state.int_param("run", 0)
+if not 0 <= base_index < len(views):
+    base_index = 0
+base = views[base_index]
+model = state.run_model(base)
+saes = state.saes_on_model(views, base)
+owners = {hook: i for hook, (i, _) in saes.items()}
+skipped = [v.name for v in views if v.config.model != base.config.model]
+st.title("Trace")
+st.caption(f"model `{base.config.model}`; SAEs on " + ", ".join(f"`{h}`" for h in saes)
+           + (f"; runs on other models are left out: {', '.join(skipped)}" if skipped else ""))
+
+L, H = model.cfg.n_layers, model.cfg.n_heads
+with st.expander("head finder", expanded="layer" not in qp):
+    with st.spinner("scoring heads on held-out text"):
+        scores = state.head_scores(base)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("previous-token score", "induction score"))
+    for col, key in ((1, "prev_token"), (2, "induction")):
+        fig.add_trace(go.Heatmap(z=scores[key].tolist(), x=list(range(H)), y=list(range(L)), colorscale="Blues", zmin=0, zmax=1,
+                                 showscale=col == 2, hovertemplate="layer %{y} head %{x}: %{z:.3f}<extra></extra>"), row=1, col=col)
+    fig.update_xaxes(title_text="head", dtick=1)
+    fig.update_yaxes(title_text="layer", dtick=1)
+    fig.update_layout(height=120 + 60 * L, margin=dict(t=40, b=10))
+    st.plotly_chart(fig, width="stretch")
+best = divmod(int(scores["induction"].argmax()), H)
+
+prompt = st.text_area("prompt", value=qp.get("prompt", "The cat sat on the mat. The cat sat on the mat."), key="prompt", height=80)
+if not prompt.strip():
+    st.info("Type a prompt to trace.")
+    st.stop()
+tokens = sb.prompt_tokens(model, prompt)[0].tolist()
+n = len(tokens)
+if n > model.cfg.n_ctx:
+    st.error(f"The prompt is {n} tokens; the model's context is {model.cfg.n_ctx}. Shorten it.")
+    st.stop()
+pieces = [model.tokenizer.decode([t]) for t in tokens]
+label = lambda p: f"{p} {pieces[p]!r}"
+
+c1, c2, c3, c4 = st.columns(4)
+layer = c1.selectbox("layer", range(L), index=min(state.int_param("layer", best[0]), L - 1), key="layer")
+head = c2.selectbox("head", range(H), index=min(state.int_param("head", best[1]), H - 1), key="head")
+q = c3.selectbox("query position", range(n), index=min(state.int_param("q", n - 1), n - 1), format_func=label, key="q")
+keys = [None, *range(q + 1)]
+k_param = state.int_param("k")
+k = c4.selectbox("key position", keys, index=keys.index(k_param) if k_param in keys else 0,
+                 format_func=lambda p: "most attended" if p is None else label(p), key="k")
+
+downstream_hooks = [h for h in saes if h == f"blocks.{layer}.attn.hook_z" or ("resid" in h and h not in (f"blocks.{layer}.hook_resid_pre",)
+                                                                             and int(h.split(".")[1]) >= layer)]
+d1, d2 = st.columns(2)
+down_hook = d1.selectbox("project the head's output on a feature of", [None, *downstream_hooks],
+                         index=([None, *downstream_hooks].index(qp.get("down")) if qp.get("down") in downstream_hooks else 0),
+                         format_func=lambda h: "(none: rank by norm)" if h is None else h, key="down")
+down_feature = d2.number_input("downstream feature", 0, (saes[down_hook][1].cfg.n_latents - 1) if down_hook else 0,
+                               min(state.int_param("down_f", 0), saes[down_hook][1].cfg.n_latents - 1) if down_hook else 0,
+                               key="down_f", disabled=down_hook is None)
+
+qp.update({"run": str(base_index), "prompt": prompt, "layer": str(layer), "head": str(head), "q": str(q)})
+for name, value in (("k", k), ("down", down_hook), ("down_f", down_feature if down_hook else None)):
+    if value is None:
+        qp.pop(name, None)
+    else:
+        qp[name] = str(value)
+
+upstream = {h: sae for h, (_, sae) in saes.items()}
+try:
+    with st.spinner("tracing"):
+        r = sb.trace_attention(model, prompt, layer, head, q, k, saes=upstream, downstream=saes[down_hook][1] if down_hook else None,
+                               downstream_feature=int(down_feature) if down_hook else None, logit_tokens="top")
+except SAEBenchError as e:
+    st.error(str(e))
+    st.stop()
+
+m = st.columns(4)
+m[0].metric("query → key", f"{r.query_pos} → {r.key_pos}", help=f"{r.tokens[r.query_pos]!r} attends to {r.tokens[r.key_pos]!r}")
+m[1].metric("attention weight", f"{r.pattern:.3f}")
+m[2].metric("pre-softmax score", f"{r.score:.3f}")
+m[3].metric("sum of the QK pairs", f"{float(r.pair_scores.sum()):.3f}")
+
+left, right = st.columns(2)
+left.plotly_chart(r.attention_figure(), width="stretch")
+right.plotly_chart(r.pairs_figure(), width="stretch")
+st.plotly_chart(r.marginals_figure(), width="stretch")
+
+t1, t2 = st.columns(2)
+with t1:
+    st.subheader("Top QK pairs")
+    pairs = r.top_pairs(20)
+    pairs = state.component_links(pairs, "query_component", owners).rename(columns={"page": "query page"})
+    pairs = state.component_links(pairs, "key_component", owners).rename(columns={"page": "key page"})
+    st.dataframe(pairs, hide_index=True, width="stretch",
+                 column_config={c: st.column_config.LinkColumn(c, display_text="open") for c in ("query page", "key page")})
+with t2:
+    st.subheader("Marginals")
+    st.dataframe(state.component_links(r.marginals().head(20), "component", owners), hide_index=True, width="stretch",
+                 column_config=state.LINK)
+t3, t4 = st.columns(2)
+with t3:
+    st.subheader("Head output by (key position, component)")
+    st.caption(f"projection on {down_hook} feature {down_feature}" if down_hook else "norm of each term of the head's output at the query")
+    st.dataframe(state.component_links(r.ov_table(20), "component", owners), hide_index=True, width="stretch", column_config=state.LINK)
+with t4:
+    st.subheader("Direct logit attribution")
+    st.caption(f"{r.logit_target} at position {r.query_pos}, the model's top prediction there")
+    st.dataframe(state.component_links(r.logit_table(20), "component", owners), hide_index=True, width="stretch", column_config=state.LINK)
