@@ -27,6 +27,6 @@ def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
         raise DataError(f"the app is not installed at {APP_DIR}: install saebench from its source folder (pip install -e .)")
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(p) for p in paths)}
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_DIR / "Home.py"), "--server.address", host,
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     print(f"saebench app: http://{host}:{port}  ({len(paths)} run{'s' * (len(paths) > 1)})", flush=True)
     sys.exit(subprocess.call(cmd, env=env))
