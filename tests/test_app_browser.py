@@ -91,6 +91,8 @@ def open_page(driver, url: str, expect: str, shot: str, timeout: float = 90) -> 
     driver.get(url)
     WebDriverWait(driver, timeout).until(lambda d: expect in d.find_element(By.TAG_NAME, "body").text)
     WebDriverWait(driver, timeout).until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    # widgets' code loads lazily: placeholders stand in until it has
+    WebDriverWait(driver, timeout).until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid*="keleton"]'))
     time.sleep(1.0)  # plotly draws after the script ends
     exceptions = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     assert not exceptions, exceptions[0].text
@@ -123,6 +125,7 @@ def test_every_page_renders_in_chromium(server, browser):
     titles = {s.get_attribute("title") for s in spans}
     assert f"{card.top_examples[0].value:.3f}" in titles  # the top token's value on hover
     assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")  # the histogram is drawn
+    assert browser.find_elements(By.CSS_SELECTOR, 'input[aria-label="label"]')  # the label editor
 
     text = open_page(browser, f"{url}/Prompt?run=0&prompt={quote('And God said, Let there be light')}", "All features on", "prompt")
     assert "light" in text

@@ -65,7 +65,7 @@ if card.top_examples:
     ex = card.top_examples[0]
     start = max(1 if store.meta["data"].get("prepend_bos", True) else 0, ex.position - 47)
     text = "".join(ex.pieces[start : ex.position + 1])
-    trace_col.link_button("trace its top example", f"./Trace?run={run_index}&prompt={quote(text)}",
+    trace_col.link_button("trace it", f"./Trace?run={run_index}&prompt={quote(text)}",
                           help="its top example, cut at the token where it fires most, opened in Trace with that token as the query")
 
 with st.form("label"):
