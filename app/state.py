@@ -7,6 +7,7 @@ run by its position in that list, never by a path.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 from dataclasses import dataclass, field
@@ -111,6 +112,11 @@ def pick_run_and_hook(views: list[RunView]) -> tuple[RunView, str | None]:
 
 def feature_url(run_index: int, hook: str, feature: int) -> str:
     return f"./Feature?run={run_index}&hook={hook}&feature={feature}"
+
+
+def feature_link(run_index: int, hook: str, feature: int, text: str | None = None) -> str:
+    """HTML link to a feature's page that opens in this tab (markdown links open a new one)."""
+    return f'<a href="{html.escape(feature_url(run_index, hook, feature))}" target="_self">{html.escape(text or str(feature))}</a>'
 
 
 @st.cache_resource
@@ -231,3 +237,12 @@ def component_links(table: pd.DataFrame, column: str, owners: dict[str, int]) ->
 
 
 LINK = {"page": st.column_config.LinkColumn("feature page", display_text="open")}
+
+
+def index_param(name: str, n: int, default: int, what: str) -> int:
+    """?name= as an index into n things; out of range -> a warning naming the range, and default."""
+    i = int_param(name, default)
+    if not 0 <= i < n:
+        st.warning(f"There is no {what} {i} (they run 0..{n - 1}); showing {what} {default}.")
+        return default
+    return i

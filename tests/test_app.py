@@ -77,7 +77,7 @@ def test_feature_page_shows_the_stored_card(app_runs, monkeypatch):
     text = markdown_text(at)
     assert f"**{card.top_examples[0].value:.3f}** · context {card.top_examples[0].context}" in text
     assert text.index(f"**{card.top_examples[0].value:.3f}**") < text.index(f"**{card.top_examples[-1].value:.3f}**")
-    assert f"feature={card.decoder_neighbours[0][0]})" in text  # neighbours link to their pages
+    assert f'feature={card.decoder_neighbours[0][0]}" target="_self"' in text  # neighbours link to their pages
     assert at.metric[1].value == f"{card.n_fires:,}"
     logit = at.dataframe[0].value
     assert logit["promoted"].tolist() == [p for p, _ in card.logit_lens[0]]
@@ -149,7 +149,7 @@ def test_prompt_page_lists_the_features_the_store_computes(app_runs, monkeypatch
     assert table["features"].iloc[1] == ", ".join(f"{f} ({v:.2f})" for f, v in first)
     at.selectbox(key="token").select(3).run()
     listed = markdown_text(at)
-    assert all(f"feature={f})" in listed for f, _ in want.tokens[3].features)
+    assert all(f'feature={f}"' in listed for f, _ in want.tokens[3].features)
 
 
 def test_prompt_page_empty_and_too_long_prompts(app_runs, monkeypatch):
@@ -179,7 +179,7 @@ def test_steer_page_shows_what_compare_steering_computes(app_runs, monkeypatch, 
     assert table["steered_logprob"].tolist() == pytest.approx(want.steered.logprobs, abs=1e-5)
     assert [m.value for m in at.metric] == [f"{want.default.perplexity:.2f}", f"{want.steered.perplexity:.2f}"]
     assert at.query_params["features"] == ["3:5,7:-2"] or at.query_params["features"] == "3:5,7:-2"
-    assert "feature=3)" in markdown_text(at)  # each steered feature links to its page
+    assert 'feature=3"' in markdown_text(at)  # each steered feature links to its page
 
 
 def test_steer_page_sweep_and_ranking_come_from_the_library(app_runs, monkeypatch, tiny):
@@ -258,3 +258,36 @@ def test_feature_page_opens_steer_and_trace(app_runs, monkeypatch):
     card = sb.FeatureStore(run).feature(4)
     assert any(u.startswith("./Steer?run=0&hook=blocks.0.hook_resid_post&features=4:") for u in urls)
     assert any(u.startswith("./Trace?run=0&prompt=") for u in urls)
+
+
+def test_steer_page_strength_zero_is_the_default_and_fifty_is_not(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="And God said", features="4:0", tokens=8)
+    table = at.dataframe[0].value
+    assert table["steered"].tolist() == table["default"].tolist()
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="And God said", features="4:50", tokens=8)
+    table = at.dataframe[0].value
+    assert table["steered"].tolist() != table["default"].tolist()
+
+
+def test_steer_page_unknown_feature_is_a_message(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", features="99999:3", tokens=4)
+    assert any("feature 99999 is out of range: this SAE has 128 features" in e.value for e in at.error), [e.value for e in at.error]
+    at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", features="x:y", tokens=4)
+    assert any("is not FEATURE:STRENGTH" in w.value for w in at.warning)
+
+
+def test_trace_page_pairs_sum_to_the_score_and_bad_input_is_a_message(app_runs, monkeypatch):
+    run, _ = app_runs
+    at = page("pages/4_Trace.py", [run], monkeypatch, prompt="And God said, Let there be light", layer=1, head=1)
+    score, pair_sum = at.metric[2].value, at.metric[3].value
+    assert score == pair_sum
+    at = page("pages/4_Trace.py", [run], monkeypatch, prompt="And God said", layer=1, head=99)
+    assert any("There is no head 99 (they run 0..5)" in w.value for w in at.warning), [w.value for w in at.warning]
+    assert at.metric  # and the page still traces the default head
+    at = page("pages/4_Trace.py", [run], monkeypatch, prompt="And God said", layer=7, q=50)
+    warned = " ".join(w.value for w in at.warning)
+    assert "There is no layer 7" in warned and "There is no query position 50" in warned
+    at = page("pages/4_Trace.py", [run], monkeypatch, prompt=" ")
+    assert any("Type a prompt" in i.value for i in at.info)

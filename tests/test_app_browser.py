@@ -1,7 +1,7 @@
 """The app served by `saebench app`, driven in real headless Chromium: every page renders without
 an exception, shows the library's numbers, and the server listens on 127.0.0.1 only.
 
-Set SAEBENCH_SCREENSHOTS=DIR to keep the pages' screenshots (docs/ holds the README's)."""
+Screenshots of each page are kept as test artifacts in test-artifacts/ (or SAEBENCH_SCREENSHOTS=DIR)."""
 
 import os
 import shutil
@@ -21,6 +21,7 @@ from test_analysis import make_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("SAEBENCH_SCREENSHOTS") or Path(__file__).resolve().parents[1] / "test-artifacts")
 
 
 def free_port() -> int:
@@ -96,10 +97,8 @@ def open_page(driver, url: str, expect: str, shot: str, timeout: float = 90) -> 
     time.sleep(1.0)  # plotly draws after the script ends
     exceptions = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     assert not exceptions, exceptions[0].text
-    if os.environ.get("SAEBENCH_SCREENSHOTS"):
-        out = Path(os.environ["SAEBENCH_SCREENSHOTS"])
-        out.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(out / f"app-{shot}.png"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / f"app-{shot}.png"))
     return driver.find_element(By.TAG_NAME, "body").text
 
 
@@ -111,6 +110,7 @@ def test_the_server_listens_on_loopback_only(server):
 
 def test_every_page_renders_in_chromium(server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     url, _, run = server
     store = sb.FeatureStore(run)
@@ -126,6 +126,11 @@ def test_every_page_renders_in_chromium(server, browser):
     assert f"{card.top_examples[0].value:.3f}" in titles  # the top token's value on hover
     assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")  # the histogram is drawn
     assert browser.find_elements(By.CSS_SELECTOR, 'input[aria-label="label"]')  # the label editor
+    neighbour = card.decoder_neighbours[0][0]
+    link = browser.find_element(By.CSS_SELECTOR, f'a[href$="feature={neighbour}"]')
+    link.click()
+    WebDriverWait(browser, 60).until(lambda d: f"Feature {neighbour}" in d.find_element(By.TAG_NAME, "h1").text)
+    assert f"feature={neighbour}" in browser.current_url
 
     text = open_page(browser, f"{url}/Prompt?run=0&prompt={quote('And God said, Let there be light')}", "All features on", "prompt")
     assert "light" in text
@@ -133,6 +138,9 @@ def test_every_page_renders_in_chromium(server, browser):
     text = open_page(browser, f"{url}/Steer?run=0&features=4:{card.max_activation:.3g}&tokens=12&prompt={quote('In the beginning')}",
                      "perplexity under the unsteered model", "steer")
     assert "default" in text and "steered" in text
+    texts = [e for e in browser.find_elements(By.CSS_SELECTOR, "div") if e.find_elements(By.XPATH, './span[starts-with(@title, "log p = ")]')]
+    assert len(texts) == 2  # the default and the steered continuation
+    assert all(len(t.find_elements(By.XPATH, './span[starts-with(@title, "log p = ")]')) == 12 for t in texts)
 
     text = open_page(browser, f"{url}/Trace?run=0&layer=1&head=2&prompt={quote('The cat sat on the mat. The cat sat on the mat.')}",
                      "pre-softmax score", "trace")

@@ -2,6 +2,7 @@
 logit lens, neighbours, a label saved to the store, export; search by text or id."""
 
 import dataclasses
+import html
 import json
 import random
 import sys
@@ -41,8 +42,8 @@ elif query.strip():
     if hits.empty:
         st.info(f"No feature matches {query!r}.")
     else:
-        st.markdown("  ".join(f"[{f}]({state.feature_url(run_index, hook, f)})" + (f" *{lab}*" if lab else "")
-                              for f, lab in zip(hits.feature, hits.label)))
+        st.markdown("  ".join(state.feature_link(run_index, hook, f) + (f" <i>{html.escape(lab)}</i>" if lab else "")
+                              for f, lab in zip(hits.feature, hits.label)), unsafe_allow_html=True)
 go_to(feature)
 
 try:
@@ -112,9 +113,10 @@ with right:
         st.dataframe(pd.DataFrame({"promoted": [p for p, _ in top], "logit": [v for _, v in top],
                                    "suppressed": [p for p, _ in bottom], "logit ": [v for _, v in bottom]}), hide_index=True)
     st.subheader("Neighbours")
-    st.markdown("decoder cosine: " + ", ".join(f"[{j}]({state.feature_url(run_index, hook, j)}) ({c:.2f})" for j, c in card.decoder_neighbours))
-    st.markdown("co-activation (Jaccard): " + (", ".join(f"[{j}]({state.feature_url(run_index, hook, j)}) ({c:.2f})"
-                                                          for j, c in card.coactivation_neighbours) or "none"))
+    st.markdown("decoder cosine: " + ", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})" for j, c in card.decoder_neighbours),
+                unsafe_allow_html=True)
+    st.markdown("co-activation (Jaccard): " + (", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})"
+                                                          for j, c in card.coactivation_neighbours) or "none"), unsafe_allow_html=True)
     st.caption(store.meta["coactivation_statistic"])
     st.download_button("export card (JSON)", json.dumps(dataclasses.asdict(card)), file_name=f"feature_{card.id}.json", mime="application/json")
     rows = [{"kind": "top", "value": ex.value, "context": ex.context, "position": ex.position, "token": ex.pieces[ex.position],

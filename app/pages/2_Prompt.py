@@ -1,5 +1,6 @@
 """Which features fire on my text: per token its top features; pick a token to list all of them."""
 
+import html
 import sys
 from pathlib import Path
 
@@ -33,4 +34,5 @@ choices = [t.position for t in result.tokens if not t.special]
 position = st.selectbox("token", choices, format_func=lambda p: f"{p}: {result.tokens[p].piece!r}", key="token")
 chosen = result.tokens[position]
 st.subheader(f"All features on {chosen.piece!r} (position {position})")
-st.markdown("\n".join(f"- [{f}]({state.feature_url(run_index, hook, f)}) **{v:.3f}** {store.label(f)}" for f, v in chosen.features) or "none")
+st.markdown("\n".join(f"- {state.feature_link(run_index, hook, f)} **{v:.3f}** {html.escape(store.label(f))}" for f, v in chosen.features) or "none",
+            unsafe_allow_html=True)

@@ -32,10 +32,14 @@ def default_strength(f: int) -> float:
 
 
 def describe(f: int) -> str:
-    return f"{f}" + (f" · {store.label(f)}" if store is not None and store.label(f) else "")
+    label = store.label(f) if store is not None and 0 <= f < store.n_features else ""
+    return f"{f}" + (f" · {label}" if label else "")
 
 
 features = state.strengths_param("features")
+for f in [f for f in features if not 0 <= f < sae.cfg.n_latents]:
+    st.error(f"feature {f} is out of range: this SAE has {sae.cfg.n_latents} features (0-{sae.cfg.n_latents - 1}); left out.")
+    del features[f]
 prompt = st.text_area("prompt", value=qp.get("prompt", "In the beginning"), key="prompt", height=80)
 
 add = st.text_input("add a feature: its id" + (", or words to search the feature store" if store is not None else ""), key="add")
@@ -59,7 +63,7 @@ if hits:
 strengths = {}
 for f, v in list(features.items()):
     name_col, value_col, drop_col = st.columns([4, 2, 1])
-    name_col.markdown(f"[feature {describe(f)}]({state.feature_url(run_index, hook, f)})")
+    name_col.markdown(state.feature_link(run_index, hook, f, f"feature {describe(f)}"), unsafe_allow_html=True)
     strengths[f] = value_col.number_input("strength", value=float(v), step=1.0, key=f"strength_{f}", label_visibility="collapsed")
     if drop_col.button("remove", key=f"drop_{f}"):
         del strengths[f]

@@ -16,19 +16,17 @@ import saebench as sb
 from saebench.errors import SAEBenchError
 
 st.set_page_config(page_title="saebench · trace", layout="wide")
-views = [v for v in state.runs() if v.config is not None]
-if not views:
-    st.error("None of the runs holds a trained SAE to trace through.")
-    st.stop()
+views = state.runs()  # all of them: a run's index is its index in the URL
 qp = st.query_params
-base_index = state.int_param("run", 0)
-if not 0 <= base_index < len(views):
-    base_index = 0
+base_index = state.index_param("run", len(views), 0, "run")
 base = views[base_index]
+if base.config is None:
+    st.error(f"{base.name} holds no trained SAE to trace through: train one with `saebench train`.")
+    st.stop()
 model = state.run_model(base)
 saes = state.saes_on_model(views, base)
 owners = {hook: i for hook, (i, _) in saes.items()}
-skipped = [v.name for v in views if v.config.model != base.config.model]
+skipped = [v.name for v in views if v.config is not None and v.config.model != base.config.model]
 st.title("Trace")
 st.caption(f"model `{base.config.model}`; SAEs on " + ", ".join(f"`{h}`" for h in saes)
            + (f"; runs on other models are left out: {', '.join(skipped)}" if skipped else ""))
@@ -60,9 +58,9 @@ pieces = [model.tokenizer.decode([t]) for t in tokens]
 label = lambda p: f"{p} {pieces[p]!r}"
 
 c1, c2, c3, c4 = st.columns(4)
-layer = c1.selectbox("layer", range(L), index=min(state.int_param("layer", best[0]), L - 1), key="layer")
-head = c2.selectbox("head", range(H), index=min(state.int_param("head", best[1]), H - 1), key="head")
-q = c3.selectbox("query position", range(n), index=min(state.int_param("q", n - 1), n - 1), format_func=label, key="q")
+layer = c1.selectbox("layer", range(L), index=state.index_param("layer", L, best[0], "layer"), key="layer")
+head = c2.selectbox("head", range(H), index=state.index_param("head", H, best[1], "head"), key="head")
+q = c3.selectbox("query position", range(n), index=state.index_param("q", n, n - 1, "query position"), format_func=label, key="q")
 keys = [None, *range(q + 1)]
 k_param = state.int_param("k")
 k = c4.selectbox("key position", keys, index=keys.index(k_param) if k_param in keys else 0,
@@ -81,7 +79,8 @@ down_feature = d2.number_input("downstream feature", 0, (saes[down_hook][1].cfg.
 qp.update({"run": str(base_index), "prompt": prompt, "layer": str(layer), "head": str(head), "q": str(q)})
 for name, value in (("k", k), ("down", down_hook), ("down_f", down_feature if down_hook else None)):
     if value is None:
-        qp.pop(name, None)
+        if name in qp:
+            del qp[name]
     else:
         qp[name] = str(value)
 
