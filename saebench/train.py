@@ -171,7 +171,7 @@ class SAETrainer:
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_freq)
+            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate())
         if not torch.isfinite(out.loss):
             raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
         self.opt.zero_grad(set_to_none=True)
@@ -188,6 +188,12 @@ class SAETrainer:
             "fvu": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": float(l0.mean().detach()), "lr": self.lr_at(self.step_count - 1),
             "dead_fraction": float(dead.float().mean()), "grad_norm": float(grad_norm),
         }
+
+    def fire_rate(self) -> torch.Tensor | None:
+        """[n] fires per token, the bias-corrected EMA of the batches so far (as Adam's moments); None before any."""
+        if self.step_count == 0:
+            return None
+        return self.fire_freq / (1 - 0.99**self.step_count)
 
     @torch.no_grad()
     def _update_stats(self, sel, batch: int) -> None:

@@ -149,3 +149,37 @@ def test_fold_input_scale_keeps_reconstruction():
         ref = sae(x * scale) / scale
         sae.fold_input_scale(scale)
         assert torch.allclose(sae(x), ref, atol=1e-5)
+
+
+def test_aux_zipf_expected_shares_are_capped_at_one_fire_per_token():
+    from saebench.sae.losses import underused
+
+    # n=4, k=3: raw shares 3 * (1, 1/2, 1/3, 1/4) / (25/12) = 1.44, .72, .48, .36. The first passes one
+    # fire per token, so it is capped at 1 and the other 2 are re-shared by 1/2 : 1/3 : 1/4 (sum 13/12):
+    # 12/13, 8/13, 6/13.
+    shares = sparsify.zipf_shares(4, 3, 1.0, 1.0)
+    assert shares.tolist() == pytest.approx([1.0, 12 / 13, 8 / 13, 6 / 13])
+    # flagged below half of those: .9 >= .5, .5 >= 6/13, .3 < 4/13, .2 < 3/13
+    freq = torch.tensor([0.3, 0.9, 0.2, 0.5])
+    assert underused(freq, 3, 1.0).tolist() == [True, False, True, False]
+    # the review's case: n = 3072, k = 32 used to expect 3.72 fires per token of the densest latent,
+    # so a latent firing on every token was flagged as under-used
+    freq = torch.full((3072,), 31 / 3071)
+    freq[0] = 1.0
+    assert not underused(freq, 32, 1.0)[0]
+    assert sparsify.zipf_shares(3072, 32, 1.0, 1.0).sum().item() == pytest.approx(32)
+
+
+def test_fire_rate_starts_from_the_first_batch():
+    from saebench.train import SAETrainer
+
+    torch.manual_seed(0)
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="mutual_choice", k=K)
+    x = torch.randn(64, D)
+    trainer = SAETrainer(cfg, sb.TrainConfig(n_tokens=640, batch_size=64), sample=x)
+    assert trainer.fire_rate() is None  # no estimate yet: no latent is called under-used at step 0
+    with torch.no_grad():
+        sel = trainer.sae.select(trainer.sae.pre_acts(x * trainer.scale), train=True)
+    fired = torch.zeros(N).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float()) / 64
+    trainer.step(x)
+    assert torch.allclose(trainer.fire_rate(), fired, atol=1e-6)  # not 1% of it, as the raw EMA

@@ -55,12 +55,12 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
     """aux_zipf's candidates: features firing below half of their expected Zipf share.
 
     Sort features by observed firing frequency (fires per token); the expected frequency of the
-    feature at rank r is k * r^-exponent / sum_r r^-exponent (so expected shares sum to k per
-    token). Features below half of that, dead ones included, get the auxiliary loss.
+    feature at rank r is k * r^-exponent / sum_r r^-exponent, capped at one fire per token with the
+    excess re-shared over lower ranks (as feature choice's capacities), so expected shares sum to
+    k per token. Features below half of that, dead ones included, get the auxiliary loss.
     """
     n = freq.shape[0]
-    weights = torch.arange(1, n + 1, dtype=freq.dtype, device=freq.device) ** -exponent
-    expected_by_rank = k * weights / weights.sum()
+    expected_by_rank = sparsify.zipf_shares(n, k, 1.0, exponent).to(freq.device, freq.dtype)
     expected = torch.empty_like(freq)
     expected[freq.argsort(descending=True)] = expected_by_rank
     return freq < 0.5 * expected

@@ -76,23 +76,32 @@ def batchtopk(pre: torch.Tensor, k: int) -> Selection:
 
 
 @lru_cache(maxsize=32)
+def zipf_shares(n: int, total: float, cap: float, exponent: float) -> torch.Tensor:
+    """[n] float64 shares summing to min(total, n * cap), none above cap, shaped like (j+1)^-exponent
+    (water-filling: share by weight; a share that would pass cap is fixed at cap and the rest re-shared)."""
+    total = min(float(total), n * float(cap))
+    weights = torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
+    out = torch.zeros(n, dtype=torch.float64)
+    free = torch.ones(n, dtype=torch.bool)
+    remaining = total
+    while remaining > 1e-9 and free.any():
+        share = remaining * weights * free / (weights * free).sum()
+        over = free & (out + share >= cap)
+        if over.any():
+            remaining -= float((cap - out[over]).sum())
+            out[over] = cap
+            free &= ~over
+        else:
+            out += share
+            remaining = 0.0
+    return out
+
+
+@lru_cache(maxsize=32)
 def zipf_capacities(n: int, batch: int, k: int, exponent: float) -> tuple[int, ...]:
     """Integer m_j summing to min(k*batch, n*batch), m_j <= batch, shaped like (j+1)^-exponent."""
     total = min(k * batch, n * batch)
-    weights = torch.arange(1, n + 1, dtype=torch.float64) ** -exponent
-    cap = torch.zeros(n, dtype=torch.float64)
-    free = torch.ones(n, dtype=torch.bool)
-    remaining = float(total)
-    while remaining > 1e-9 and free.any():  # water-filling: share by weight, no feature above batch
-        share = remaining * weights * free / (weights * free).sum()
-        over = free & (cap + share >= batch)
-        if over.any():
-            remaining -= float((batch - cap[over]).sum())
-            cap[over] = batch
-            free &= ~over
-        else:
-            cap += share
-            remaining = 0.0
+    cap = zipf_shares(n, total, batch, exponent)
     m = cap.floor()
     short = int(total - m.sum())
     if short:
