@@ -17,13 +17,14 @@ from saebench.pipeline import analyze, harvest_from_config
 from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples, PromptFeatures, TokenFeatures
 from saebench.evaluate import evaluate_sae
 from saebench.sae import SAE, SAEConfig
-from saebench.steering import (Generation, Steering, SteeringComparison, compare_steering, generate, input_score, output_score,
+from saebench.steering import (NEUTRAL_PROMPT, Generation, Steering, SteeringComparison, compare_steering, generate, input_score,
+                               lens_mass_gain, output_score,
                                prompt_tokens, rank_by_output_score, steer, steering_sweep)
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
     "AnalysisConfig", "Example", "FeatureCard", "FeatureStore", "IntervalExamples", "PromptFeatures", "TokenFeatures", "analyze",
-    "ActivationStore", "TraceResult", "head_scores", "parse_component", "trace_attention", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "input_score", "output_score", "prompt_tokens", "rank_by_output_score",
+    "ActivationStore", "TraceResult", "head_scores", "parse_component", "trace_attention", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "prompt_tokens", "rank_by_output_score",
     "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
     "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
     "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae", "train_saes",

@@ -8,7 +8,7 @@ Modes (x: the hook's activation, d_i = W_dec[i]):
   clamp        decode(z with z_i := a) + (x - decode(z))   the SAE error is kept
   conditional  clamp only where z_i was already active
   ablate       clamp to 0
-  orthogonal   x - (x . u) u + a u,  u = d_i / ||d_i||
+  orthogonal   x - (x . u) u + a u,  u = d_i / ||d_i||; several features are set jointly (x . u_i = a_i each)
 Positions: "all", "prompt" (< prompt_len) or "generated" (>= prompt_len); `generate` sets
 prompt_len and runs without a KV cache, so every position is visible to the hook.
 """
@@ -60,10 +60,11 @@ class Steering:
             dirs = W[idx] / W[idx].norm(dim=-1, keepdim=True) if self.unit else W[idx]
             out = x + vals @ dirs
         elif self.mode == "orthogonal":
-            out = x
-            for i, a in zip(idx.tolist(), vals):
-                u = W[i] / W[i].norm()
-                out = out - (out @ u)[..., None] * u + a * u
+            # set every component at once: out = x + c U with U out^T = a, c = (a - x U^T) G^+, G = U U^T
+            # (sequential projections would undo one another when the directions are not orthogonal)
+            U = W[idx] / W[idx].norm(dim=-1, keepdim=True)
+            c = (vals - x @ U.T) @ torch.linalg.pinv(U @ U.T)
+            out = x + c @ U
         else:
             z = self.sae.encode(x)
             error = x - self.sae.decode(z)
@@ -157,8 +158,11 @@ def prompt_tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
 
 
 def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tensor:
-    """The k token ids that W_dec[feature] @ W_U promotes most: [k]."""
-    return (sae.W_dec[feature].to(model.W_U.dtype) @ model.W_U).topk(k).indices
+    """The k token ids that W_dec[feature], through the final norm and W_U, promotes most: [k]
+    (the feature store's logit lens, as Arad et al. 2025)."""
+    from saebench.analysis import logit_lens
+
+    return logit_lens(model, sae.W_dec[feature : feature + 1].detach(), k)[0][0].to(model.W_U.device)
 
 
 def _concept_tokens(model, sae: SAE, features: dict[int, float], n_lens_tokens: int) -> torch.Tensor:
@@ -256,9 +260,15 @@ def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, h
     return SteeringComparison([model.tokenizer.decode([t]) for t in start_tokens[0].tolist()], default, steered)
 
 
+NEUTRAL_PROMPT = "From my experience,"
+
+
 @torch.no_grad()
-def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None, n_examples: int = 20, n_lens_tokens: int = 10) -> float:
-    """Share of the feature's top-activating contexts whose max-activating token is one of its logit-lens tokens."""
+def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None, n_examples: int = 100, n_lens_tokens: int = 20,
+                min_examples: int = 10) -> float | None:
+    """Arad, Mueller & Belinkov (2025): over the feature's top-activating contexts (up to
+    n_examples), the share whose max-activating token is among its n_lens_tokens logit-lens
+    tokens. None when fewer than min_examples contexts activate it."""
     from saebench.harvest import Harvester
 
     hook = hook or sae.cfg.hook
@@ -270,17 +280,47 @@ def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None
         z = sae.encode(acts)[..., feature].masked_fill(contexts.special_mask[i : i + 32].to(acts.device), 0)
         val, pos = z.max(-1)
         best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos)) if v > 0]
-    if not best:
-        return 0.0
-    top = sorted(best, reverse=True)[:n_examples]
+    if len(best) < min_examples:
+        return None
+    top = sorted(best, key=lambda vt: -vt[0])[:n_examples]
     lens = set(logit_lens_tokens(model, sae, feature, n_lens_tokens).tolist())
     return sum(tok in lens for _, tok in top) / len(top)
 
 
+def rank_prob_score(probs: torch.Tensor, tokens: torch.Tensor) -> float:
+    """(1 - min_rank / |V|) * max_prob over `tokens` in the distribution probs [V]; a token's
+    rank is the number of tokens strictly more probable (0 for the top one)."""
+    ranks = (probs[None, :] > probs[tokens, None]).sum(-1)
+    return float((1 - ranks.min() / probs.numel()) * probs[tokens].max())
+
+
 @torch.no_grad()
-def output_score(model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10) -> float:
+def output_score(model, sae: SAE, feature: int, prompt: str = NEUTRAL_PROMPT, hook: str | None = None, amp_factor: float = 10.0,
+                 n_lens_tokens: int = 20) -> float:
+    """Arad, Mueller & Belinkov (2025): at the last token of a neutral prompt, the feature's code is
+    raised by amp_factor x the largest code of any feature there (decode + the SAE error, which is
+    adding that much of W_dec[feature]); score = (1 - min_rank / |V|) * max_prob of its logit-lens
+    tokens in the next-token distribution."""
+    hook = hook or sae.cfg.hook
+    _check(model, sae, hook, {feature: 0.0}, "add", "all")
+    tokens = prompt_tokens(model, prompt)
+    lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
+
+    def boost(act: torch.Tensor, hook) -> torch.Tensor:
+        flat = (act.flatten(-2) if act.dim() == 4 else act).clone()
+        top = sae.encode(flat[:, -1].to(sae.W_dec.dtype)).max(-1).values  # [batch]
+        flat[:, -1] += (amp_factor * top)[:, None].to(flat.dtype) * sae.W_dec[feature].to(flat.dtype)
+        return flat.reshape(act.shape)
+
+    with model.hooks(fwd_hooks=[(hook, boost)]):
+        probs = model(tokens)[0, -1].float().softmax(-1)
+    return rank_prob_score(probs, lens.to(probs.device))
+
+
+@torch.no_grad()
+def lens_mass_gain(model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10) -> float:
     """Probability mass the next-token distribution gains on the feature's logit-lens tokens when
-    the feature is added (at `scale`, every position) to a neutral prompt."""
+    the feature is added (at `scale`, every position) to the prompt (a saebench variant, not the paper's)."""
     tokens = prompt_tokens(model, prompt)
     lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
     clean = model(tokens)[0, -1].float().softmax(-1)[lens].sum()
@@ -289,18 +329,17 @@ def output_score(model, sae: SAE, feature: int, scale: float, prompt: str = "", 
     return float(steered - clean)
 
 
-
-def rank_by_output_score(model, sae: SAE, scales: dict[int, float], prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10,
-                         progress: Callable[[int, int], None] | None = None):
-    """Candidate features for steering, best first: {feature: scale} -> table of feature, scale, output_score."""
+def rank_by_output_score(model, sae: SAE, features: list[int], prompt: str = NEUTRAL_PROMPT, hook: str | None = None, amp_factor: float = 10.0,
+                         n_lens_tokens: int = 20, progress: Callable[[int, int], None] | None = None):
+    """Candidate features for steering, best output score first: -> table of feature, output_score."""
     import pandas as pd
 
     rows = []
-    for n, (f, scale) in enumerate(scales.items()):
-        rows.append({"feature": int(f), "scale": float(scale), "output_score": output_score(model, sae, int(f), float(scale), prompt, hook, n_lens_tokens)})
+    for n, f in enumerate(features):
+        rows.append({"feature": int(f), "output_score": output_score(model, sae, int(f), prompt, hook, amp_factor, n_lens_tokens)})
         if progress is not None:
-            progress(n + 1, len(scales))
-    return pd.DataFrame(rows, columns=["feature", "scale", "output_score"]).sort_values("output_score", ascending=False, ignore_index=True)
+            progress(n + 1, len(features))
+    return pd.DataFrame(rows, columns=["feature", "output_score"]).sort_values("output_score", ascending=False, ignore_index=True)
 
 
-__all__ = ["prompt_tokens", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "input_score", "output_score", "steer", "steering_sweep", "SAEBenchError"]
+__all__ = ["prompt_tokens", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "rank_prob_score", "steer", "steering_sweep", "SAEBenchError"]

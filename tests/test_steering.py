@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import saebench as sb
-from saebench.steering import compare_steering, generate, input_score, output_score, rank_by_output_score, steer, steering_sweep
+from saebench.steering import (compare_steering, generate, input_score, lens_mass_gain, logit_lens_tokens, output_score, rank_by_output_score,
+                               rank_prob_score, steer, steering_sweep)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -111,10 +112,8 @@ def test_sweep_and_scores(tiny, sae):
     assert [r["scale"] for r in rows] == [0.0, 20.0]
     assert rows[1]["concept"] > rows[0]["concept"]
     assert all(r["fluency_ppl"] > 1 for r in rows)
-    assert output_score(tiny, sae, 4, 0.0, prompt="The") == pytest.approx(0.0, abs=1e-6)
-    assert output_score(tiny, sae, 4, 20.0, prompt="The") > 0
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=50, context_size=32), tiny.tokenizer, show_progress=False)
-    assert 0.0 <= input_score(tiny, sae, 4, sb.TokenContexts(ctx.tokens[:64], ctx.special_mask[:64])) <= 1.0
+    assert lens_mass_gain(tiny, sae, 4, 0.0, prompt="The") == pytest.approx(0.0, abs=1e-6)
+    assert lens_mass_gain(tiny, sae, 4, 20.0, prompt="The") > 0
 
 
 def test_compare_steering_scores_each_token_under_both_models(tiny, sae):
@@ -155,12 +154,84 @@ def test_sweep_of_several_features_scales_their_strengths(tiny, sae):
 
 
 def test_rank_by_output_score_orders_candidates(tiny, sae):
-    scales = {4: 20.0, 9: 20.0, 11: 0.0}
-    table = rank_by_output_score(tiny, sae, scales, prompt="The")
+    table = rank_by_output_score(tiny, sae, [4, 9, 11])
     assert sorted(table.feature) == [4, 9, 11]
     assert table.output_score.is_monotonic_decreasing
     for f, v in zip(table.feature, table.output_score):
-        assert v == pytest.approx(output_score(tiny, sae, f, scales[f], prompt="The"))
+        assert v == pytest.approx(output_score(tiny, sae, f))
+
+
+def test_rank_prob_score_by_hand():
+    # ranks by probability: token 1 (.5) is 0, token 2 (.3) is 1, tokens 0 and 3 (.1) are 2
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    assert rank_prob_score(probs, torch.tensor([2, 3])) == pytest.approx((1 - 1 / 4) * 0.3)
+    assert rank_prob_score(probs, torch.tensor([1])) == pytest.approx(0.5)
+    assert rank_prob_score(probs, torch.tensor([0, 3])) == pytest.approx((1 - 2 / 4) * 0.1)
+
+
+def test_logit_lens_is_the_final_norm_then_the_unembedding(tiny, sae):
+    with torch.no_grad():
+        logits = tiny.ln_final(sae.W_dec[7][None])[0] @ tiny.W_U
+    assert logit_lens_tokens(tiny, sae, 7, 20).tolist() == logits.topk(20).indices.tolist()
+
+
+def test_output_score_as_the_paper_computes_it(tiny, sae):
+    """The reference re-does the paper's AmlifySAEHook by hand: encode the hook's activation, raise the
+    feature at the last token by 10 x that token's largest code, decode, add the SAE error back;
+    then rank the logit-lens tokens by argsort of the next-token probabilities."""
+    f = 4
+    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(sb.NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]])
+
+    def amplify(act, hook):
+        z = sae.encode(act)
+        error = act - sae.decode(z)
+        z2 = z.clone()
+        z2[:, -1, f] += 10 * z[:, -1].max()
+        return sae.decode(z2) + error
+
+    with torch.no_grad(), tiny.hooks(fwd_hooks=[(HOOK, amplify)]):
+        probs = tiny(tokens)[0, -1].softmax(-1)
+        lens = (tiny.ln_final(sae.W_dec[f][None])[0] @ tiny.W_U).softmax(-1).topk(20).indices
+    order = probs.argsort(descending=True)
+    min_rank = min(int((order == t).nonzero()) for t in lens)
+    want = (1 - min_rank / probs.numel()) * float(probs[lens].max())
+    assert output_score(tiny, sae, f) == pytest.approx(want, rel=1e-4)
+
+
+def test_input_score_as_the_paper_computes_it(tiny, sae):
+    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=80, context_size=32), tiny.tokenizer, show_progress=False)
+    ctx = sb.TokenContexts(ctx.tokens[:150], ctx.special_mask[:150])
+    h = sb.Harvester(tiny, [HOOK], exclude_special=False)
+    with torch.no_grad():
+        z = sae.encode(h._forward(ctx.tokens)[HOOK])
+    lens = set((tiny.ln_final(sae.W_dec.detach())[:, None] @ tiny.W_U).squeeze(1).topk(20).indices.tolist()[5])
+    examples = []  # (max code, token at the max) of each context where feature 5 fires
+    for c in range(len(ctx.tokens)):
+        codes = [float(z[c, p, 5]) if not ctx.special_mask[c, p] else 0.0 for p in range(ctx.tokens.shape[1])]
+        if max(codes) > 0:
+            examples.append((max(codes), int(ctx.tokens[c, codes.index(max(codes))])))
+    top = sorted(examples, key=lambda e: -e[0])[:100]
+    assert len(top) >= 10
+    want = sum(t in lens for _, t in top) / len(top)
+    assert input_score(tiny, sae, 5, ctx) == pytest.approx(want)
+    assert input_score(tiny, sae, 5, sb.TokenContexts(ctx.tokens[:2], ctx.special_mask[:2]), min_examples=10) is None
+
+
+def test_orthogonal_sets_several_components_jointly(tiny, sae, tokens):
+    feats = {2: 1.5, 3: -0.5, 8: 2.0}
+    W = sae.W_dec.detach()
+    U = W[list(feats)] / W[list(feats)].norm(dim=-1, keepdim=True)
+    assert (U @ U.T - torch.eye(3)).abs().max() > 0.01  # not orthogonal: sequential projections would miss
+    seen = {}
+    _, cache = tiny.run_with_cache(tokens)
+    with steer(tiny, sae, feats, mode="orthogonal"):
+        with tiny.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: seen.setdefault("x", a.clone()))]):
+            tiny(tokens)
+    got = seen["x"][0] @ U.T
+    assert torch.allclose(got, torch.tensor(list(feats.values())).expand_as(got), atol=1e-4)
+    change = seen["x"][0] - cache[HOOK][0]
+    in_span = change @ torch.linalg.pinv(U) @ U
+    assert torch.allclose(change, in_span, atol=1e-4)  # the edit moves x only within the features' span
 
 
 def test_errors(tiny, sae):

@@ -123,16 +123,17 @@ else:
 
 if store is not None:
     st.subheader("Candidate features by output score")
-    st.caption("Each candidate is added at 10 x its largest analysed activation to the prompt below; the score is the probability "
-               "mass its logit-lens tokens gain at the next token (Arad et al. 2025).")
+    st.caption("Output score (Arad, Mueller & Belinkov 2025): at the last token of the neutral prompt, each candidate's code is raised "
+               "by 10 x the largest code there; score = (1 - best rank / vocabulary) x top probability of its 20 logit-lens tokens "
+               "at the next token. Features scoring low rarely steer well.")
     query = st.text_input("candidates: words to search, or empty for the densest features", value=qp.get("rank", ""), key="rank")
-    neutral = st.text_input("neutral prompt", value="", key="neutral")
+    neutral = st.text_input("neutral prompt", value=sb.NEUTRAL_PROMPT, key="neutral")
     n_candidates = st.number_input("candidates", 1, 200, 20, key="n_candidates")
     if st.button("rank candidates") or "rank" in qp:
         qp["rank"] = query
         pool = store.search(query, limit=int(n_candidates)) if query.strip() else store.table().nlargest(int(n_candidates), "density")
-        scales = {int(f): 10 * default_strength(int(f)) for f in pool.feature}
-        ranked = sb.rank_by_output_score(model, sae, scales, prompt=neutral, hook=hook, progress=state.progress_callback("scoring"))
+        ranked = sb.rank_by_output_score(model, sae, [int(f) for f in pool.feature], prompt=neutral, hook=hook,
+                                         progress=state.progress_callback("scoring"))
         ranked["label"] = [store.label(f) for f in ranked.feature]
         ranked["open"] = [state.feature_url(run_index, hook, f) for f in ranked.feature]
         st.dataframe(ranked, hide_index=True, width="stretch", column_config={"open": st.column_config.LinkColumn("page", display_text="open")})
