@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from saebench.errors import SAEBenchError
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saebench: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`saebench hooks tiny | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

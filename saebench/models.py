@@ -55,11 +55,29 @@ def load_model(name: str = "tiny", device: str | torch.device = "cpu", dtype: to
     return model
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face endpoint (HF_ENDPOINT, default huggingface.co) accepts a TCP connection."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_hub(name: str, device, dtype):
     from huggingface_hub import try_to_load_from_cache
     from transformer_lens.model_bridge import TransformerBridge
 
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if not cached and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()):
+        raise ModelError(f"model {name!r} is not bundled ({', '.join(BUNDLED)}), not a local folder, not in the Hugging Face cache, "
+                         f"and the hub is not reachable from here: on a machine with internet run `hf download {name}` "
+                         f"(or copy the folder here and pass its path)")
     saved = os.environ.get("HF_HUB_OFFLINE")
     if cached:
         os.environ["HF_HUB_OFFLINE"] = "1"

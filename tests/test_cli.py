@@ -160,3 +160,20 @@ def test_trace_from_the_cli(config, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "layer 1 head 2" in result.stdout and "blocks.0.hook_resid_post:f" in result.stdout
     assert "head 7 is out of range" in one_error_line(run_cli("trace", "--prompt", "x", "--layer", "1", "--head", "7", cwd=tmp_path))
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path):
+    r = subprocess.run(f"{sys.executable} -m saebench.cli hooks tiny | head -1", shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_an_unknown_hub_name_fails_at_once_when_offline(tmp_path, env):
+    import time
+
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "saebench.cli", "hooks", "no-such-org/no-such-model"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, **env}, timeout=300)
+    line = one_error_line(r)
+    assert "the hub is not reachable from here" in line and "hf download no-such-org/no-such-model" in line
+    assert time.time() - start < 15  # no network retries (they took ~23 s)
