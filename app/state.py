@@ -82,23 +82,28 @@ def store(run: RunView, hook: str) -> sb.FeatureStore | None:
         return None
 
 
-def int_param(name: str, default: int | None = None) -> int | None:
+def _number_param(name: str, default, cast):
     raw = st.query_params.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return cast(raw)
     except ValueError:
         st.warning(f"`{name}={raw}` in the URL is not a number; using {default}.")
         return default
 
 
+def int_param(name: str, default: int | None = None) -> int | None:
+    return _number_param(name, default, int)
+
+
+def float_param(name: str, default: float) -> float:
+    return _number_param(name, default, float)
+
+
 def pick_run_and_hook(views: list[RunView]) -> tuple[RunView, str | None]:
     """Run and hook selectors bound to ?run= and ?hook=."""
-    i = int_param("run", 0)
-    if not 0 <= i < len(views):
-        st.warning(f"There is no run {i}; showing run 0.")
-        i = 0
+    i = index_param("run", len(views), 0, "run")
     i = st.sidebar.selectbox("run", range(len(views)), index=i, format_func=lambda k: views[k].name)
     run = views[i]
     hooks = list(run.saes)
@@ -182,15 +187,6 @@ def format_strengths(strengths: dict[int, float]) -> str:
     return ",".join(f"{f}:{v:g}" for f, v in strengths.items())
 
 
-def float_param(name: str, default: float) -> float:
-    raw = st.query_params.get(name)
-    try:
-        return default if raw in (None, "") else float(raw)
-    except ValueError:
-        st.warning(f"`{name}={raw}` in the URL is not a number; using {default}.")
-        return default
-
-
 def choice_param(name: str, options: tuple[str, ...] | list[str], default: str) -> int:
     """Index of ?name= in options (default's index when absent or unknown)."""
     raw = st.query_params.get(name, default)
@@ -215,28 +211,32 @@ def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, s
 
 
 @st.cache_resource
-def _head_scores(run_path: str, model_name: str):
-    view = next(v for v in load_runs(os.environ.get(RUNS_ENV, "")) if str(v.path) == run_path)
-    data = dataclasses.replace(view.config.data, split="test", max_documents=200)
-    contexts = sb.load_contexts(data, run_model(view).tokenizer, show_progress=False)
-    return sb.head_scores(run_model(view), contexts)
+def _head_scores(run_path: str, _run: RunView) -> dict:
+    data = dataclasses.replace(_run.config.data, split="test", max_documents=200)
+    contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
+    return sb.head_scores(run_model(_run), contexts)
 
 
 def head_scores(run: RunView) -> dict:
-    """Previous-token and induction scores per head on the run's held-out text, computed once."""
-    return _head_scores(str(run.path), run.config.model)
+    """Previous-token and induction scores per head on the run's held-out text, computed once per run."""
+    return _head_scores(str(run.path), run)
 
 
-def component_links(table: pd.DataFrame, column: str, owners: dict[str, int]) -> pd.DataFrame:
-    """Add a `page` column: the feature page of each component that is an SAE feature of a known run."""
+def component_links(table: pd.DataFrame, column: str, owners: dict[str, int], into: str = "page") -> pd.DataFrame:
+    """Add a column `into`: the feature page of each component that is an SAE feature of a known run."""
     links = []
     for name in table[column]:
         hook, feature = sb.parse_component(name)
         links.append(feature_url(owners[hook], hook, feature) if feature is not None and hook in owners else None)
-    return table.assign(page=links)
+    return table.assign(**{into: links})
 
 
-LINK = {"page": st.column_config.LinkColumn("feature page", display_text="open")}
+def link_columns(*names: str) -> dict:
+    """Column config showing these columns as "open" links."""
+    return {c: st.column_config.LinkColumn(c, display_text="open") for c in names}
+
+
+LINK = link_columns("page")
 
 
 def index_param(name: str, n: int, default: int, what: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -64,8 +65,6 @@ def wide_run(run: Path, n_latents: int, n_tokens: int) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     dst, _ = bench_run(run, cache)
     cfg = sb.SAE.load(dst / "sae").cfg
-    import shutil
-
     shutil.rmtree(dst / "sae")
     sb.SAE(sb.SAEConfig(d_in=cfg.d_in, n_latents=n_latents, k=cfg.k, hook=cfg.hook, model=cfg.model)).save(dst / "sae")
     t = time.perf_counter()

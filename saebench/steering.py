@@ -241,22 +241,23 @@ def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, h
     """Generate with and without the steering edit from the same seed; per generated token its
     log-prob under the generating model and under the unsteered model."""
 
-    def continuation(tokens: torch.Tensor, own: torch.Tensor, start: int) -> Generation:
+    def continuation(tokens: torch.Tensor, own: torch.Tensor | None) -> Generation:
+        """own: [1 pos vocab] log-probs of the steered model; None for the unsteered continuation."""
         clean = model(tokens).float().log_softmax(-1)
         gen_pos = torch.arange(start - 1, tokens.shape[1] - 1, device=tokens.device)
         target = tokens[0, start:, None]
         ids = tokens[0, start:].tolist()
-        return Generation(ids, [model.tokenizer.decode([t]) for t in ids], own[0, gen_pos].gather(-1, target).squeeze(-1).tolist(),
-                          clean[0, gen_pos].gather(-1, target).squeeze(-1).tolist())
+        clean_lp = clean[0, gen_pos].gather(-1, target).squeeze(-1).tolist()
+        own_lp = clean_lp if own is None else own[0, gen_pos].gather(-1, target).squeeze(-1).tolist()
+        return Generation(ids, [model.tokenizer.decode([t]) for t in ids], own_lp, clean_lp)
 
     start_tokens = prompt_tokens(model, prompt)
     start = start_tokens.shape[1]
-    plain = generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True)
-    default = continuation(plain, model(plain).float().log_softmax(-1), start)
+    default = continuation(generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True), None)
     with steer(model, sae, features, hook=hook, mode=mode, positions=positions, unit=unit) as s:
         tokens = generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, steering=s, return_tokens=True)
         own = model(tokens).float().log_softmax(-1)
-    steered = continuation(tokens, own, start)
+    steered = continuation(tokens, own)
     return SteeringComparison([model.tokenizer.decode([t]) for t in start_tokens[0].tolist()], default, steered)
 
 

@@ -37,9 +37,6 @@ def describe(f: int) -> str:
 
 
 features = state.strengths_param("features")
-for f in [f for f in features if not 0 <= f < sae.cfg.n_latents]:
-    st.error(f"feature {f} is out of range: this SAE has {sae.cfg.n_latents} features (0-{sae.cfg.n_latents - 1}); left out.")
-    del features[f]
 prompt = st.text_area("prompt", value=qp.get("prompt", "In the beginning"), key="prompt", height=80)
 
 add = st.text_input("add a feature: its id" + (", or words to search the feature store" if store is not None else ""), key="add")
@@ -55,10 +52,10 @@ if hits:
     cols = st.columns(min(len(hits), 4))
     for n, f in enumerate(hits):
         if cols[n % len(cols)].button(f"add {describe(f)}", key=f"add_{f}"):
-            if not 0 <= f < sae.cfg.n_latents:
-                st.error(f"feature {f} is out of range: this SAE has {sae.cfg.n_latents} features (0-{sae.cfg.n_latents - 1})")
-            else:
-                features[f] = default_strength(f)
+            features[f] = default_strength(f) if 0 <= f < sae.cfg.n_latents else 1.0
+for f in [f for f in features if not 0 <= f < sae.cfg.n_latents]:
+    st.error(f"feature {f} is out of range: this SAE has {sae.cfg.n_latents} features (0-{sae.cfg.n_latents - 1}); left out.")
+    del features[f]
 
 strengths = {}
 for f, v in list(features.items()):
@@ -135,5 +132,5 @@ if store is not None:
         ranked = sb.rank_by_output_score(model, sae, [int(f) for f in pool.feature], prompt=neutral, hook=hook,
                                          progress=state.progress_callback("scoring"))
         ranked["label"] = [store.label(f) for f in ranked.feature]
-        ranked["open"] = [state.feature_url(run_index, hook, f) for f in ranked.feature]
-        st.dataframe(ranked, hide_index=True, width="stretch", column_config={"open": st.column_config.LinkColumn("page", display_text="open")})
+        ranked["page"] = [state.feature_url(run_index, hook, f) for f in ranked.feature]
+        st.dataframe(ranked, hide_index=True, width="stretch", column_config=state.LINK)

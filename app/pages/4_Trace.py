@@ -72,9 +72,9 @@ d1, d2 = st.columns(2)
 down_hook = d1.selectbox("project the head's output on a feature of", [None, *downstream_hooks],
                          index=([None, *downstream_hooks].index(qp.get("down")) if qp.get("down") in downstream_hooks else 0),
                          format_func=lambda h: "(none: rank by norm)" if h is None else h, key="down")
-down_feature = d2.number_input("downstream feature", 0, (saes[down_hook][1].cfg.n_latents - 1) if down_hook else 0,
-                               min(state.int_param("down_f", 0), saes[down_hook][1].cfg.n_latents - 1) if down_hook else 0,
-                               key="down_f", disabled=down_hook is None)
+down_sae = saes[down_hook][1] if down_hook else None
+last = down_sae.cfg.n_latents - 1 if down_sae else 0
+down_feature = d2.number_input("downstream feature", 0, last, min(state.int_param("down_f", 0), last), key="down_f", disabled=down_sae is None)
 
 qp.update({"run": str(base_index), "prompt": prompt, "layer": str(layer), "head": str(head), "q": str(q)})
 for name, value in (("k", k), ("down", down_hook), ("down_f", down_feature if down_hook else None)):
@@ -87,8 +87,8 @@ for name, value in (("k", k), ("down", down_hook), ("down_f", down_feature if do
 upstream = {h: sae for h, (_, sae) in saes.items()}
 try:
     with st.spinner("tracing"):
-        r = sb.trace_attention(model, prompt, layer, head, q, k, saes=upstream, downstream=saes[down_hook][1] if down_hook else None,
-                               downstream_feature=int(down_feature) if down_hook else None, logit_tokens="top")
+        r = sb.trace_attention(model, prompt, layer, head, q, k, saes=upstream, downstream=down_sae,
+                               downstream_feature=int(down_feature) if down_sae else None, logit_tokens="top")
 except SAEBenchError as e:
     st.error(str(e))
     st.stop()
@@ -107,11 +107,9 @@ st.plotly_chart(r.marginals_figure(), width="stretch")
 t1, t2 = st.columns(2)
 with t1:
     st.subheader("Top QK pairs")
-    pairs = r.top_pairs(20)
-    pairs = state.component_links(pairs, "query_component", owners).rename(columns={"page": "query page"})
-    pairs = state.component_links(pairs, "key_component", owners).rename(columns={"page": "key page"})
-    st.dataframe(pairs, hide_index=True, width="stretch",
-                 column_config={c: st.column_config.LinkColumn(c, display_text="open") for c in ("query page", "key page")})
+    pairs = state.component_links(r.top_pairs(20), "query_component", owners, into="query page")
+    pairs = state.component_links(pairs, "key_component", owners, into="key page")
+    st.dataframe(pairs, hide_index=True, width="stretch", column_config=state.link_columns("query page", "key page"))
 with t2:
     st.subheader("Marginals")
     st.dataframe(state.component_links(r.marginals().head(20), "component", owners), hide_index=True, width="stretch",
