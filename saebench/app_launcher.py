@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,4 +28,4 @@ def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_DIR / "Home.py"), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
     print(f"saebench app: http://{host}:{port}  ({len(paths)} run{'s' * (len(paths) > 1)})", flush=True)
-    sys.exit(subprocess.call(cmd, env=env))
+    os.execve(sys.executable, cmd, env)  # become the server, so a signal to `saebench app` reaches it (no orphan)
