@@ -1,6 +1,7 @@
 // saebench sparse-decoder kernels (see sparse_decoder.cuh for the contracts).
 #include "sparse_decoder.cuh"
 
+#include <cassert>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -8,6 +9,7 @@ namespace saebench {
 namespace {
 
 constexpr int kChunk = 128;  // entries staged in shared memory at a time
+constexpr int kMaxWarps = 32;  // 1024 threads per block at most
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -47,7 +49,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // One block per (token, column chunk); each thread owns N consecutive columns.
 template <typename T, int N>
 __global__ void gather_rows_kernel(const T* __restrict__ coef, const int64_t* __restrict__ idx,
-                                   const int64_t* __restrict__ offsets, const T* __restrict__ W,
+                                   const int64_t* __restrict__ offsets, const T* __restrict__ W, int64_t n,
                                    const T* __restrict__ bias, int64_t d, T* __restrict__ out) {
   __shared__ int64_t s_idx[kChunk];
   __shared__ float s_coef[kChunk];
@@ -63,7 +65,9 @@ __global__ void gather_rows_kernel(const T* __restrict__ coef, const int64_t* __
     const int m = static_cast<int>(min(static_cast<int64_t>(kChunk), end - base));
     __syncthreads();
     for (int t = threadIdx.x; t < m; t += blockDim.x) {
-      s_idx[t] = idx[base + t];
+      const int64_t j = idx[base + t];
+      assert(j >= 0 && j < n && "saebench gather_rows: latent index out of range");
+      s_idx[t] = j;
       s_coef[t] = to_float(coef[base + t]);
     }
     __syncthreads();
@@ -88,21 +92,23 @@ __global__ void gather_rows_kernel(const T* __restrict__ coef, const int64_t* __
   store_floats<T, N>(out + b * d + col, acc);
 }
 
-// One block per (latent, column chunk): dW rows are written whole by their owner, no atomics;
-// dcoef gets one fp32 atomic per (entry, column chunk), a plain store when one chunk covers d.
+// One block per (latent, column chunk): dW rows are written whole by their owner, no atomics.
+// Each warp keeps its partial dot per entry in shared memory; the warps' partials are then summed
+// in warp order, and each column chunk writes its own row of dcoef_parts: no atomics anywhere.
 template <typename T, int N>
 __global__ void bucketed_grad_kernel(const T* __restrict__ G, const T* __restrict__ coef,
                                      const int64_t* __restrict__ perm, const int64_t* __restrict__ lat_offsets,
-                                     const int64_t* __restrict__ row_of, int64_t d, const T* __restrict__ W,
-                                     T* __restrict__ dW, float* __restrict__ dcoef, float* __restrict__ dbias) {
+                                     const int64_t* __restrict__ row_of, int64_t d, int64_t nnz, const T* __restrict__ W,
+                                     T* __restrict__ dW, float* __restrict__ dcoef_parts, float* __restrict__ dbias) {
   __shared__ int64_t s_row[kChunk];
   __shared__ int64_t s_entry[kChunk];
   __shared__ float s_coef[kChunk];
-  __shared__ float s_dot[kChunk];
+  __shared__ float s_part[kMaxWarps][kChunk];
   const int64_t j = blockIdx.x;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * N;
   const bool active = col < d;
-  const bool want_dot = (W != nullptr) && (dcoef != nullptr);
+  const bool want_dot = (W != nullptr) && (dcoef_parts != nullptr);
+  const int warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
   float acc[N], w[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) acc[i] = w[i] = 0.f;
@@ -115,10 +121,10 @@ __global__ void bucketed_grad_kernel(const T* __restrict__ G, const T* __restric
     __syncthreads();
     for (int t = threadIdx.x; t < m; t += blockDim.x) {
       const int64_t p = perm[base + t];
+      assert(p >= 0 && p < nnz && "saebench bucketed_grad: entry id out of range");
       s_entry[t] = p;
       s_row[t] = row_of[p];
       s_coef[t] = to_float(coef[p]);
-      s_dot[t] = 0.f;
     }
     __syncthreads();
     for (int t = 0; t < m; ++t) {
@@ -138,14 +144,16 @@ __global__ void bucketed_grad_kernel(const T* __restrict__ G, const T* __restric
       }
       if (want_dot) {
         dot = warp_sum(dot);
-        if ((threadIdx.x & 31) == 0) atomicAdd(&s_dot[t], dot);
+        if ((threadIdx.x & 31) == 0) s_part[warp][t] = dot;
       }
     }
     __syncthreads();
     if (want_dot) {
+      float* row = dcoef_parts + static_cast<int64_t>(blockIdx.y) * nnz;
       for (int t = threadIdx.x; t < m; t += blockDim.x) {
-        if (gridDim.y == 1) dcoef[s_entry[t]] = s_dot[t];
-        else atomicAdd(&dcoef[s_entry[t]], s_dot[t]);
+        float total = 0.f;
+        for (int w = 0; w < n_warps; ++w) total += s_part[w][t];
+        row[s_entry[t]] = total;
       }
     }
     if (threadIdx.x == 0)
@@ -174,40 +182,45 @@ inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<
 
 template <typename T>
 cudaError_t gather_rows(const T* coef, const int64_t* idx, const int64_t* offsets, int64_t batch,
-                        const T* W, const T* bias, int64_t d, T* out, cudaStream_t stream) {
+                        const T* W, int64_t n, const T* bias, int64_t d, T* out, cudaStream_t stream) {
   if (batch == 0 || d == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(T);
   if (d % V == 0 && aligned16(W) && aligned16(bias) && aligned16(out)) {
     const Launch l = plan(batch, d, V);
-    gather_rows_kernel<T, V><<<l.grid, l.block, 0, stream>>>(coef, idx, offsets, W, bias, d, out);
+    gather_rows_kernel<T, V><<<l.grid, l.block, 0, stream>>>(coef, idx, offsets, W, n, bias, d, out);
   } else {
     const Launch l = plan(batch, d, 1);
-    gather_rows_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(coef, idx, offsets, W, bias, d, out);
+    gather_rows_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(coef, idx, offsets, W, n, bias, d, out);
   }
   return cudaGetLastError();
 }
 
+int64_t bucketed_grad_chunks(int64_t d, int dtype_bytes, bool aligned) {
+  const int V = 16 / dtype_bytes;
+  return static_cast<int64_t>(plan(1, d, (aligned && d % V == 0) ? V : 1).grid.y);
+}
+
 template <typename T>
 cudaError_t bucketed_grad(const T* G, const T* coef, const int64_t* perm, const int64_t* lat_offsets,
-                          const int64_t* row_of, int64_t n, int64_t d, const T* W, T* dW,
-                          float* dcoef, float* dbias, cudaStream_t stream) {
+                          const int64_t* row_of, int64_t n, int64_t d, int64_t nnz, const T* W, T* dW,
+                          float* dcoef_parts, float* dbias, cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(T);
   if (d % V == 0 && aligned16(G) && aligned16(W) && aligned16(dW)) {
     const Launch l = plan(n, d, V);
-    bucketed_grad_kernel<T, V><<<l.grid, l.block, 0, stream>>>(G, coef, perm, lat_offsets, row_of, d, W, dW, dcoef, dbias);
+    bucketed_grad_kernel<T, V><<<l.grid, l.block, 0, stream>>>(G, coef, perm, lat_offsets, row_of, d, nnz, W, dW, dcoef_parts, dbias);
   } else {
     const Launch l = plan(n, d, 1);
-    bucketed_grad_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(G, coef, perm, lat_offsets, row_of, d, W, dW, dcoef, dbias);
+    bucketed_grad_kernel<T, 1><<<l.grid, l.block, 0, stream>>>(G, coef, perm, lat_offsets, row_of, d, nnz, W, dW, dcoef_parts, dbias);
   }
   return cudaGetLastError();
 }
 
 #define SAEBENCH_INSTANTIATE(T)                                                                              \
-  template cudaError_t gather_rows<T>(const T*, const int64_t*, const int64_t*, int64_t, const T*, const T*, \
-                                      int64_t, T*, cudaStream_t);                                            \
+  template cudaError_t gather_rows<T>(const T*, const int64_t*, const int64_t*, int64_t, const T*, int64_t,   \
+                                      const T*, int64_t, T*, cudaStream_t);                                   \
   template cudaError_t bucketed_grad<T>(const T*, const T*, const int64_t*, const int64_t*, const int64_t*,  \
-                                        int64_t, int64_t, const T*, T*, float*, float*, cudaStream_t);
+                                        int64_t, int64_t, int64_t, const T*, T*, float*, float*, cudaStream_t);
 
 SAEBENCH_INSTANTIATE(float)
 SAEBENCH_INSTANTIATE(__half)

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     autocast_bf16: bool = True  # on CUDA only
+    # fused Adam with clipping folded into its grad_scale and a non-finite step skipped on the device
+    # (no host sync); None = on CUDA. The unfused path is the reference and CPU's default.
+    fused_step: bool | None = None
     wandb_project: str | None = None
 
     def resolved_lr(self, n_latents: int) -> float:
@@ -150,12 +153,14 @@ class SAETrainer:
             elif cfg.b_dec_init == "mean":
                 self.sae.b_dec.copy_((sample * self.scale).mean(0))
         self.lr = cfg.resolved_lr(sae_cfg.n_latents)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas)
+        self.fused = cfg.fused_step if cfg.fused_step is not None else self.device.type == "cuda"
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas, fused=self.fused or None)
+        self.bad_step = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first step with a bad (batch, loss)
         self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
         self.step_count = 0
         self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device)
         self.fire_freq = torch.zeros(sae_cfg.n_latents, device=self.device)  # EMA of fires per token
-        self.threshold_set = False
+        self.threshold_set = torch.zeros((), dtype=torch.bool, device=self.device)  # a threshold was ever recorded
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.cfg.resolved_warmup(self.total_steps)))
@@ -163,8 +168,14 @@ class SAETrainer:
         decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
         return self.lr * warm * decay
 
-    def step(self, x: torch.Tensor) -> dict:
-        _check_finite(x, f"the batch of step {self.step_count}")
+    def step(self, x: torch.Tensor, sync: bool = True) -> dict:
+        """One optimizer step on x [batch d_in]; the metrics dict, or {} when sync is False.
+
+        The fused path reads nothing back to the host unless sync is True: a non-finite batch or loss
+        skips the update on the device and raises at the next synced step.
+        """
+        if not self.fused:
+            _check_finite(x, f"the batch of step {self.step_count}")
         x = x.to(self.device, torch.float32) * self.scale
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
@@ -172,22 +183,43 @@ class SAETrainer:
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate())
-        if not torch.isfinite(out.loss):
+        if not self.fused and not torch.isfinite(out.loss):
             raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.sae.remove_parallel_grad()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        params = [p for p in self.sae.parameters() if p.grad is not None]
+        if self.fused:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out.loss)])
+            first = (self.bad_step < 0) & bad
+            self.bad_step.copy_(torch.where(first, self.step_count, self.bad_step))
+            # clip_grad_norm_ multiplies by min(1, clip / (norm + 1e-6)); fused Adam divides by grad_scale
+            self.opt.grad_scale = (1 / (self.cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)).float()
+            self.opt.found_inf = (bad.any() | ~torch.isfinite(grad_norm)).float()
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt.step()
         self.sae.normalize_decoder()
         self._update_stats(out.selection, len(x))
         self.step_count += 1
+        if not sync:
+            return {}
+        self.raise_if_bad()
         l0 = out.selection.l0()
         return {
             "step": self.step_count, "tokens": self.step_count * self.cfg.batch_size, "loss": float(out.loss.detach()),
             "fvu": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": float(l0.mean().detach()), "lr": self.lr_at(self.step_count - 1),
             "dead_fraction": float(dead.float().mean()), "grad_norm": float(grad_norm),
         }
+
+    def raise_if_bad(self) -> None:
+        """Raise for the first non-finite batch or loss the fused path skipped (one host sync)."""
+        batch_step, loss_step = (int(v) for v in self.bad_step.tolist())
+        if batch_step >= 0:
+            raise DataError(f"NaN or inf in the batch of step {batch_step}: check the model dtype and the activation source")
+        if loss_step >= 0:
+            raise DataError(f"loss became non-finite at step {loss_step}: lower train.lr or check the activations")
 
     def fire_rate(self) -> torch.Tensor | None:
         """[n] fires per token, the bias-corrected EMA of the batches so far (as Adam's moments); None before any."""
@@ -201,17 +233,15 @@ class SAETrainer:
         fired = torch.zeros(n, device=self.device).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float())
         self.tokens_since_fired = torch.where(fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch)
         self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
-        if self.sae_cfg.uses_threshold:
+        if self.sae_cfg.uses_threshold:  # written with torch.where: no host sync
             per_feature = self.sae_cfg.activation == "feature_choice"
-            low = min_kept(sel, n, per_feature)
-            if low is None:
-                return
-            low = low.float().expand(n) if not per_feature else low.float()
+            low = min_kept(sel, n, per_feature).float().expand(n)
             ok = torch.isfinite(low)
-            decay = self.sae_cfg.threshold_decay if self.threshold_set else 0.0
+            d = self.sae_cfg.threshold_decay
+            decay, rest = torch.where(self.threshold_set, d, 0.0), torch.where(self.threshold_set, 1 - d, 1.0)
             t = self.sae.threshold
-            t[ok] = decay * t[ok] + (1 - decay) * low[ok]
-            self.threshold_set = True
+            t.copy_(torch.where(ok, decay * t + rest * low, t))
+            self.threshold_set |= ok.any()
 
     # -- checkpoints ------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -222,7 +252,7 @@ class SAETrainer:
         for pid, st in opt["state"].items():
             for key, value in st.items():
                 tensors[f"opt.{pid}.{key}"] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        meta = {"step": self.step_count, "scale": self.scale, "threshold_set": self.threshold_set, "param_groups": opt["param_groups"]}
+        meta = {"step": self.step_count, "scale": self.scale, "threshold_set": bool(self.threshold_set), "param_groups": opt["param_groups"]}
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -235,7 +265,8 @@ class SAETrainer:
                 _, pid, name = key.split(".", 2)
                 state.setdefault(int(pid), {})[name] = value
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.step_count, self.scale, self.threshold_set = meta["step"], meta["scale"], meta["threshold_set"]
+        self.step_count, self.scale = meta["step"], meta["scale"]
+        self.threshold_set.fill_(bool(meta["threshold_set"]))
 
     def export(self) -> SAE:
         """A copy for inference on raw activations (input scale folded in)."""
@@ -347,8 +378,13 @@ def train_saes(
         for batch in source.batches(skip=consumed):
             if any_trainer.step_count >= any_trainer.total_steps:
                 break
+            upcoming = any_trainer.step_count + 1
+            sync = (upcoming % cfg.log_every == 0 or upcoming == any_trainer.total_steps
+                    or (bool(dirs) and cfg.checkpoint_every and upcoming % cfg.checkpoint_every == 0)
+                    or (stop_after_steps is not None and upcoming >= stop_after_steps))
             for name, trainer in trainers.items():
-                last[name] = trainer.step(_pick(batch, trainer.sae_cfg))
+                row = trainer.step(_pick(batch, trainer.sae_cfg), sync=sync)
+                last[name] = row or last[name]
             consumed += 1
             bar.update(1)
             step = any_trainer.step_count

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 import saebench as sb
 from saebench.synthetic import PlantedFeatures, SyntheticConfig, recovery_metrics
-from saebench.train import TrainConfig, geometric_median, train_sae
+from saebench.train import SAETrainer, TrainConfig, geometric_median, train_sae
 
 
 def planted(n=60_000, seed=0):
@@ -142,3 +142,49 @@ def test_several_saes_from_one_pass_equal_separate_runs(tmp_path):
         alone, _ = train_sae(cfg, lambda e, h=cfg.hook: (b[h] for b in stream(e)), tcfg, show_progress=False)
         assert torch.equal(alone.W_dec, together[name].W_dec), name
         assert (tmp_path / name / "sae" / "sae.safetensors").exists()
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "feature_choice"])
+def test_fused_step_matches_the_reference_step(activation):
+    """The fused path (fused Adam, clipping as its grad_scale, no host sync) trains the same SAE as the
+    unfused reference, with clipping engaged (grad_clip 0.05) and thresholds tracked on the device."""
+    _, x = planted(8192)
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation)
+    saes = []
+    for fused in (False, True):
+        tcfg = TrainConfig(n_tokens=30 * 512, batch_size=512, lr=3e-3, warmup_steps=3, grad_clip=0.05, fused_step=fused, log_every=7)
+        trainer = SAETrainer(cfg, tcfg, x[:4096])
+        assert trainer.fused is fused
+        norms = [trainer.step(x[i * 512 : (i + 1) * 512])["grad_norm"] for i in range(12)]
+        assert min(norms) > 0.05  # the clip was active on every step
+        saes.append(trainer)
+    ref, fused = saes
+    for (name, a), b in zip(ref.sae.state_dict().items(), fused.sae.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-5, msg=name)
+    assert bool(fused.threshold_set) == bool(ref.threshold_set)
+
+
+def test_fused_step_skips_a_bad_batch_and_raises_at_the_next_sync():
+    _, x = planted(4096)
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3)
+    trainer = SAETrainer(cfg, TrainConfig(n_tokens=10**6, batch_size=256, fused_step=True), x[:2048])
+    trainer.step(x[:256], sync=False)
+    before = {k: v.clone() for k, v in trainer.sae.state_dict().items()}
+    bad = x[256:512].clone()
+    bad[3, 1] = float("inf")
+    assert trainer.step(bad, sync=False) == {}  # no host sync, no error yet
+    for name, value in trainer.sae.state_dict().items():
+        if name != "W_dec":  # normalize_decoder still runs (idempotent on unit rows)
+            assert torch.equal(value, before[name]), name
+    with pytest.raises(sb.DataError, match="NaN or inf in the batch of step 1"):
+        trainer.step(x[512:768], sync=True)
+
+
+def test_min_kept_by_hand():
+    from saebench.sae.sparsify import Selection, min_kept
+
+    sel = Selection(torch.tensor([[0.5, 0.0], [2.0, 0.25]]), torch.tensor([[3, 1], [3, 0]]), None, 2)
+    assert float(min_kept(sel, 4, per_feature=False)) == 0.25
+    assert min_kept(sel, 4, per_feature=True).tolist() == [0.25, float("inf"), float("inf"), 0.5]
+    none = Selection(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long), None, 2)
+    assert float(min_kept(none, 4, per_feature=False)) == float("inf")

@@ -37,8 +37,10 @@ class SAE(nn.Module):
         """x: [... d_in] -> [... n]."""
         self._check_input(x)
         # = (x - b_dec) W_enc + b_enc; folding b_dec into the bias keeps a [batch d_in] gradient
-        # (a third dense matmul) out of the backward when x needs none.
-        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        # (a third dense matmul) out of the backward when x needs none. The bias takes the matmul's
+        # dtype, so a bf16 autocast matmul is not promoted to fp32 by an fp32 bias.
+        pre = x @ self.W_enc
+        return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
     def select(self, pre: torch.Tensor, train: bool | None = None) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]."""
@@ -96,8 +98,8 @@ class SAE(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Drop the component of each W_dec row's gradient along the row (it only changes the norm)."""
         if self.W_dec.grad is not None:
-            w = self.W_dec
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(-1, keepdim=True) * w
+            g, w = self.W_dec.grad, self.W_dec
+            g.addcmul_((g * w).sum(-1, keepdim=True), w, value=-1)  # in place, no [n d] temporary
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

@@ -128,13 +128,11 @@ def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
 
 
 @torch.no_grad()
-def min_kept(sel: Selection, n: int, per_feature: bool) -> torch.Tensor | None:
-    """Smallest positive kept value: a scalar, or per feature ([n], +inf where none fired)."""
-    positive = sel.values > 0
-    if not positive.any():
-        return None
-    values = sel.values[positive]
+def min_kept(sel: Selection, n: int, per_feature: bool) -> torch.Tensor:
+    """Smallest positive kept value: a scalar, or per feature ([n]); +inf where none. No host sync."""
+    values = sel.values.detach().reshape(-1)
+    values = torch.where(values > 0, values, torch.full_like(values, float("inf")))
     if not per_feature:
-        return values.min()
+        return values.min() if values.numel() else values.new_tensor(float("inf"))
     out = torch.full((n,), float("inf"), device=values.device, dtype=values.dtype)
-    return out.scatter_reduce(0, sel.indices[positive], values, reduce="amin")
+    return out.scatter_reduce(0, sel.indices.reshape(-1), values, reduce="amin")
