@@ -82,13 +82,15 @@ std::vector<torch::Tensor> bucketed_grad(torch::Tensor G, torch::Tensor coef, to
 
   auto dW = torch::empty({n, d}, G.options());
   auto f32 = G.options().dtype(torch::kFloat32);
-  const bool aligned = reinterpret_cast<uintptr_t>(G.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(dW.data_ptr()) % 16 == 0 &&
-                       (!w.defined() || reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0);
-  const int64_t chunks = saebench::bucketed_grad_chunks(d, static_cast<int>(G.element_size()), aligned);
-  auto parts = w.defined() ? torch::zeros({chunks, nnz}, f32) : torch::Tensor();
   auto dbias = want_dbias ? torch::empty({n}, f32) : torch::Tensor();
+  torch::Tensor parts;
+  int64_t chunks = 1;
   dispatch(G.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (w.defined()) {
+      chunks = saebench::bucketed_grad_chunks<T>(d, ptr<T>(G), ptr<T>(w), ptr<T>(dW));
+      parts = torch::zeros({chunks, nnz}, f32);
+    }
     check_cuda(saebench::bucketed_grad<T>(ptr<T>(G), ptr<T>(coef), perm.data_ptr<int64_t>(), lat_offsets.data_ptr<int64_t>(),
                                           row_of.data_ptr<int64_t>(), n, d, nnz, ptr<T>(w), ptr<T>(dW), ptr<float>(parts),
                                           ptr<float>(dbias), c10::cuda::getCurrentCUDAStream()),

@@ -195,9 +195,17 @@ cudaError_t gather_rows(const T* coef, const int64_t* idx, const int64_t* offset
   return cudaGetLastError();
 }
 
-int64_t bucketed_grad_chunks(int64_t d, int dtype_bytes, bool aligned) {
-  const int V = 16 / dtype_bytes;
-  return static_cast<int64_t>(plan(1, d, (aligned && d % V == 0) ? V : 1).grid.y);
+namespace {
+// The one place that picks bucketed_grad's vector width: its launch and its chunk count both read it.
+template <typename T>
+bool bucketed_grad_vectorised(int64_t d, const T* G, const T* W, const T* dW) {
+  return d % (16 / sizeof(T)) == 0 && aligned16(G) && aligned16(W) && aligned16(dW);
+}
+}  // namespace
+
+template <typename T>
+int64_t bucketed_grad_chunks(int64_t d, const T* G, const T* W, const T* dW) {
+  return static_cast<int64_t>(plan(1, d, bucketed_grad_vectorised(d, G, W, dW) ? static_cast<int>(16 / sizeof(T)) : 1).grid.y);
 }
 
 template <typename T>
@@ -206,7 +214,7 @@ cudaError_t bucketed_grad(const T* G, const T* coef, const int64_t* perm, const 
                           float* dcoef_parts, float* dbias, cudaStream_t stream) {
   if (n == 0 || d == 0) return cudaSuccess;
   constexpr int V = 16 / sizeof(T);
-  if (d % V == 0 && aligned16(G) && aligned16(W) && aligned16(dW)) {
+  if (bucketed_grad_vectorised(d, G, W, dW)) {
     const Launch l = plan(n, d, V);
     bucketed_grad_kernel<T, V><<<l.grid, l.block, 0, stream>>>(G, coef, perm, lat_offsets, row_of, d, nnz, W, dW, dcoef_parts, dbias);
   } else {
@@ -220,7 +228,8 @@ cudaError_t bucketed_grad(const T* G, const T* coef, const int64_t* perm, const 
   template cudaError_t gather_rows<T>(const T*, const int64_t*, const int64_t*, int64_t, const T*, int64_t,   \
                                       const T*, int64_t, T*, cudaStream_t);                                   \
   template cudaError_t bucketed_grad<T>(const T*, const T*, const int64_t*, const int64_t*, const int64_t*,  \
-                                        int64_t, int64_t, int64_t, const T*, T*, float*, float*, cudaStream_t);
+                                        int64_t, int64_t, int64_t, const T*, T*, float*, float*, cudaStream_t); \
+  template int64_t bucketed_grad_chunks<T>(int64_t, const T*, const T*, const T*);
 
 SAEBENCH_INSTANTIATE(float)
 SAEBENCH_INSTANTIATE(__half)

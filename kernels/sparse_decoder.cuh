@@ -15,8 +15,10 @@ template <typename T>
 cudaError_t gather_rows(const T* coef, const int64_t* idx, const int64_t* offsets, int64_t batch,
                         const T* W, int64_t n, const T* bias, int64_t d, T* out, cudaStream_t stream);
 
-// Column chunks bucketed_grad splits d into: dcoef_parts holds one row of nnz partial dots per chunk.
-int64_t bucketed_grad_chunks(int64_t d, int dtype_bytes, bool aligned);
+// Column chunks bucketed_grad splits d into for these pointers (alignment picks the vector width):
+// dcoef_parts holds one row of nnz partial dots per chunk.
+template <typename T>
+int64_t bucketed_grad_chunks(int64_t d, const T* G, const T* W, const T* dW);
 
 // Latent-bucketed backward. Entries sorted by latent: perm[e] is an entry id, latent j owns
 // e in [lat_offsets[j], lat_offsets[j+1]); row_of[p] is entry p's token. For every latent j:

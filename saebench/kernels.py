@@ -71,6 +71,12 @@ def fixed_offsets(batch: int, k: int, device) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * k, k, device=device, dtype=torch.long)
 
 
+def csr_rows(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The token of every CSR entry: offsets [batch+1] -> [nnz] (output_size given: no host sync)."""
+    batch = offsets.numel() - 1
+    return torch.repeat_interleave(torch.arange(batch, device=offsets.device), offsets.diff(), output_size=nnz)
+
+
 @dataclass(frozen=True)
 class Buckets:
     """Entries grouped by latent: perm [nnz] (entry ids, latent-major, token order within a latent),
@@ -98,9 +104,7 @@ def bucket(indices: torch.Tensor, offsets: torch.Tensor, n: int) -> Buckets:
     indices, offsets = indices.contiguous(), offsets.contiguous()
     sorted_idx, perm = torch.sort(indices, stable=True)
     lat_offsets = torch.searchsorted(sorted_idx, torch.arange(n + 1, device=indices.device, dtype=indices.dtype))
-    batch = offsets.numel() - 1
-    row_of = torch.repeat_interleave(torch.arange(batch, device=indices.device), offsets.diff(), output_size=indices.numel())
-    out = Buckets(perm, lat_offsets, row_of)
+    out = Buckets(perm, lat_offsets, csr_rows(offsets, indices.numel()))
     _last_buckets[:] = [(*held, key, out)]
     return out
 

@@ -50,7 +50,7 @@ def pre_acts_at(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc
     flat = indices.reshape(-1)
     if fixed:
         offsets = kernels.fixed_offsets(indices.shape[0], indices.shape[1], indices.device)
-    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), offsets.diff(), output_size=flat.numel())
+    rows = kernels.csr_rows(offsets, flat.numel())
     at = pre.detach()[rows, flat]
     if kernels.active_for(W_enc):
         out = kernels.SparsePreActs.apply(x, b_dec, W_enc, b_enc, flat, offsets, at)

@@ -217,7 +217,7 @@ class SAETrainer:
         """Raise for the first non-finite batch or loss the fused path skipped (one host sync)."""
         batch_step, loss_step = (int(v) for v in self.bad_step.tolist())
         if batch_step >= 0:
-            raise DataError(f"NaN or inf in the batch of step {batch_step}: check the model dtype and the activation source")
+            raise _nonfinite(f"the batch of step {batch_step}")
         if loss_step >= 0:
             raise DataError(f"loss became non-finite at step {loss_step}: lower train.lr or check the activations")
 
@@ -278,7 +278,11 @@ class SAETrainer:
 
 def _check_finite(x: torch.Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
-        raise DataError(f"NaN or inf in {where}: check the model dtype and the activation source")
+        raise _nonfinite(where)
+
+
+def _nonfinite(where: str) -> DataError:
+    return DataError(f"NaN or inf in {where}: check the model dtype and the activation source")
 
 
 CHECKPOINT = "state-{step:08d}.safetensors"
@@ -378,17 +382,16 @@ def train_saes(
         for batch in source.batches(skip=consumed):
             if any_trainer.step_count >= any_trainer.total_steps:
                 break
-            upcoming = any_trainer.step_count + 1
-            sync = (upcoming % cfg.log_every == 0 or upcoming == any_trainer.total_steps
-                    or (bool(dirs) and cfg.checkpoint_every and upcoming % cfg.checkpoint_every == 0)
-                    or (stop_after_steps is not None and upcoming >= stop_after_steps))
-            for name, trainer in trainers.items():
-                row = trainer.step(_pick(batch, trainer.sae_cfg), sync=sync)
+            step = any_trainer.step_count + 1
+            log = step % cfg.log_every == 0 or step == any_trainer.total_steps
+            save = bool(dirs) and bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+            stop = stop_after_steps is not None and step >= stop_after_steps
+            for name, trainer in trainers.items():  # metrics (a host sync) only where they are used
+                row = trainer.step(_pick(batch, trainer.sae_cfg), sync=log or save or stop)
                 last[name] = row or last[name]
             consumed += 1
             bar.update(1)
-            step = any_trainer.step_count
-            if step % cfg.log_every == 0 or step == any_trainer.total_steps:
+            if log:
                 rate = round((step - start_step) * cfg.batch_size / max(1e-9, time.perf_counter() - started))
                 first = next(iter(last.values()))
                 bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.3f}")
@@ -399,9 +402,9 @@ def train_saes(
                         files[name].flush()
                 if wandb_run:
                     wandb_run.log({f"{n}/{k}": v for n, row in last.items() for k, v in row.items()}, step=step)
-            if dirs and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if save:
                 checkpoint()
-            if stop_after_steps is not None and step >= stop_after_steps:
+            if stop:
                 if dirs:
                     checkpoint()
                 break

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from saebench.kernels import csr_rows
+
 
 @dataclass
 class Selection:
@@ -30,7 +32,7 @@ class Selection:
         """Token index of every entry: [batch k] or [nnz]."""
         if self.offsets is None:
             return torch.arange(self.batch, device=self.values.device)[:, None].expand_as(self.indices)
-        return torch.repeat_interleave(torch.arange(self.batch, device=self.values.device), self.offsets.diff())
+        return csr_rows(self.offsets, self.indices.numel())
 
     def dense(self, n: int) -> torch.Tensor:
         """-> z [batch n] (differentiable in values)."""
