@@ -271,13 +271,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from saebench import distributed
+
+        distributed.barrier()
+        distributed.shutdown()
+
+
+def _peer_lost_errors() -> tuple[type[BaseException], ...]:
+    """What a collective raises on the ranks that survive another rank's death (only under torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ()
+    import torch.distributed as dist
+
+    return (dist.DistBackendError, dist.DistNetworkError) if hasattr(dist, "DistNetworkError") else (dist.DistBackendError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         args.func(args)
+        _leave_process_group()
     except SAEBenchError as e:
-        print(f"saebench: error: {e}", file=sys.stderr)
+        print(f"saebench{rank}: error: {e}", file=sys.stderr)
         return 2
+    except _peer_lost_errors() as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"saebench{rank}: error: another rank stopped ({first}); its error is above. "
+              f"torchrun restarts from the last checkpoint with --max-restarts, or rerun with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("saebench: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)
         return 130

@@ -65,6 +65,7 @@ class TrainSection:
     grad_clip: float = 1.0
     enc_init_scale: float = 0.1  # W_enc = enc_init_scale * W_dec^T
     source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)
+    distribute: str = "data"  # under torchrun: data (every rank every SAE, gradients all-reduced) | hooks (SAEs dealt to ranks)
     log_every: int = 50
     checkpoint_every: int = 500
     wandb_project: str | None = None

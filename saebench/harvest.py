@@ -4,7 +4,8 @@ Cache layout (`saebench harvest`):
     <cache_dir>/manifest.json                        settings, widths, and the complete shards
     <cache_dir>/<hook>/shard_00000.safetensors       acts [n d], token_ids [n], context [n], position [n]
 A shard covers a fixed run of contexts, is written to a temp file and renamed, and enters the
-manifest only once it is whole; a resumed run starts after the last listed shard.
+manifest only once it is whole; a resumed run starts after the last listed shard. Under torchrun
+ranks write disjoint shards of the same plan (`shard_plan`), so the cache equals a one-process one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from saebench import distributed as dist
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.config import HarvestConfig, parse_dtype
 from saebench.data import DataConfig, TokenContexts
@@ -180,17 +182,58 @@ def hook_dirname(hook: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", hook)
 
 
+def shard_plan(contexts: TokenContexts, cfg: HarvestConfig, exclude_special: bool) -> list[dict]:
+    """The shards a harvest of cfg.n_tokens writes: {"file", "n", "contexts": [start, end]} each.
+
+    Shard i covers contexts [i * shard_contexts, ...); the last one ends at the first context that
+    completes n_tokens and holds only the rows still needed. Known before any forward pass, so
+    ranks can write disjoint shards of one cache."""
+    per_context = (~contexts.special_mask).sum(1) if exclude_special else torch.full((len(contexts),), contexts.tokens.shape[1])
+    plan, total = [], 0
+    for index, start in enumerate(range(0, len(contexts), cfg.shard_contexts)):
+        if total >= cfg.n_tokens:
+            break
+        counts = per_context[start : start + cfg.shard_contexts].cumsum(0)
+        need = cfg.n_tokens - total
+        end = start + min(int(torch.searchsorted(counts, torch.tensor(need))) + 1, len(counts))
+        n = min(int(counts[end - start - 1]), need)
+        plan.append({"file": f"shard_{index:05d}.safetensors", "n": n, "contexts": [start, end]})
+        total += n
+    return plan
+
+
+def _write_shard(harvester: Harvester, contexts: TokenContexts, cache_dir: Path, shard: dict, batch_size: int) -> None:
+    start, end = shard["contexts"]
+    parts: dict[str, list[torch.Tensor]] = {h: [] for h in harvester.hooks}
+    meta: dict[str, list[torch.Tensor]] = {"token_ids": [], "context": [], "position": []}
+    for i in range(start, end, batch_size):
+        j = min(i + batch_size, end)
+        tokens, special = contexts.tokens[i:j], contexts.special_mask[i:j]
+        rows, keep = harvester.activations(tokens, special)
+        for h in harvester.hooks:
+            parts[h].append(rows[h])
+        ctx_idx, pos = keep.nonzero(as_tuple=True)
+        meta["token_ids"].append(tokens[keep].to(torch.int32))
+        meta["context"].append((ctx_idx + i).to(torch.int32))
+        meta["position"].append(pos.to(torch.int16))
+    n = shard["n"]
+    columns = {k: torch.cat(v)[:n].contiguous() for k, v in meta.items()}
+    for h in harvester.hooks:
+        atomic_save_file({"acts": torch.cat(parts[h])[:n].contiguous(), **columns}, cache_dir / hook_dirname(h) / shard["file"])
+
+
 def harvest_to_disk(
     harvester: Harvester, contexts: TokenContexts, cache_dir: str | Path, cfg: HarvestConfig, data: DataConfig, model_name: str,
     max_shards: int | None = None,
 ) -> dict:
     """Write activations for every hook as sharded safetensors; resumes after the last whole shard.
 
-    max_shards: stop after writing this many new shards (to test resumption).
+    Under torchrun each rank writes the shards i with i % world == rank, a round of `world` shards
+    at a time; rank 0 lists each finished round in the manifest. The cache is the one a single
+    process writes. max_shards: stop after writing this many new shards (to test resumption).
     Returns the manifest.
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     settings = _settings(model_name, harvester, cfg, data, contexts)
     manifest_path = cache_dir / MANIFEST
     if manifest_path.exists():
@@ -201,50 +244,31 @@ def harvest_to_disk(
             raise DataError(f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); set harvest.cache_dir to a new folder or delete that one")
     else:
         manifest = {**settings, "shards": [], "n_tokens": 0, "complete": False}
+    dist.barrier()  # every rank has read the manifest before rank 0 rewrites it
     if manifest["complete"]:
         return manifest
-    clean_partial(cache_dir)  # what a killed run was writing
-    for hook in harvester.hooks:
-        (cache_dir / hook_dirname(hook)).mkdir(exist_ok=True)
-        clean_partial(cache_dir / hook_dirname(hook))
-    shard_ctx = cfg.shard_contexts
-    n_shards_max = -(-len(contexts) // shard_ctx)
-    bar = tqdm(total=cfg.n_tokens, initial=manifest["n_tokens"], desc="harvest", unit="tok", unit_scale=True)
-    written = 0
-    while manifest["n_tokens"] < cfg.n_tokens and len(manifest["shards"]) < n_shards_max:
-        if max_shards is not None and written >= max_shards:
-            break
-        index = len(manifest["shards"])
-        start = index * shard_ctx
-        parts: dict[str, list[torch.Tensor]] = {h: [] for h in harvester.hooks}
-        meta: dict[str, list[torch.Tensor]] = {"token_ids": [], "context": [], "position": []}
-        remaining, collected, end = cfg.n_tokens - manifest["n_tokens"], 0, start
-        for i in range(start, min(start + shard_ctx, len(contexts)), cfg.batch_size):
-            if collected >= remaining:
-                break
-            j = end = min(i + cfg.batch_size, start + shard_ctx, len(contexts))
-            tokens, special = contexts.tokens[i:j], contexts.special_mask[i:j]
-            rows, keep = harvester.activations(tokens, special)
-            for h in harvester.hooks:
-                parts[h].append(rows[h])
-            ctx_idx, pos = keep.nonzero(as_tuple=True)
-            meta["token_ids"].append(tokens[keep].to(torch.int32))
-            meta["context"].append((ctx_idx + i).to(torch.int32))
-            meta["position"].append(pos.to(torch.int16))
-            bar.update(min(int(keep.sum()), remaining - collected))
-            collected += int(keep.sum())
-        columns = {k: torch.cat(v) for k, v in meta.items()}
-        n_rows = min(len(columns["token_ids"]), cfg.n_tokens - manifest["n_tokens"])
-        name = f"shard_{index:05d}.safetensors"
-        for h in harvester.hooks:
-            tensors = {"acts": torch.cat(parts[h])[:n_rows].contiguous(), **{k: v[:n_rows].contiguous() for k, v in columns.items()}}
-            atomic_save_file(tensors, cache_dir / hook_dirname(h) / name)
-        manifest["shards"].append({"file": name, "n": n_rows, "contexts": [start, end]})
-        manifest["n_tokens"] += n_rows
-        manifest["complete"] = manifest["n_tokens"] >= cfg.n_tokens or len(manifest["shards"]) == n_shards_max
-        _write_manifest(cache_dir, manifest)
-        written += 1
+    plan = shard_plan(contexts, cfg, harvester.exclude_special)
+    todo = plan[len(manifest["shards"]) :][:max_shards]
+    if dist.is_main():
+        for folder in [cache_dir] + [cache_dir / hook_dirname(h) for h in harvester.hooks]:
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_partial(folder)  # what a killed run was writing
+    dist.barrier()
+    world, rank = dist.world(), dist.rank()
+    bar = tqdm(total=cfg.n_tokens, initial=manifest["n_tokens"], desc="harvest", unit="tok", unit_scale=True, disable=not dist.is_main())
+    for first in range(0, len(todo), world):
+        round_ = todo[first : first + world]
+        if rank < len(round_):
+            _write_shard(harvester, contexts, cache_dir, round_[rank], cfg.batch_size)
+        dist.barrier()  # the round's shards are all on disk
+        manifest["shards"] += round_
+        manifest["n_tokens"] += sum(s["n"] for s in round_)
+        manifest["complete"] = len(manifest["shards"]) == len(plan)
+        if dist.is_main():
+            _write_manifest(cache_dir, manifest)
+        bar.update(sum(s["n"] for s in round_))
     bar.close()
+    dist.barrier()
     return manifest
 
 
@@ -275,10 +299,13 @@ class ActivationStore:
         """acts: [n d]."""
         return torch.cat([self.load_shard(i)["acts"].to(dtype) for i in range(len(self.shards))])
 
-    def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
-        """One pass: [batch_tokens d] batches, shards in random order and rows shuffled in pairs of shards."""
+    def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     part: slice = slice(None)) -> Iterator[torch.Tensor]:
+        """One pass: [batch_tokens d] batches, shards in random order and rows shuffled in pairs of shards.
+        part: which positions of the epoch's shard order to read (a rank's share: `distributed.shard`)."""
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
+        order = order[part]
         carry = torch.empty(0, self.d, dtype=dtype)
         for group in range(0, len(order), 2):
             rows = torch.cat([carry] + [self.load_shard(i)["acts"].to(dtype) for i in order[group : group + 2]])

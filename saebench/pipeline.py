@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saebench import distributed as dist
 from saebench.config import RunConfig, load_config
-from saebench.data import load_contexts
+from saebench.data import TokenContexts, load_contexts
 from saebench.harvest import Harvester, harvest_to_disk, store_dtype
 from saebench.models import load_model
 
 
 def harvest_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), max_shards: int | None = None) -> dict:
-    """Run the config's harvest into its cache folder; returns the manifest (+ "cache_dir")."""
+    """Run the config's harvest into its cache folder; returns the manifest (+ "cache_dir").
+    Under torchrun the ranks write disjoint shards of the one cache."""
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg, list(overrides))
-    model = load_model(cfg.model, cfg.device, cfg.torch_dtype)
+    model = load_model(cfg.model, dist.init(cfg.device), cfg.torch_dtype)
     harvester = Harvester(model, cfg.harvest.hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
     contexts = load_contexts(cfg.data, model.tokenizer)
     cache_dir = Path(cfg.harvest.cache_dir) if cfg.harvest.cache_dir else cfg.run_dir / "activations"
@@ -48,6 +50,7 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
 
     if not isinstance(cfg, RunConfig):
         cfg = load_config(cfg, list(overrides))
+    device = dist.init(cfg.device)
     hooks = cfg.harvest.hooks
     t = cfg.train
     if t.source not in ("stream", "cache"):
@@ -57,28 +60,36 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
         from saebench.errors import DataError
 
         raise DataError(f"{run_dir} already holds a training run: pass --resume to continue it, or set name to a new run")
-    model = load_model(cfg.model, cfg.device, cfg.torch_dtype)
+    if t.batch_size % dist.world():
+        raise ConfigError(f"train.batch_size {t.batch_size} does not split over {dist.world()} ranks: make it a multiple of {dist.world()}")
+    model = load_model(cfg.model, device, cfg.torch_dtype)
     harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
     sae_cfgs = {hook_dirname(h): _sae_config(cfg, harvester.widths[h], h) for h in hooks}
+    local_batch = t.batch_size // dist.world()  # each rank's share of a global batch
     if t.source == "cache":
         if len(hooks) > 1:
             raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
         manifest = harvest_from_config(cfg)
         store = ActivationStore(manifest["cache_dir"], hooks[0])
-        source = lambda epoch: store.iter_batches(t.batch_size, seed=cfg.seed * 1000 + epoch)
+        if len(store.shards) < dist.world():
+            raise ConfigError(f"the cache has {len(store.shards)} shard(s) for {dist.world()} ranks: lower harvest.shard_contexts")
+        source = lambda epoch: store.iter_batches(local_batch, seed=cfg.seed * 1000 + epoch, part=dist.shard(len(store.shards)))
     else:
-        contexts = load_contexts(cfg.data, model.tokenizer)
-        chunk = min(t.batch_size, cfg.harvest.buffer_tokens // 2)
+        contexts = load_contexts(cfg.data, model.tokenizer, show_progress=dist.is_main())
+        mine = dist.shard(len(contexts))  # each rank runs the model on its own contexts
+        contexts = TokenContexts(contexts.tokens[mine], contexts.special_mask[mine])
+        chunk = min(local_batch, cfg.harvest.buffer_tokens // 2)
         source = lambda epoch: stream_activations(
             harvester, contexts, batch_tokens=chunk, buffer_tokens=cfg.harvest.buffer_tokens,
             batch_size=cfg.harvest.batch_size, seed=cfg.seed * 1000 + epoch, epochs=1)
     train_cfg = TrainConfig(
         n_tokens=t.n_tokens, batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-        grad_clip=t.grad_clip, enc_init_scale=t.enc_init_scale, log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=cfg.seed, device=cfg.device,
-        wandb_project=t.wandb_project,
+        grad_clip=t.grad_clip, enc_init_scale=t.enc_init_scale, log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=cfg.seed, device=device,
+        distribute=t.distribute, wandb_project=t.wandb_project,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if len(sae_cfgs) == 1:
         sae, report = train_sae(next(iter(sae_cfgs.values())), source, train_cfg, run_dir=run_dir, resume=resume, stop_after_steps=stop_after_steps)
         return sae, {**report, "run_dir": str(run_dir)}

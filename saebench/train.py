@@ -20,7 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from saebench.errors import DataError
+from saebench import distributed as dist
+from saebench.distributed import LOCAL, Reducer
+from saebench.errors import ConfigError, DataError
 from saebench.sae import SAE, SAEConfig
 from saebench.sae.losses import sae_loss
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
@@ -50,6 +52,10 @@ class TrainConfig:
     # fused Adam with clipping folded into its grad_scale and a non-finite step skipped on the device
     # (no host sync); None = on CUDA. The unfused path is the reference and CPU's default.
     fused_step: bool | None = None
+    # under torchrun: "data" = every rank holds every SAE and trains on its share of each global
+    # batch (gradients and batch statistics all-reduced); "hooks" = the SAEs are dealt out to ranks,
+    # each rank runs the model on its share and sends each hook's rows to the SAE's owner
+    distribute: str = "data"
     wandb_project: str | None = None
 
     def resolved_lr(self, n_latents: int) -> float:
@@ -67,10 +73,17 @@ class BatchSource:
 
     acts: a tensor [N d] (reshuffled each epoch by the seed), or a callable epoch -> iterator of
     [chunk d] tensors or of {hook: [chunk d]} dicts (several hooks from one model pass).
+    Under torchrun each rank gets batch_size / world rows per batch: its slice of each global
+    batch of a tensor (every rank holds the same tensor), or its own callable's rows (each rank's
+    callable yields that rank's data).
     """
 
     def __init__(self, acts: torch.Tensor | Callable[[int], Iterator], batch_size: int, seed: int):
-        self.acts, self.batch_size, self.seed = acts, batch_size, seed
+        world = dist.world()
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}")
+        self.acts, self.global_batch, self.seed = acts, batch_size, seed
+        self.batch_size = batch_size // world
         if isinstance(acts, torch.Tensor):
             if acts.dim() != 2:
                 raise DataError(f"activations must be [n_tokens d_in], got shape {tuple(acts.shape)}")
@@ -83,8 +96,9 @@ class BatchSource:
             if isinstance(self.acts, torch.Tensor):
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 perm = torch.randperm(len(self.acts), generator=gen)
-                n_full = len(perm) - len(perm) % self.batch_size
-                it = ({"": self.acts[perm[i : i + self.batch_size]]} for i in range(0, n_full, self.batch_size))
+                n_full = len(perm) - len(perm) % self.global_batch
+                mine = slice(dist.rank() * self.batch_size, (dist.rank() + 1) * self.batch_size)
+                it = ({"": self.acts[perm[i : i + self.global_batch][mine]]} for i in range(0, n_full, self.global_batch))
             else:
                 it = self._rebatch(self.acts(epoch))
             got_any = False
@@ -134,10 +148,14 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
 
 
 class SAETrainer:
-    """Owns one SAE, its optimizer and statistics; `step(x)` trains on one batch [batch d_in]."""
+    """Owns one SAE, its optimizer and statistics; `step(x)` trains on one batch [batch d_in].
 
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: torch.Tensor):
-        self.cfg, self.sae_cfg = cfg, sae_cfg
+    reduce: data parallelism; x is then this rank's share of the global batch, and gradients,
+    selection, dead-latent statistics, thresholds and metrics follow the global batch. `sample`
+    must be the same on every rank (the initialisation is then the same)."""
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: torch.Tensor, reduce: Reducer = LOCAL):
+        self.cfg, self.sae_cfg, self.reduce = cfg, sae_cfg, reduce
         if sample.shape[-1] != sae_cfg.d_in:
             raise DataError(f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: set sae.d_in={sample.shape[-1]}")
         _check_finite(sample, "the initialisation sample")
@@ -182,16 +200,17 @@ class SAETrainer:
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate())
+            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce)
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        self.reduce.sum_grads_(list(self.sae.parameters()))  # each rank's loss is its share: the sum is the global gradient
         self.sae.remove_parallel_grad()
         params = [p for p in self.sae.parameters() if p.grad is not None]
         if self.fused:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out.loss)])
+            bad = self.reduce.max(torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out.loss)]))
             first = (self.bad_step < 0) & bad
             self.bad_step.copy_(torch.where(first, self.step_count, self.bad_step))
             # clip_grad_norm_ multiplies by min(1, clip / (norm + 1e-6)); fused Adam divides by grad_scale
@@ -206,10 +225,11 @@ class SAETrainer:
         if not sync:
             return {}
         self.raise_if_bad()
-        l0 = out.selection.l0()
+        sums = self.reduce.sum(torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach(), out.selection.l0().sum()]).float())
+        loss, fvu, aux, l0_sum = sums.tolist()
         return {
-            "step": self.step_count, "tokens": self.step_count * self.cfg.batch_size, "loss": float(out.loss.detach()),
-            "fvu": float(out.mse.detach()), "aux": float(out.aux.detach()), "l0": float(l0.mean().detach()), "lr": self.lr_at(self.step_count - 1),
+            "step": self.step_count, "tokens": self.step_count * self.cfg.batch_size, "loss": loss,
+            "fvu": fvu, "aux": aux, "l0": l0_sum / (len(x) * self.reduce.world), "lr": self.lr_at(self.step_count - 1),
             "dead_fraction": float(dead.float().mean()), "grad_norm": float(grad_norm),
         }
 
@@ -231,11 +251,12 @@ class SAETrainer:
     def _update_stats(self, sel, batch: int) -> None:
         n = self.sae_cfg.n_latents
         fired = torch.zeros(n, device=self.device).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float())
+        fired, batch = self.reduce.sum(fired), batch * self.reduce.world
         self.tokens_since_fired = torch.where(fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch)
         self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
         if self.sae_cfg.uses_threshold:  # written with torch.where: no host sync
             per_feature = self.sae_cfg.activation == "feature_choice"
-            low = min_kept(sel, n, per_feature).float().expand(n)
+            low = min_kept(sel, n, per_feature, self.reduce).float().expand(n)
             ok = torch.isfinite(low)
             d = self.sae_cfg.threshold_decay
             decay, rest = torch.where(self.threshold_set, d, 0.0), torch.where(self.threshold_set, 1 - d, 1.0)
@@ -288,12 +309,14 @@ def _nonfinite(where: str) -> DataError:
 CHECKPOINT = "state-{step:08d}.safetensors"
 
 
-def save_checkpoint(trainer: SAETrainer, folder: Path, batches_consumed: int) -> None:
-    """One file per step: tensors, with the trainer's meta in the safetensors metadata."""
+def save_checkpoint(trainer: SAETrainer, folder: Path, batches_consumed: int, rng_states: torch.Tensor | None = None,
+                    distribute: str = "data") -> None:
+    """One file per step: tensors, with the trainer's meta in the safetensors metadata.
+    rng_states: [world state], every rank's torch RNG (default: this process's)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = trainer.state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {**meta, "batches_consumed": batches_consumed}
+    tensors["rng.torch"] = rng_states if rng_states is not None else torch.get_rng_state()[None]
+    meta = {**meta, "batches_consumed": batches_consumed, "world": len(tensors["rng.torch"]), "distribute": distribute}
     atomic_save_file(tensors, folder / CHECKPOINT.format(step=trainer.step_count), metadata={"saebench_state": json.dumps(meta)})
 
 
@@ -311,8 +334,12 @@ def load_checkpoint(trainer: SAETrainer, folder: Path, step: int) -> int:
     path = folder / CHECKPOINT.format(step=step)
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["saebench_state"])
+    world = meta.get("world", 1)
+    if world != dist.world():
+        raise DataError(f"{path} was written by {world} process(es) and this job has {dist.world()}: resume with --nproc_per_node {world}")
     tensors = load_file(str(path))
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rng = tensors.pop("rng.torch")
+    torch.set_rng_state((rng[dist.rank()] if rng.dim() == 2 else rng).clone())
     trainer.load_state(tensors, meta)
     return meta["batches_consumed"]
 
@@ -345,53 +372,79 @@ def train_saes(
     """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
 
     A dict source gives each SAE the batch of its `hook`. Each SAE gets run_dir/<name>/.
+    Under torchrun (cfg.distribute): in "data" mode every rank returns every SAE and rank 0 writes
+    the run files; in "hooks" mode SAE i is trained and written by rank i % world, which returns it.
+    Resuming reads the checkpoints on every rank (a filesystem every rank sees).
     """
+    if cfg.distribute not in dist.MODES:
+        raise ConfigError(f"train.distribute must be one of {', '.join(dist.MODES)}, got {cfg.distribute!r}")
+    world, rank = dist.world(), dist.rank()
+    by_hook = world > 1 and cfg.distribute == "hooks"
+    names = list(sae_cfgs)
+    owners = {name: dist.owner(i) if by_hook else rank for i, name in enumerate(names)}
+    reduce = Reducer(world > 1 and not by_hook)
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
     sample = _init_sample(source, cfg)
-    trainers = {name: SAETrainer(c, cfg, _pick(sample, c)) for name, c in sae_cfgs.items()}
+    trainers = {name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name]), reduce) for name in names if owners[name] == rank}
+    writes = by_hook or dist.is_main()  # this rank writes its trainers' folders
     base = Path(run_dir) if run_dir is not None else None
-    dirs = {name: (base if _flat else base / name) for name in sae_cfgs} if base else {}
-    consumed = 0
+    dirs = {name: (base if _flat else base / name) for name in names} if base else {}
+    total_steps = max(1, cfg.n_tokens // cfg.batch_size)
+    consumed = 0  # global batches = steps done
     if base and resume:
         # the newest step that every SAE checkpointed (a kill can fall between two SAEs' writes)
         common = set.intersection(*(checkpoint_steps(d / "checkpoints") for d in dirs.values()))
         if not common:
             raise DataError(f"nothing to resume in {base}: no checkpoint common to every SAE (drop --resume to start fresh)")
+        consumed = max(common)
         for name, trainer in trainers.items():
-            consumed = load_checkpoint(trainer, dirs[name] / "checkpoints", max(common))
-            _truncate_metrics(dirs[name] / "metrics.jsonl", max(common))
-    for name in trainers:
+            load_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
+    for name in names:
         if base and not resume and (dirs[name] / "metrics.jsonl").exists():
             raise DataError(f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name")
-    for d in dirs.values():
+    dist.barrier()  # every rank has checked and read before any rank writes
+    if base and resume and writes:
+        for name in trainers:
+            _truncate_metrics(dirs[name] / "metrics.jsonl", consumed)
+    mine = {name: dirs[name] for name in trainers} if base and writes else {}
+    for d in mine.values():
         d.mkdir(parents=True, exist_ok=True)
-    files = {name: (d / "metrics.jsonl").open("a") for name, d in dirs.items()}
-    wandb_run = _wandb(cfg, sae_cfgs) if cfg.wandb_project else None
+    files = {name: (d / "metrics.jsonl").open("a") for name, d in mine.items()}
+    wandb_run = _wandb(cfg, sae_cfgs) if cfg.wandb_project and dist.is_main() else None
     last: dict[str, dict] = {name: {} for name in trainers}
-    any_trainer = next(iter(trainers.values()))
-    started, start_step = time.perf_counter(), any_trainer.step_count
-    bar = tqdm(total=any_trainer.total_steps, initial=start_step, desc="train sae", unit="step", disable=not show_progress)
+    started, start_step = time.perf_counter(), consumed
+    bar = tqdm(total=total_steps, initial=start_step, desc="train sae", unit="step", disable=not (show_progress and dist.is_main()))
 
     def checkpoint() -> None:
-        for name, trainer in trainers.items():
-            save_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
-        for name, trainer in trainers.items():  # only once every SAE holds the new step
-            prune_checkpoints(dirs[name] / "checkpoints", keep=trainer.step_count)
+        rng = dist.all_gather_cat(torch.get_rng_state()[None])  # [world state]
+        for name, d in mine.items():
+            save_checkpoint(trainers[name], d / "checkpoints", consumed, rng, cfg.distribute)
+        dist.barrier()
+        for name, d in mine.items():  # only once every SAE holds the new step
+            prune_checkpoints(d / "checkpoints", keep=consumed)
 
     try:
         for batch in source.batches(skip=consumed):
-            if any_trainer.step_count >= any_trainer.total_steps:
+            if consumed >= total_steps:
                 break
-            step = any_trainer.step_count + 1
-            log = step % cfg.log_every == 0 or step == any_trainer.total_steps
+            step = consumed + 1
+            log = step % cfg.log_every == 0 or step == total_steps
             save = bool(dirs) and bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
             stop = stop_after_steps is not None and step >= stop_after_steps
-            for name, trainer in trainers.items():  # metrics (a host sync) only where they are used
-                row = trainer.step(_pick(batch, trainer.sae_cfg), sync=log or save or stop)
-                last[name] = row or last[name]
+            gathered: dict[tuple[str | None, int], torch.Tensor | None] = {}
+            for name in names:
+                x = _pick(batch, sae_cfgs[name])
+                if by_hook:  # the owner receives the global batch of its SAE's hook, in rank order
+                    key = (sae_cfgs[name].hook, owners[name])
+                    if key not in gathered:
+                        gathered[key] = dist.gather_cat(x, owners[name])
+                    x = gathered[key]
+                if name in trainers:  # metrics (a host sync) only where they are used
+                    row = trainers[name].step(x, sync=log or save or stop)
+                    last[name] = row or last[name]
             consumed += 1
             bar.update(1)
-            if log:
+            if log and trainers:
                 rate = round((step - start_step) * cfg.batch_size / max(1e-9, time.perf_counter() - started))
                 first = next(iter(last.values()))
                 bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.3f}")
@@ -413,30 +466,34 @@ def train_saes(
         for f in files.values():
             f.close()
     saes, reports = {}, {}
-    finished = any_trainer.step_count >= any_trainer.total_steps
+    finished = consumed >= total_steps
     if dirs and finished:
         checkpoint()
     for name, trainer in trainers.items():
         saes[name] = trainer.export()
-        if dirs and finished:
-            saes[name].save(dirs[name] / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
+        if name in mine and finished:
+            saes[name].save(mine[name] / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
         reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale}
+    dist.barrier()  # every SAE is saved before any rank returns
     return saes, reports
 
 
 def _init_sample(source: BatchSource, cfg: TrainConfig) -> Batch:
+    """init_tokens rows, the same on every rank: a tensor's own sample, or each rank's share of a stream gathered."""
     if isinstance(source.acts, torch.Tensor):
         gen = torch.Generator().manual_seed(cfg.seed + 7)
         return {"": source.acts[torch.randperm(len(source.acts), generator=gen)[: cfg.init_tokens]].float()}
+    want = -(-cfg.init_tokens // dist.world())
     rows: dict[str, list[torch.Tensor]] = {}
     n = 0
     for batch in source.batches():
         for key, value in batch.items():
             rows.setdefault(key, []).append(value.float())
         n += len(next(iter(batch.values())))
-        if n >= cfg.init_tokens:
+        if n >= want:
             break
-    return {k: torch.cat(v)[: cfg.init_tokens] for k, v in rows.items()}
+    n = dist.all_min_int(min(n, want))
+    return {k: dist.all_gather_cat(torch.cat(v)[:n]) for k, v in rows.items()}
 
 
 def _wandb(cfg: TrainConfig, sae_cfgs: dict[str, SAEConfig]):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from saebench import sparse
+from saebench.distributed import LOCAL, Reducer
 from saebench.sae import sparsify
 from saebench.sae.sae import SAE
 
@@ -20,13 +21,28 @@ class StepOutput:
     x_hat: torch.Tensor
 
 
-def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch. x, x_hat: [batch d]."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reducer = LOCAL, total_var: torch.Tensor | None = None) -> torch.Tensor:
+    """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch. x, x_hat: [batch d].
+
+    With `reduce` active the denominator is the global batch's, so the ranks' values sum to the
+    global batch's normalised MSE (and their gradients sum to its gradient)."""
+    if total_var is None:
+        total_var = variance_sum(x, reduce)
+    return (x - x_hat).pow(2).sum() / total_var
+
+
+@torch.no_grad()
+def variance_sum(x: torch.Tensor, reduce: Reducer = LOCAL) -> torch.Tensor:
+    """sum ||x - mean(x)||^2 over the (global) batch, two-pass; x: [batch d] -> scalar."""
+    if not reduce.active:
+        return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total = reduce.sum(torch.cat([x.sum(0), x.new_tensor([len(x)])]))
+    mean = total[:-1] / total[-1]
+    return reduce.sum((x - mean).pow(2).sum()).clamp_min(1e-12)
 
 
 def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, candidates: torch.Tensor,
-              reattach: bool = False) -> torch.Tensor:
+              reattach: bool = False, reduce: Reducer = LOCAL) -> torch.Tensor:
     """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
 
     candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for abstopk.
@@ -47,7 +63,7 @@ def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
     if reattach:
         values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
-    loss = normalised_mse(error, error_hat)
+    loss = normalised_mse(error, error_hat, reduce)
     return torch.nan_to_num(loss, nan=0.0)
 
 
@@ -66,26 +82,31 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
     return freq < 0.5 * expected
 
 
-def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None) -> StepOutput:
-    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf)."""
+def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None,
+             reduce: Reducer = LOCAL) -> StepOutput:
+    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf).
+
+    reduce: data parallelism; x is this rank's share of the batch, selection and normalisers are the
+    global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
     cfg = sae.cfg
     sparse_backward = sparse.sparse_encoder_backward(sae.W_enc)
     if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
-        sel = sae.reattach(sae.select(pre, train=True), x, pre)
+        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce), x, pre)
     else:
         pre = sae.pre_acts(x)
-        sel = sae.select(pre, train=True)
+        sel = sae.select(pre, train=True, reduce=reduce)
     x_hat = sae.decode_selection(sel)
-    mse = normalised_mse(x, x_hat)
+    total_var = variance_sum(x, reduce)
+    mse = normalised_mse(x, x_hat, total_var=total_var)
     recon = mse
     if cfg.matryoshka:
-        recon = sum(normalised_mse(x, sae.decode_selection(sel, m)) for m in cfg.matryoshka[:-1]) + mse
+        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in cfg.matryoshka[:-1]) + mse
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.activation in ("mutual_choice", "feature_choice") and freq is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward)
+            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward, reduce)
         elif dead is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward)
+            aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce)
     return StepOutput(recon + cfg.aux_coef * aux, mse, aux, sel, x_hat)

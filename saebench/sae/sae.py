@@ -11,6 +11,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from saebench.atomic import atomic_save_file, atomic_write_text
+from saebench.distributed import LOCAL, Reducer
 from saebench.errors import DataError
 from saebench.sae.config import SAEConfig
 from saebench.sae import sparsify
@@ -42,8 +43,9 @@ class SAE(nn.Module):
         pre = x @ self.W_enc
         return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
-    def select(self, pre: torch.Tensor, train: bool | None = None) -> sparsify.Selection:
-        """Which latents fire, with their values. pre: [batch n]."""
+    def select(self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL) -> sparsify.Selection:
+        """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
+        batch sparsifiers select over together (data parallelism)."""
         train = self.training if train is None else train
         cfg = self.cfg
         if cfg.activation == "topk":
@@ -53,8 +55,8 @@ class SAE(nn.Module):
         if not train:
             return sparsify.threshold(pre, self.threshold)
         if cfg.activation in ("batchtopk", "mutual_choice"):
-            return sparsify.batchtopk(pre, cfg.k)
-        return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent)
+            return sparsify.batchtopk(pre, cfg.k, reduce)
+        return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, reduce)
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,

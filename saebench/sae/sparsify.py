@@ -6,6 +6,11 @@
                  = mutual choice, Ayonrinde 2024)
   feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped
   threshold      inference rule of the batch sparsifiers: ReLU(pre) where pre > threshold[j]
+
+Under data parallelism (`reduce` active) the batch sparsifiers select over the global batch:
+the cut-off values come from `distributed.global_kth_largest`, and each rank keeps its own entries
+at or above them. Entries whose ReLU is 0 are left out (they decode to nothing), and a tie at the
+cut-off keeps every tied entry.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from saebench.distributed import LOCAL, Reducer, global_kth_largest
 from saebench.kernels import csr_rows
 
 
@@ -70,10 +76,14 @@ def _csr(flat: torch.Tensor, values_flat: torch.Tensor, batch: int, n: int) -> S
     return Selection(values_flat[flat], cols, offsets, batch)
 
 
-def batchtopk(pre: torch.Tensor, k: int) -> Selection:
+def batchtopk(pre: torch.Tensor, k: int, reduce: Reducer = LOCAL) -> Selection:
     batch, n = pre.shape
     acts = pre.relu().reshape(-1)
-    _, flat = acts.topk(min(k * batch, acts.numel()), sorted=False)
+    total = k * batch * reduce.world
+    top, flat = acts.topk(min(total, acts.numel()), sorted=reduce.active)
+    if reduce.active:
+        cut = global_kth_largest(top[:, None], torch.tensor([total]), reduce).to(acts.dtype)
+        flat = ((acts >= cut) & (acts > 0)).nonzero().squeeze(-1)
     return _csr(flat, acts, batch, n)
 
 
@@ -112,13 +122,18 @@ def zipf_capacities(n: int, batch: int, k: int, exponent: float) -> tuple[int, .
     return tuple(int(v) for v in m)
 
 
-def feature_choice(pre: torch.Tensor, k: int, exponent: float = 1.0) -> Selection:
+def feature_choice(pre: torch.Tensor, k: int, exponent: float = 1.0, reduce: Reducer = LOCAL) -> Selection:
     batch, n = pre.shape
-    m = torch.tensor(zipf_capacities(n, batch, k, exponent), device=pre.device)
+    capacities = zipf_capacities(n, batch * reduce.world, k, exponent)
+    m = torch.tensor(capacities, device=pre.device)
     acts = pre.relu()
-    kmax = int(m.max())
-    _, tok = acts.topk(kmax, dim=0, sorted=True)  # [kmax n]
-    keep = torch.arange(kmax, device=pre.device)[:, None] < m[None, :]
+    kmax = min(max(capacities), batch)
+    top, tok = acts.topk(kmax, dim=0, sorted=True)  # [kmax n]
+    if reduce.active:
+        cut = global_kth_largest(top, m, reduce).to(acts.dtype)
+        keep = (top >= cut[None, :]) & (top > 0)
+    else:
+        keep = torch.arange(kmax, device=pre.device)[:, None] < m[None, :]
     feat = torch.arange(n, device=pre.device)[None, :].expand(kmax, n)
     flat = tok[keep] * n + feat[keep]
     return _csr(flat, acts.reshape(-1), batch, n)
@@ -130,11 +145,11 @@ def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
 
 
 @torch.no_grad()
-def min_kept(sel: Selection, n: int, per_feature: bool) -> torch.Tensor:
-    """Smallest positive kept value: a scalar, or per feature ([n]); +inf where none. No host sync."""
+def min_kept(sel: Selection, n: int, per_feature: bool, reduce: Reducer = LOCAL) -> torch.Tensor:
+    """Smallest positive kept value (over every rank's batch): a scalar, or per feature ([n]); +inf where none. No host sync."""
     values = sel.values.detach().reshape(-1)
     values = torch.where(values > 0, values, torch.full_like(values, float("inf")))
     if not per_feature:
-        return values.min() if values.numel() else values.new_tensor(float("inf"))
+        return reduce.min(values.min() if values.numel() else values.new_tensor(float("inf")))
     out = torch.full((n,), float("inf"), device=values.device, dtype=values.dtype)
-    return out.scatter_reduce(0, sel.indices.reshape(-1), values, reduce="amin")
+    return reduce.min(out.scatter_reduce(0, sel.indices.reshape(-1), values, reduce="amin"))
