@@ -36,6 +36,11 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
     return device
 
 
+def restarted() -> bool:
+    """This process is an elastic restart (`torchrun --max-restarts`): training resumes from the run's last checkpoint."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def shutdown() -> None:
     """Leave the process group (every rank, at the end of a job): a rank that exits while another
     still holds its connections can abort in gloo's destructor."""

@@ -56,7 +56,7 @@ def train_from_config(cfg: RunConfig | str | Path, overrides: list[str] = (), re
     if t.source not in ("stream", "cache"):
         raise ConfigError(f"train.source must be stream or cache, got {t.source!r}")
     run_dir = cfg.run_dir
-    if not resume and ((run_dir / "metrics.jsonl").exists() or any(run_dir.glob("*/metrics.jsonl"))):
+    if not resume and not dist.restarted() and ((run_dir / "metrics.jsonl").exists() or any(run_dir.glob("*/metrics.jsonl"))):
         from saebench.errors import DataError
 
         raise DataError(f"{run_dir} already holds a training run: pass --resume to continue it, or set name to a new run")

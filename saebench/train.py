@@ -391,14 +391,17 @@ def train_saes(
     dirs = {name: (base if _flat else base / name) for name in names} if base else {}
     total_steps = max(1, cfg.n_tokens // cfg.batch_size)
     consumed = 0  # global batches = steps done
-    if base and resume:
+    restarted = base is not None and dist.restarted()  # torchrun's elastic restart: resume, or start over before any checkpoint
+    if base and (resume or restarted):
         # the newest step that every SAE checkpointed (a kill can fall between two SAEs' writes)
         common = set.intersection(*(checkpoint_steps(d / "checkpoints") for d in dirs.values()))
-        if not common:
+        if not common and not restarted:
             raise DataError(f"nothing to resume in {base}: no checkpoint common to every SAE (drop --resume to start fresh)")
-        consumed = max(common)
+        consumed = max(common, default=0)
         for name, trainer in trainers.items():
-            load_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
+            if consumed:
+                load_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
+        resume = True
     for name in names:
         if base and not resume and (dirs[name] / "metrics.jsonl").exists():
             raise DataError(f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name")

@@ -81,6 +81,17 @@ def main(case: str, out: str, activation: str = "topk") -> None:
         sae, _ = train_sae(sae_cfg(activation), data(), cfg, run_dir=run, resume=case == "resume-rest", stop_after_steps=stop, show_progress=False)
         if rank == 0 and case != "resume-part":
             save_file(weights(sae), str(out_dir / f"{case}.safetensors"))
+    elif case == "crash-once":  # rank 1 dies after the step-5 checkpoint; torchrun's restart resumes
+        run = out_dir / "crash"
+        if dist.restarted():
+            sae, _ = train_sae(sae_cfg(activation), data(), train_cfg(checkpoint_every=5), run_dir=run, show_progress=False)
+            if rank == 0:
+                save_file(weights(sae), str(out_dir / "crash-once.safetensors"))
+        else:
+            train_sae(sae_cfg(activation), data(), train_cfg(checkpoint_every=5), run_dir=run, stop_after_steps=7, show_progress=False)
+            if rank == 1:
+                raise RuntimeError("rank 1 died")
+            dist.barrier()  # waits for rank 1, which never comes: torchrun stops this rank
     else:
         raise SystemExit(f"unknown case {case}")
     dist.barrier()

@@ -30,8 +30,8 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return r
 
 
-def job(*args: str) -> None:
-    torchrun(str(ROOT / "tests" / "dist_job.py"), *args)
+def job(*args: str, restarts: int = 0) -> subprocess.CompletedProcess:
+    return torchrun(f"--max-restarts={restarts}", str(ROOT / "tests" / "dist_job.py"), *args)
 
 
 def assert_same_weights(got: dict, want: dict, atol: float = 2e-5) -> None:
@@ -98,6 +98,18 @@ def test_resume_under_two_processes_is_exact(tmp_path):
         assert torch.equal(rest[key], whole[key]), key
     steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
     assert steps == [4, 8, 12]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_stops_the_job_and_the_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
+    r = job("crash-once", str(tmp_path), restarts=1)
+    assert "rank 1 died" in r.stderr
+    job("resume-whole", str(tmp_path))
+    got, want = load_file(str(tmp_path / "crash-once.safetensors")), load_file(str(tmp_path / "resume-whole.safetensors"))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8, 12]  # the step-4 row of the first attempt is kept once, nothing after the checkpoint repeats
 
 
 @pytest.mark.slow
