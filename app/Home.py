@@ -27,7 +27,8 @@ result = run.eval(hook)
 if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
-    keys = [k for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage", "ce_recovered", "kl_score") if k in result["sae"]]
+    keys = [k for k in ("fvu", "fvu_batched", "fvu_per_token", "cossim", "relative_reconstruction_bias", "l0", "dead_fraction",
+                        "dense_fraction", "shrinkage", "ce_recovered", "kl_score") if k in result["sae"]]
     st.dataframe(pd.DataFrame({"metric": keys, "sae": [result["sae"][k] for k in keys],
                                "random SAE": [result["random_baseline"][k] for k in keys]}), hide_index=True)
 

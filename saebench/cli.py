@@ -27,11 +27,12 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from saebench.pipeline import eval_from_config
 
-    keys = ("fvu", "l0", "dead_fraction", "dense_fraction", "shrinkage", "ce_recovered", "kl_score")
+    keys = ("fvu", "fvu_batched", "fvu_per_token", "cossim", "relative_reconstruction_bias", "l0", "dead_fraction", "dense_fraction",
+            "shrinkage", "ce_recovered", "kl_score")
     for hook, result in eval_from_config(args.run).items():
-        print(f"{hook}\n{'metric':<16}{'sae':>12}{'random':>12}")
+        print(f"{hook}\n{'metric':<30}{'sae':>12}{'random':>12}")
         for key in keys:
-            print(f"{key:<16}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
+            print(f"{key:<30}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
         print(f"written to {result['run']}/eval.json")
 
 

@@ -48,6 +48,8 @@ class SAESection:
     n_latents: int | None = None  # default expansion * d_in
     expansion: int = 16
     matryoshka: list[int] | None = None
+    matryoshka_reduce: str = "sum"  # sum | mean over the prefixes
+    matryoshka_random: int = 0  # > 0: random prefix sizes per step (Nabeshima)
     d_in: int | None = None
     aux_coef: float = 1 / 32
     k_aux: int | None = None

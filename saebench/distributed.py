@@ -32,7 +32,15 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
     if cuda:
         torch.cuda.set_device(torch.device(device))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        rank, world = int(os.environ["RANK"]), env_world()
+        agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_hosts, timeout=timeout)
+        # each elastic attempt gets its own keys: a restarted group read the dead attempt's peer
+        # addresses from torchrun's store and failed to connect (torch 2.13, gloo)
+        attempt = dist.PrefixStore(f"saebench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=rank, world_size=world, timeout=timeout)
     return device
 
 

@@ -33,6 +33,7 @@ def _sae_config(cfg: RunConfig, d_in: int, hook: str):
         raise ConfigError(f"sae.d_in is {s.d_in} but {hook} of {cfg.model} has width {d_in}: set sae.d_in={d_in} or remove it")
     return SAEConfig(
         d_in=d_in, n_latents=s.n_latents or s.expansion * d_in, activation=s.activation, k=s.k, matryoshka=s.matryoshka,
+        matryoshka_reduce=s.matryoshka_reduce, matryoshka_random=s.matryoshka_random,
         aux_coef=s.aux_coef, k_aux=s.k_aux, dead_tokens=s.dead_tokens, zipf_exponent=s.zipf_exponent, hook=hook, model=cfg.model,
     )
 
@@ -125,7 +126,7 @@ def eval_from_config(run_dir: str | Path) -> dict:
         hook = sae.cfg.hook
         harvester = Harvester(model, [hook], cfg.harvest.exclude_special)
         acts = torch_cat(b[hook] for b in stream_activations(harvester, contexts, batch_tokens=4096, buffer_tokens=8192, n_tokens=cfg.eval.n_tokens, batch_size=cfg.harvest.batch_size, epochs=1))
-        baseline = random_baseline(sae)
+        baseline = random_baseline(sae, acts)
         result = {
             "run": str(sae_dir.parent), "hook": hook, "split": cfg.eval.split,
             "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},

@@ -24,7 +24,7 @@ from saebench import distributed as dist
 from saebench.distributed import LOCAL, Reducer
 from saebench.errors import ConfigError, DataError
 from saebench.sae import SAE, SAEConfig
-from saebench.sae.losses import sae_loss
+from saebench.sae.losses import random_prefixes, sae_loss
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.sae.sparsify import min_kept
 
@@ -179,6 +179,7 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device)
         self.fire_freq = torch.zeros(sae_cfg.n_latents, device=self.device)  # EMA of fires per token
         self.threshold_set = torch.zeros((), dtype=torch.bool, device=self.device)  # a threshold was ever recorded
+        self.prefix_gen = torch.Generator().manual_seed(cfg.seed + 11)  # Matryoshka prefix draws, the same on every rank
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.cfg.resolved_warmup(self.total_steps)))
@@ -200,7 +201,8 @@ class SAETrainer:
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce)
+            prefixes = random_prefixes(self.sae_cfg, self.prefix_gen) if self.sae_cfg.matryoshka_random else None
+            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes)
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
         self.opt.zero_grad(set_to_none=True)
@@ -269,6 +271,7 @@ class SAETrainer:
         tensors = {f"sae.{k}": v.detach().clone() for k, v in self.sae.state_dict().items()}
         tensors["stats.tokens_since_fired"] = self.tokens_since_fired.clone()
         tensors["stats.fire_freq"] = self.fire_freq.clone()
+        tensors["stats.prefix_rng"] = self.prefix_gen.get_state()
         opt = self.opt.state_dict()
         for pid, st in opt["state"].items():
             for key, value in st.items():
@@ -280,6 +283,8 @@ class SAETrainer:
         self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.tokens_since_fired.copy_(tensors["stats.tokens_since_fired"])
         self.fire_freq.copy_(tensors["stats.fire_freq"])
+        if "stats.prefix_rng" in tensors:
+            self.prefix_gen.set_state(tensors["stats.prefix_rng"].clone())
         state: dict = {}
         for key, value in tensors.items():
             if key.startswith("opt."):

@@ -25,6 +25,29 @@ def test_core_metrics_by_hand():
     assert m["shrinkage"] == pytest.approx((1 / math.sqrt(1.25) + 1) / 2)
     assert m["dead_fraction"] == pytest.approx(1 / 3) and m["dense_fraction"] == pytest.approx(2 / 3)
     assert m["density_histogram"]["never"] == 1 and sum(m["density_histogram"]["counts"]) == 2
+    # per token: rss (0.25, 0), tss about the batch mean (0.8125, 0.8125)
+    assert m["fvu_batched"] == pytest.approx(0.25 / 1.625) and m["fvu_per_token"] == pytest.approx((0.25 / 0.8125 + 0) / 2)
+    assert m["cossim"] == pytest.approx((1 / math.sqrt(1.25) + 1) / 2)
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.0)  # E||x_hat||^2 = E[x_hat.x] = 2.5
+    sae = identity_sae()
+    with torch.no_grad():
+        sae.W_dec.mul_(2)
+    assert evaluate_sae(sae, x)["relative_reconstruction_bias"] == pytest.approx(2.0)  # x_hat = 2 x_hat: 10 / 5
+
+
+def test_fvu_conventions_differ_by_their_batches_by_hand():
+    # two batches of three tokens: batch means differ from the pooled mean, so the three FVUs differ
+    x = torch.tensor([[1.0, 0.5], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0], [2.0, 1.0], [1.0, 1.5]])
+    sae = identity_sae()
+    x_hat = sae.decode(sae.encode(x)).detach()
+    rss = (x - x_hat).pow(2).sum(-1)  # 0.25, 0, 0, 0, 1, 1
+    pooled = float(rss.sum() / (x - x.mean(0)).pow(2).sum())
+    tss = [(b - b.mean(0)).pow(2).sum(-1) for b in (x[:3], x[3:])]
+    batched = (float(rss[:3].sum() / tss[0].sum()) + float(rss[3:].sum() / tss[1].sum())) / 2
+    per_token = float((rss / torch.cat(tss)).mean())
+    m = evaluate_sae(sae, x, batch_size=3)
+    assert (m["fvu"], m["fvu_batched"], m["fvu_per_token"]) == pytest.approx((pooled, batched, per_token))
+    assert len({round(v, 6) for v in (pooled, batched, per_token)}) == 3
 
 
 def test_batches_give_the_same_answer():
@@ -35,6 +58,24 @@ def test_batches_give_the_same_answer():
     parts = evaluate_sae(sae, [x[:300], x[300:]])
     for key in ("fvu", "l0", "dead_fraction", "shrinkage"):
         assert whole[key] == pytest.approx(parts[key], rel=1e-9)
+
+
+def test_random_baseline_at_matched_scale_is_the_least_squares_floor():
+    torch.manual_seed(0)
+    sae = sb.SAE(sb.SAEConfig(d_in=64, n_latents=1024, k=32))  # k random directions' projections overshoot ||x||
+    x = torch.randn(2000, 64) * torch.linspace(0.2, 3, 64) + 1.5
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    base = random_baseline(sae, x)
+    fvu = lambda s: evaluate_sae(s, x)["fvu"]
+    assert fvu(base) < 1.0 < fvu(random_baseline(sae))  # unscaled unit codes overshoot; matched scale beats the mean
+    for factor in (0.9, 1.1):  # the fitted scale is the best one
+        other = random_baseline(sae, x)
+        with torch.no_grad():
+            other.W_enc.mul_(factor)
+        assert fvu(other) > fvu(base)
+    part = (base.decode(base.encode(x)) - base.b_dec).detach().double()  # least squares: the normal equation holds
+    assert float((part * part).sum()) == pytest.approx(float((part * (x - base.b_dec).detach().double()).sum()), rel=1e-4)
 
 
 def test_random_baseline_keeps_shape_and_b_dec():
@@ -60,3 +101,19 @@ def test_spliced_losses_perfect_sae_recovers_everything(tiny):
     assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-4)
     assert out["ce_recovered"] == pytest.approx(1.0, abs=1e-3) and out["kl_sae"] < 1e-6
     assert out["ce_zero"] > out["ce_clean"] + 0.5 and out["kl_zero"] > 0.1
+
+
+def test_spliced_losses_average_only_predictions_between_non_special_tokens(tiny):
+    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False)
+    ctx = sb.TokenContexts(ctx.tokens[:4].clone(), ctx.special_mask[:4].clone())
+    ctx.special_mask[1, 10] = True  # as if a pad / EOS sat there: predictions into and out of it do not count
+    assert ctx.special_mask[:, 0].all()  # BOS
+    sae = sb.SAE(sb.SAEConfig(d_in=tiny.cfg.d_model, n_latents=64, k=4))
+    out = spliced_losses(tiny, sae, "blocks.0.hook_resid_post", ctx)
+    with torch.no_grad():
+        logits = tiny(ctx.tokens).float()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ctx.tokens[:, 1:], reduction="none")
+    keep = ~ctx.special_mask
+    counted = keep[:, :-1] & keep[:, 1:]
+    assert int(counted.sum()) == 4 * 31 - 4 - 2  # BOS -> first token in each row, and row 1's 9 -> 10 and 10 -> 11
+    assert out["ce_clean"] == pytest.approx(float(ce[counted].mean()), rel=1e-5)

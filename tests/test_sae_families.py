@@ -5,7 +5,7 @@ import torch
 
 import saebench as sb
 from saebench.sae import sparsify
-from saebench.sae.losses import normalised_mse, sae_loss
+from saebench.sae.losses import normalised_mse, random_prefixes, sae_loss
 
 B, D, N, K = 24, 16, 64, 4
 
@@ -33,10 +33,10 @@ def dense_reference(pre: torch.Tensor, activation: str, k: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"])
-@pytest.mark.parametrize("matryoshka", [None, [8, 32, N]])
-def test_forward_and_gradients_match_dense_reference(activation, matryoshka):
+@pytest.mark.parametrize("matryoshka, reduce", [(None, "sum"), ([8, 32, N], "sum"), ([8, 32, N], "mean")])
+def test_forward_and_gradients_match_dense_reference(activation, matryoshka, reduce):
     torch.manual_seed(0)
-    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, aux_coef=0.0)
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, matryoshka_reduce=reduce, aux_coef=0.0)
     sae = sb.SAE(cfg, seed=1)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
@@ -53,6 +53,8 @@ def test_forward_and_gradients_match_dense_reference(activation, matryoshka):
     loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     for m in (matryoshka or [])[:-1]:
         loss = loss + ((x - z[:, :m] @ params["W_dec"][:m] - params["b_dec"]) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    if reduce == "mean":
+        loss = loss / len(matryoshka)
     loss.backward()
 
     assert torch.allclose(out.x_hat, x_hat, atol=1e-5)
@@ -60,6 +62,23 @@ def test_forward_and_gradients_match_dense_reference(activation, matryoshka):
     assert torch.allclose(out.loss, loss, rtol=1e-5)
     for name, p in params.items():
         assert torch.allclose(got[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_random_prefixes_are_log_uniform_nested_and_end_at_n():
+    cfg = sb.SAEConfig(d_in=D, n_latents=4096, k=K, matryoshka=[16, 4096], matryoshka_random=3)
+    gen = torch.Generator().manual_seed(0)
+    draws = [random_prefixes(cfg, gen) for _ in range(2000)]
+    assert all(d == sorted(set(d)) and d[-1] == 4096 and 16 <= d[0] and len(d) <= 4 and d[-2] < 4096 for d in draws)
+    sizes = torch.tensor([s for d in draws for s in d[:-1]], dtype=torch.float64)
+    # log-uniform on [16, 4096): log2 uniform on [4, 12), so median 2^8 and a quarter below 2^6
+    assert abs(float(sizes.log2().median()) - 8) < 0.15
+    assert abs(float((sizes < 64).double().mean()) - 0.25) < 0.03
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert random_prefixes(cfg, gen_a) == random_prefixes(cfg, gen_b)
+    with pytest.raises(sb.ConfigError, match="matryoshka_random needs"):
+        sb.SAEConfig(d_in=D, n_latents=64, k=K, matryoshka_random=2)
+    with pytest.raises(sb.ConfigError, match="sum or mean"):
+        sb.SAEConfig(d_in=D, n_latents=64, k=K, matryoshka=[8, 64], matryoshka_reduce="max")
 
 
 def test_l0_per_family():

@@ -8,6 +8,7 @@ from saebench.errors import ConfigError
 
 ACTIVATIONS = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice")
 BATCH_ACTIVATIONS = ("batchtopk", "mutual_choice", "feature_choice")
+MATRYOSHKA_REDUCE = ("sum", "mean")
 
 
 @dataclass
@@ -19,6 +20,10 @@ class SAEConfig:
     activation: str = "topk"
     k: int = 32
     matryoshka: list[int] | None = None  # nested prefix sizes, ascending, last == n_latents
+    matryoshka_reduce: str = "sum"  # sum (Bussmann et al. 2025) or mean of the prefixes' normalised errors
+    # > 0: each step draws this many prefix sizes at random (Nabeshima), log-uniform in
+    # [matryoshka[0], n_latents), plus n_latents; 0: the fixed `matryoshka` sizes
+    matryoshka_random: int = 0
     aux_coef: float = 1 / 32  # AuxK (topk, abstopk, batchtopk) or aux_zipf (mutual/feature choice)
     k_aux: int | None = None  # default d_in // 2, clamped to the number of dead latents
     dead_tokens: int = 10_000_000  # a latent that has not fired in this many tokens is dead
@@ -38,6 +43,10 @@ class SAEConfig:
             m = list(self.matryoshka)
             if not m or m != sorted(set(m)) or m[-1] != self.n_latents or m[0] < 1:
                 raise ConfigError(f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}")
+        if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
+            raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
+        if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):
+            raise ConfigError("sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) and a count >= 0")
 
     @property
     def uses_threshold(self) -> bool:

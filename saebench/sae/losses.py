@@ -82,9 +82,19 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
     return freq < 0.5 * expected
 
 
+def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
+    """Nabeshima's Matryoshka sampling: cfg.matryoshka_random sizes log-uniform in [matryoshka[0], n), ascending, plus n."""
+    lo, n = cfg.matryoshka[0], cfg.n_latents
+    u = torch.rand(cfg.matryoshka_random, generator=gen, dtype=torch.float64)
+    sizes = (lo * (n / lo) ** u).floor().long().clamp(lo, n - 1)
+    return sorted(set(sizes.tolist())) + [n]
+
+
 def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None,
-             reduce: Reducer = LOCAL) -> StepOutput:
+             reduce: Reducer = LOCAL, prefixes: list[int] | None = None) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf).
+    prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
+    averaged (cfg.matryoshka_reduce), the full SAE's included.
 
     reduce: data parallelism; x is this rank's share of the batch, selection and normalisers are the
     global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
@@ -101,8 +111,11 @@ def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: 
     total_var = variance_sum(x, reduce)
     mse = normalised_mse(x, x_hat, total_var=total_var)
     recon = mse
-    if cfg.matryoshka:
-        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in cfg.matryoshka[:-1]) + mse
+    prefixes = prefixes or cfg.matryoshka
+    if prefixes:
+        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
+        if cfg.matryoshka_reduce == "mean":
+            recon = recon / len(prefixes)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.activation in ("mutual_choice", "feature_choice") and freq is not None:
