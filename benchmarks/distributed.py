@@ -50,7 +50,6 @@ def worker(args: argparse.Namespace) -> None:
                           "activation": args.activation, "step_ms": round(step_ms, 3),
                           "tokens_per_s": round(args.batch / step_ms * 1e3), "allreduce_ms": round(reduce_ms, 3),
                           "allreduce_share": round(reduce_ms / step_ms, 3), "grad_mb": round(grad_mb, 1)}), flush=True)
-    dist.barrier()
     dist.shutdown()
 
 

@@ -276,7 +276,6 @@ def _leave_process_group() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from saebench import distributed
 
-        distributed.barrier()
         distributed.shutdown()
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 MODES = ("data", "hooks")
+_STORE: dist.Store | None = None  # this elastic attempt's key space in torchrun's store (set by init)
 
 
 def env_world() -> int:
@@ -40,6 +41,8 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
         # each elastic attempt gets its own keys: a restarted group read the dead attempt's peer
         # addresses from torchrun's store and failed to connect (torch 2.13, gloo)
         attempt = dist.PrefixStore(f"saebench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        global _STORE
+        _STORE = attempt
         dist.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=rank, world_size=world, timeout=timeout)
     return device
 
@@ -50,10 +53,20 @@ def restarted() -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (every rank, at the end of a job): a rank that exits while another
-    still holds its connections can abort in gloo's destructor."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group (every rank, at the end of a job) after every rank has arrived.
+
+    The rendezvous goes through the store, not gloo: a gloo barrier's work object is released by
+    gloo's worker thread after the waiting rank wakes, and if that happens while the interpreter
+    is finalising, the tensors it frees need the GIL and the process aborts ("terminate called
+    without an active exception", torch 2.13)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if _STORE is not None and dist.get_world_size() > 1:
+        arrived = _STORE.add("shutdown/arrived", 1)
+        if arrived == dist.get_world_size():
+            _STORE.set("shutdown/done", "1")
+        _STORE.wait(["shutdown/done"])
+    dist.destroy_process_group()
 
 
 def active() -> bool:

@@ -94,7 +94,6 @@ def main(case: str, out: str, activation: str = "topk") -> None:
             dist.barrier()  # waits for rank 1, which never comes: torchrun stops this rank
     else:
         raise SystemExit(f"unknown case {case}")
-    dist.barrier()
     dist.shutdown()
 
 
