@@ -55,7 +55,8 @@ def _app(args: argparse.Namespace) -> None:
 def _bench_synthetic(args: argparse.Namespace) -> None:
     from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
-    data = SyntheticConfig(d=args.d, n_true=args.n_true, true_l0=args.true_l0, hierarchy=args.hierarchy)
+    data = SyntheticConfig(d=args.d, n_true=args.n_true, true_l0=args.true_l0, children=args.children,
+                           correlation=args.correlation, magnitude=args.magnitude, noise_std=args.noise)
     for row in iter_synthetic_bench(tuple(args.activations.split(",")), data, n_tokens=args.tokens, matryoshka=args.matryoshka,
                                     batch_size=args.batch_size, lr=args.lr):
         print(json.dumps(row), flush=True)
@@ -244,11 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--n-true", type=int, default=2048)
     p.add_argument("--true-l0", type=float, default=8.0)
-    p.add_argument("--hierarchy", action="store_true")
+    p.add_argument("--children", type=int, default=0, help="children per parent in feature trees (0 = none)")
+    p.add_argument("--correlation", type=float, default=0.0, help="latent correlation of features within a group")
+    p.add_argument("--magnitude", choices=("uniform", "lognormal"), default="uniform")
+    p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--matryoshka", action="store_true")
     p.add_argument("--tokens", type=int, default=8_000_000)
     p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=None, help="default: the trainer's")
     p.set_defaults(func=_bench_synthetic)
 
     kern = sub.add_parser("kernels", help="the sparse-decoder CUDA kernels").add_subparsers(dest="kernels_command", required=True)

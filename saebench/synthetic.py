@@ -1,18 +1,28 @@
 """Planted-feature data with known directions, and how well an SAE recovers them.
 
-x = sum_i a_i f_i + noise, over n_true unit directions f_i in d dims; feature i fires with a
-Zipf-shaped probability p_i; magnitudes a_i ~ U(0.5, 1.5); optionally the second half of the
-features are children that fire only when their parent (in the first half) fires.
+x = sum_i a_i f_i + noise over n_true random unit directions f_i in d dims (superposition when
+n_true > d), after SynthSAEBench (SAELens `sae_lens.synthetic`):
+- frequencies: Zipf over the root features, scaled so the expected L0 is `true_l0`;
+- hierarchy: a share of the features form trees of one parent and `children` children; when the
+  parent fires, one child (mutually exclusive, chosen uniformly) fires with probability
+  `child_prob`, and a child never fires without its parent (the setting in which SAEs absorb);
+- correlation: root features are dealt into groups of `corr_group` whose firing shares a Gaussian
+  factor (a Gaussian copula: marginal probabilities unchanged, pairwise latent correlation `correlation`);
+- magnitudes: lognormal with mean 1 (`magnitude_sigma`), or uniform in [0.5, 1.5];
+- isotropic noise of std `noise_std`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-
 from dataclasses import dataclass
 
 import torch
 from scipy.optimize import linear_sum_assignment
+
+
+DIRECTIONS_SEED = 104_729
 
 
 @dataclass
@@ -21,41 +31,81 @@ class SyntheticConfig:
     n_true: int = 2048
     true_l0: float = 8.0  # expected active features per token
     zipf_exponent: float = 0.5
-    hierarchy: bool = False
-    child_prob: float = 0.3  # P(child fires | parent fires)
+    children: int = 0  # children per parent; 0 = no hierarchy
+    tree_fraction: float = 0.5  # share of the features in trees (parents and children)
+    child_prob: float = 0.5  # P(one child fires | parent fires)
+    correlation: float = 0.0  # latent correlation of root features within a group
+    corr_group: int = 8
+    magnitude: str = "uniform"  # uniform | lognormal
+    magnitude_sigma: float = 0.5
     noise_std: float = 0.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.magnitude not in ("uniform", "lognormal"):
+            raise ValueError(f"magnitude must be uniform or lognormal, not {self.magnitude!r}")
+        if not 0 <= self.correlation < 1:
+            raise ValueError("correlation must be in [0, 1)")
+
 
 class PlantedFeatures:
-    """Draws batches from one fixed set of true features. directions: [n_true d], probs: [n_true]."""
+    """Draws batches from one fixed set of true features.
+
+    directions: [n_true d]; parent: [n_true] (-1 for roots); probs: [n_true] marginal firing
+    probabilities. Features are laid out as parents, then their children (parent j's children
+    are n_parents + j*children ... ), then lone features.
+    """
 
     def __init__(self, cfg: SyntheticConfig):
         self.cfg = cfg
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # not manual_seed(seed): a trainer seeded alike would draw these very directions as its init
+        gen = torch.Generator().manual_seed(DIRECTIONS_SEED + cfg.seed)
         directions = torch.randn(cfg.n_true, cfg.d, generator=gen)
         self.directions = directions / directions.norm(dim=-1, keepdim=True)
-        weights = torch.arange(1, cfg.n_true + 1, dtype=torch.float64) ** -cfg.zipf_exponent
-        if cfg.hierarchy:
-            half = cfg.n_true // 2
-            parents = weights[:half] / weights[:half].sum() * cfg.true_l0 / (1 + cfg.child_prob)
-            self.parent = torch.arange(cfg.n_true) - half  # child i >= half has parent i - half
-            self.probs = torch.cat([parents, parents * cfg.child_prob]).clamp(max=1).float()
-        else:
-            self.parent = None
-            self.probs = (weights / weights.sum() * cfg.true_l0).clamp(max=1).float()
+        c = cfg.children
+        self.n_parents = int(cfg.n_true * cfg.tree_fraction) // (1 + c) if c > 0 else 0
+        self.n_children = self.n_parents * c
+        roots = torch.cat([torch.arange(self.n_parents), torch.arange(self.n_parents + self.n_children, cfg.n_true)])
+        self.roots = roots
+        self.parent = torch.full((cfg.n_true,), -1, dtype=torch.long)
+        self.parent[self.n_parents : self.n_parents + self.n_children] = torch.arange(self.n_parents).repeat_interleave(c)
+        # Zipf over the roots in a random order, so trees are not all the most frequent features
+        rank = torch.randperm(len(roots), generator=gen).double() + 1
+        weight = rank ** -cfg.zipf_exponent
+        per_fire = torch.ones(len(roots), dtype=torch.float64)
+        per_fire[: self.n_parents] += cfg.child_prob  # a parent's firing brings a child with it
+        root_p = weight / (weight * per_fire).sum() * cfg.true_l0
+        probs = torch.zeros(cfg.n_true, dtype=torch.float64)
+        probs[roots] = root_p.clamp(max=1)
+        if c > 0:
+            probs[self.n_parents : self.n_parents + self.n_children] = probs[: self.n_parents].repeat_interleave(c) * cfg.child_prob / c
+        self.probs = probs.float()
+        self.group = torch.randperm(len(roots), generator=gen) // cfg.corr_group  # [n_roots] copula group
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (x [n d], codes [n n_true])."""
         cfg = self.cfg
-        if cfg.hierarchy:
-            half = cfg.n_true // 2
-            parent_on = torch.rand(n, half, generator=gen) < self.probs[:half]
-            child_on = parent_on & (torch.rand(n, half, generator=gen) < cfg.child_prob)
-            on = torch.cat([parent_on, child_on], dim=1)
+        p_root = self.probs[self.roots].double()
+        z = torch.randn(n, len(self.roots), generator=gen, dtype=torch.float64)
+        if cfg.correlation > 0:
+            shared = torch.randn(n, int(self.group.max()) + 1, generator=gen, dtype=torch.float64)
+            z = math.sqrt(1 - cfg.correlation) * z + math.sqrt(cfg.correlation) * shared[:, self.group]
+        on = torch.zeros(n, cfg.n_true, dtype=torch.bool)
+        on[:, self.roots] = z > torch.special.ndtri(1 - p_root)
+        if self.n_parents:
+            c = cfg.children
+            parent_on = on[:, : self.n_parents]
+            fires = parent_on & (torch.rand(n, self.n_parents, generator=gen) < cfg.child_prob)
+            which = torch.randint(c, (n, self.n_parents), generator=gen)
+            child = self.n_parents + torch.arange(self.n_parents) * c + which  # [n n_parents]
+            rows = torch.arange(n).unsqueeze(1).expand_as(child)
+            on[rows[fires], child[fires]] = True
+        if cfg.magnitude == "lognormal":  # mean exp(mu + sigma^2 / 2) = 1
+            s = cfg.magnitude_sigma
+            mags = torch.exp(-s * s / 2 + s * torch.randn(n, cfg.n_true, generator=gen))
         else:
-            on = torch.rand(n, cfg.n_true, generator=gen) < self.probs
-        codes = on * (0.5 + torch.rand(n, cfg.n_true, generator=gen))
+            mags = 0.5 + torch.rand(n, cfg.n_true, generator=gen)
+        codes = on * mags
         x = codes @ self.directions
         if cfg.noise_std > 0:
             x = x + cfg.noise_std * torch.randn(n, cfg.d, generator=gen)
@@ -72,18 +122,67 @@ class PlantedFeatures:
         return batches
 
 
+def match_latents(W_dec: torch.Tensor, directions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-to-one (Hungarian) matching of true features to latents by |cos|.
+
+    W_dec: [n_latents d]; directions: [n_true d] -> (latent [n_true] (-1 where unmatched, when
+    n_latents < n_true), |cos| [n_true] of the match (0 where unmatched))."""
+    dec = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (directions @ dec.T).abs().double().numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    latent = torch.full((len(directions),), -1, dtype=torch.long)
+    latent[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    sim = torch.zeros(len(directions), dtype=torch.float64)
+    sim[torch.as_tensor(rows)] = torch.as_tensor(cos[rows, cols])
+    return latent, sim
+
+
 def recovery_metrics(W_dec: torch.Tensor, directions: torch.Tensor, threshold: float = 0.9) -> dict:
     """W_dec: [n_latents d]; directions: [n_true d].
 
-    mcc: mean |cos| over a one-to-one (Hungarian) matching of latents to true features;
+    mcc: mean |cos| over the one-to-one matching, over min(n_true, n_latents) pairs;
     mmcs: mean over true features of the best |cos| of any latent;
     recovered: share of true features whose best |cos| exceeds `threshold`.
     """
+    _, sim = match_latents(W_dec, directions)
     dec = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    cos = (directions @ dec.T).abs().double().numpy()  # [n_true n_latents]
-    rows, cols = linear_sum_assignment(cos, maximize=True)
-    best = cos.max(axis=1)
-    return {"mcc": float(cos[rows, cols].mean()), "mmcs": float(best.mean()), "recovered": float((best > threshold).mean())}
+    best = (directions @ dec.T).abs().max(dim=1).values.double()
+    pairs = min(len(directions), len(W_dec))
+    return {"mcc": float(sim.sum() / pairs), "mmcs": float(best.mean()), "recovered": float((best > threshold).float().mean())}
+
+
+def absorption(acts: torch.Tensor, codes: torch.Tensor, parent: torch.Tensor, latent: torch.Tensor,
+               sim: torch.Tensor, min_cos: float = 0.5, min_count: int = 20) -> dict:
+    """How often a parent's latent goes silent because one of its children fires.
+
+    acts: [n n_latents] the SAE's latents on held-out data; codes: [n n_true] true activations;
+    parent: [n_true] (-1 for roots); latent, sim: match_latents' output.
+    For each parent p whose matched latent has |cos| >= min_cos: miss_child = P(latent silent |
+    p and a child fire), miss_alone = P(latent silent | p fires alone); its absorption is
+    max(0, miss_child - miss_alone). Averaged over the parents with min_count tokens of each kind.
+    Also `parents_matched`: the share of parents with a latent at |cos| >= min_cos (an unmatched
+    parent is one whose direction the SAE lost, often into its children's latents).
+    """
+    parents = torch.unique(parent[parent >= 0])
+    if len(parents) == 0:
+        return {"absorption": None, "parents_matched": None}
+    on = codes > 0
+    child_on = torch.zeros(len(codes), int(parents.max()) + 1, dtype=torch.bool)
+    for j in torch.nonzero(parent >= 0).squeeze(1).tolist():
+        child_on[:, parent[j]] |= on[:, j]
+    scores, matched = [], 0
+    for p in parents.tolist():
+        if latent[p] < 0 or sim[p] < min_cos:
+            continue
+        matched += 1
+        silent = acts[:, latent[p]] == 0
+        with_child, alone = on[:, p] & child_on[:, p], on[:, p] & ~child_on[:, p]
+        if with_child.sum() < min_count or alone.sum() < min_count:
+            continue
+        miss_child = silent[with_child].float().mean()
+        miss_alone = silent[alone].float().mean()
+        scores.append(float((miss_child - miss_alone).clamp(min=0)))
+    return {"absorption": sum(scores) / len(scores) if scores else None, "parents_matched": matched / len(parents)}
 
 
 def run_synthetic_bench(*args, **kwargs) -> list[dict]:
@@ -91,12 +190,29 @@ def run_synthetic_bench(*args, **kwargs) -> list[dict]:
     return list(iter_synthetic_bench(*args, **kwargs))
 
 
+def score_sae(encode, W_dec: torch.Tensor, planted: PlantedFeatures, held_out: torch.Tensor, codes: torch.Tensor,
+              block: int = 4096) -> dict:
+    """Every recovery metric for one trained SAE. encode: [b d] -> [b n_latents] dense latents."""
+    latent, sim = match_latents(W_dec, planted.directions)
+    with torch.no_grad():
+        acts = torch.cat([encode(held_out[i : i + block]) for i in range(0, len(held_out), block)])
+    true_l0 = float((codes > 0).sum(-1).float().mean())
+    l0 = float((acts != 0).sum(-1).float().mean())
+    return {
+        **recovery_metrics(W_dec, planted.directions),
+        **absorption(acts, codes, planted.parent, latent, sim),
+        "l0": round(l0, 2), "true_l0": round(true_l0, 2), "l0_error": round((l0 - true_l0) / true_l0, 3),
+        "dead_fraction": float((acts != 0).sum(0).eq(0).float().mean()),
+    }
+
+
 def iter_synthetic_bench(
     activations: tuple[str, ...] = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"),
     data: SyntheticConfig = SyntheticConfig(), n_latents: int | None = None, k: int | None = None,
-    n_tokens: int = 8_000_000, batch_size: int = 4096, lr: float = 2e-3, matryoshka: bool = False, seed: int = 0,
+    n_tokens: int = 8_000_000, batch_size: int = 4096, lr: float | None = None, matryoshka: bool = False, seed: int = 0,
+    held_out_tokens: int = 16_384, train_overrides: dict | None = None,
 ) -> Iterator[dict]:
-    """run_synthetic_bench, yielding each family's row as soon as it is trained."""
+    """run_synthetic_bench, yielding each family's row as soon as it is trained (lr None = the trainer's default)."""
     from saebench.evaluate import evaluate_sae
     from saebench.sae import SAEConfig
     from saebench.train import TrainConfig, train_sae
@@ -104,14 +220,16 @@ def iter_synthetic_bench(
     planted = PlantedFeatures(data)
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)
-    held_out, codes = planted.sample(50_000, torch.Generator().manual_seed(seed + 99))
+    held_out, codes = planted.sample(held_out_tokens, torch.Generator().manual_seed(seed + 99))
     for activation in activations:
         prefixes = [n_latents // 8, n_latents // 4, n_latents // 2, n_latents] if matryoshka else None
         cfg = SAEConfig(d_in=data.d, n_latents=n_latents, activation=activation, k=k, matryoshka=prefixes, dead_tokens=200_000)
-        sae, report = train_sae(cfg, planted.stream(batch_size, seed), TrainConfig(n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed))
-        metrics = evaluate_sae(sae, held_out)
+        train = TrainConfig(n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed, log_every=10**9, **(train_overrides or {}))
+        sae, report = train_sae(cfg, planted.stream(batch_size, seed), train, show_progress=False)
+        sae.eval()
         yield {
-            "activation": activation, "matryoshka": bool(prefixes), **recovery_metrics(sae.W_dec.detach().cpu(), planted.directions),
-            "fvu": round(metrics["fvu"], 4), "l0": round(metrics["l0"], 2), "true_l0": round(float((codes > 0).sum(-1).float().mean()), 2),
-            "dead_fraction": metrics["dead_fraction"], "train_tokens_per_s": report.get("tokens_per_s"),
+            "activation": activation, "matryoshka": bool(prefixes), "n_latents": n_latents, "k": k,
+            **score_sae(sae.encode, sae.W_dec.detach().cpu(), planted, held_out, codes),
+            "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4), "train_tokens_per_s": report.get("tokens_per_s"),
         }
+
