@@ -23,8 +23,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` writes the file; it appears at `path` whole or not at all."""
     path = Path(path)
     staging = path.parent / PARTIAL
-    staging.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{path.name}.")
+    while True:
+        staging.mkdir(exist_ok=True)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=staging, prefix=f"{path.name}.")
+            break
+        except FileNotFoundError:  # another writer (a rank, a thread) removed the empty folder in between
+            continue
     os.close(fd)
     try:
         write(tmp)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,3 +25,21 @@ def test_safetensors_write_leaves_only_the_target(tmp_path):
     atomic_save_file({"w": torch.arange(6.0)}, tmp_path / "w.safetensors", metadata={"k": "v"})
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
     assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], torch.arange(6.0))
+
+
+def test_a_writer_whose_staging_folder_another_writer_just_removed_still_writes(tmp_path, monkeypatch):
+    # two ranks write into one folder: B finishes and removes the empty .partial/ between A's mkdir and mkstemp
+    import tempfile
+
+    real, calls = tempfile.mkstemp, []
+
+    def racing_mkstemp(*args, dir, **kwargs):
+        calls.append(dir)
+        if len(calls) == 1:
+            Path(dir).rmdir()
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", racing_mkstemp)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+    assert len(calls) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
