@@ -52,8 +52,8 @@ class PlantedFeatures:
     """Draws batches from one fixed set of true features.
 
     directions: [n_true d]; parent: [n_true] (-1 for roots); probs: [n_true] marginal firing
-    probabilities. Features are laid out as parents, then their children (parent j's children
-    are n_parents + j*children ... ), then lone features.
+    probabilities. Features are laid out as the roots (parents first, then lone features), then
+    the children: parent j's are n_roots + j*children ... n_roots + (j+1)*children - 1.
     """
 
     def __init__(self, cfg: SyntheticConfig):
@@ -65,10 +65,10 @@ class PlantedFeatures:
         c = cfg.children
         self.n_parents = int(cfg.n_true * cfg.tree_fraction) // (1 + c) if c > 0 else 0
         self.n_children = self.n_parents * c
-        roots = torch.cat([torch.arange(self.n_parents), torch.arange(self.n_parents + self.n_children, cfg.n_true)])
-        self.roots = roots
+        self.n_roots = cfg.n_true - self.n_children
+        roots = self.roots = torch.arange(self.n_roots)
         self.parent = torch.full((cfg.n_true,), -1, dtype=torch.long)
-        self.parent[self.n_parents : self.n_parents + self.n_children] = torch.arange(self.n_parents).repeat_interleave(c)
+        self.parent[self.n_roots :] = torch.arange(self.n_parents).repeat_interleave(c)
         # Zipf over the roots in a random order, so trees are not all the most frequent features
         rank = torch.randperm(len(roots), generator=gen).double() + 1
         weight = rank ** -cfg.zipf_exponent
@@ -78,34 +78,34 @@ class PlantedFeatures:
         probs = torch.zeros(cfg.n_true, dtype=torch.float64)
         probs[roots] = root_p.clamp(max=1)
         if c > 0:
-            probs[self.n_parents : self.n_parents + self.n_children] = probs[: self.n_parents].repeat_interleave(c) * cfg.child_prob / c
+            probs[self.n_roots :] = probs[: self.n_parents].repeat_interleave(c) * cfg.child_prob / c
         self.probs = probs.float()
         self.group = torch.randperm(len(roots), generator=gen) // cfg.corr_group  # [n_roots] copula group
+        self.thresholds = torch.special.ndtri(1 - self.probs[roots].double()).float()
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (x [n d], codes [n n_true])."""
         cfg = self.cfg
-        p_root = self.probs[self.roots].double()
-        z = torch.randn(n, len(self.roots), generator=gen, dtype=torch.float64)
-        if cfg.correlation > 0:
-            shared = torch.randn(n, int(self.group.max()) + 1, generator=gen, dtype=torch.float64)
-            z = math.sqrt(1 - cfg.correlation) * z + math.sqrt(cfg.correlation) * shared[:, self.group]
-        on = torch.zeros(n, cfg.n_true, dtype=torch.bool)
-        on[:, self.roots] = z > torch.special.ndtri(1 - p_root)
+        t = self.thresholds  # [n_roots]: root i fires when its latent normal exceeds t_i
+        if cfg.correlation > 0:  # given the group factor u, roots fire independently w.p. Phi((sqrt(rho) u - t) / sqrt(1 - rho))
+            shared = torch.randn(n, int(self.group.max()) + 1, generator=gen)
+            p_root = torch.special.ndtr((math.sqrt(cfg.correlation) * shared[:, self.group] - t) / math.sqrt(1 - cfg.correlation))
+        else:
+            p_root = self.probs[: self.n_roots]
+        on = torch.empty(n, cfg.n_true, dtype=torch.bool)
+        on[:, : self.n_roots] = torch.rand(n, self.n_roots, generator=gen) < p_root
         if self.n_parents:
             c = cfg.children
-            parent_on = on[:, : self.n_parents]
-            fires = parent_on & (torch.rand(n, self.n_parents, generator=gen) < cfg.child_prob)
-            which = torch.randint(c, (n, self.n_parents), generator=gen)
-            child = self.n_parents + torch.arange(self.n_parents) * c + which  # [n n_parents]
-            rows = torch.arange(n).unsqueeze(1).expand_as(child)
-            on[rows[fires], child[fires]] = True
+            fires = on[:, : self.n_parents] & (torch.rand(n, self.n_parents, generator=gen) < cfg.child_prob)
+            which = torch.randint(c, (n, self.n_parents, 1), generator=gen)
+            on[:, self.n_roots :] = ((which == torch.arange(c)) & fires.unsqueeze(-1)).reshape(n, -1)
+        count = int(on.sum())
         if cfg.magnitude == "lognormal":  # mean exp(mu + sigma^2 / 2) = 1
             s = cfg.magnitude_sigma
-            mags = torch.exp(-s * s / 2 + s * torch.randn(n, cfg.n_true, generator=gen))
+            mags = torch.exp(-s * s / 2 + s * torch.randn(count, generator=gen))
         else:
-            mags = 0.5 + torch.rand(n, cfg.n_true, generator=gen)
-        codes = on * mags
+            mags = 0.5 + torch.rand(count, generator=gen)
+        codes = torch.zeros(n, cfg.n_true).masked_scatter_(on, mags)
         x = codes @ self.directions
         if cfg.noise_std > 0:
             x = x + cfg.noise_std * torch.randn(n, cfg.d, generator=gen)

@@ -34,12 +34,13 @@ def test_children_fire_only_with_their_parent_and_one_at_a_time(drawn):
     on = codes > 0
     c, n_par = TREES.children, planted.n_parents
     assert n_par == 96 // 2 // 4
-    kids = on[:, n_par : n_par + planted.n_children].reshape(len(on), n_par, c)
+    kids = on[:, planted.n_roots :].reshape(len(on), n_par, c)
+    assert planted.n_roots + planted.n_children == TREES.n_true
     assert not (kids.any(-1) & ~on[:, :n_par]).any()
     assert kids.sum(-1).max() <= 1
     share = kids.any(-1)[on[:, :n_par]].float().mean()
     assert share.item() == pytest.approx(TREES.child_prob, abs=0.01)
-    assert (planted.parent[n_par : n_par + planted.n_children] == torch.arange(n_par).repeat_interleave(c)).all()
+    assert (planted.parent[planted.n_roots :] == torch.arange(n_par).repeat_interleave(c)).all()
     assert (planted.parent[planted.roots] == -1).all()
 
 
