@@ -2,6 +2,7 @@
 
     python benchmarks/synthetic.py                       # the base regime: every family + plain TopK
     python benchmarks/synthetic.py --sweep --steps 1000  # n_latents / n_true and k / true L0 in {0.5, 1, 2}
+    python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0  # trainer options
 
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
@@ -64,10 +65,13 @@ def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: in
             encode, W_dec = plain_topk(planted, n_latents, k, steps, batch)
             row = {"activation": "plain_topk", "matryoshka": False, "n_latents": n_latents, "k": k,
                    **score_sae(encode, W_dec, planted, held_out, codes)}
-        else:
-            activation, _, variant = family.partition("+")
-            row = next(iter_synthetic_bench((activation,), data, n_latents=n_latents, k=k, n_tokens=steps * batch,
-                                            batch_size=batch, matryoshka=variant == "matryoshka"))
+        else:  # activation[+matryoshka][:train_key=value,...]
+            name, _, sets = family.partition(":")
+            activation, _, variant = name.partition("+")
+            overrides = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
+            lr = overrides.pop("lr", None)
+            row = next(iter_synthetic_bench((activation,), data, n_latents=n_latents, k=k, n_tokens=steps * batch, batch_size=batch,
+                                            matryoshka=variant == "matryoshka", lr=lr, train_overrides=overrides))
         row = {"regime": regime, "family": family, "width": width, "k_ratio": k_ratio, "steps": steps, **row,
                "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -75,7 +79,7 @@ def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:train_key=value,...] or plain_topk")
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--sweep", action="store_true", help="n_latents/n_true and k/true_l0 in {0.5, 1, 2}")
@@ -87,7 +91,7 @@ def main() -> None:
         overrides[key] = type(getattr(BASE, key))(value)
     data = SyntheticConfig(**{**asdict(BASE), **overrides})
     print(json.dumps({"regime": asdict(data)}), flush=True)
-    families = args.families.split(",")
+    families = args.families
     cells = [(w, r) for w in (0.5, 1.0, 2.0) for r in (0.5, 1.0, 2.0)] if args.sweep else [(1.0, 1.0)]
     for width, k_ratio in cells:
         run(data, families, width, k_ratio, args.steps, args.batch, "sweep" if args.sweep else "base")
