@@ -24,6 +24,7 @@ from saebench import distributed as dist
 from saebench.distributed import LOCAL, Reducer
 from saebench.errors import ConfigError, DataError
 from saebench.sae import SAE, SAEConfig
+from saebench.sae.config import BATCH_ACTIVATIONS
 from saebench.sae.losses import random_prefixes, sae_loss
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.sae.sparsify import min_kept
@@ -40,9 +41,10 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into the weights at save
     b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
-    # W_enc = enc_init_scale * W_dec^T: tied directions at the scale of Anthropic's April 2024 update
-    # (0.1 for inputs of norm sqrt(d_in)); unit scale trains far slower at the default lr (docs/benchmarks.md)
-    enc_init_scale: float = 0.1
+    # W_enc = enc_init_scale * W_dec^T, for inputs of norm sqrt(d_in). None = by family, chosen on the
+    # defaults suite (docs/benchmarks.md, "Choosing the defaults"): 0.3 for topk / abstopk, 0.1 for
+    # the batch sparsifiers; unit scale trains far slower at the default lr
+    enc_init_scale: float | None = None
     init_tokens: int = 16_384  # sample for b_dec and the scale
     log_every: int = 50
     checkpoint_every: int = 500  # steps; 0 = only at the end
@@ -60,6 +62,11 @@ class TrainConfig:
 
     def resolved_lr(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def resolved_enc_init_scale(self, activation: str) -> float:
+        if self.enc_init_scale is not None:
+            return self.enc_init_scale
+        return 0.1 if activation in BATCH_ACTIVATIONS else 0.3
 
     def resolved_warmup(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(100, math.ceil(0.05 * total_steps))
@@ -165,7 +172,7 @@ class SAETrainer:
         sample = sample.to(self.device, torch.float32)
         self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
         with torch.no_grad():
-            self.sae.W_enc.mul_(cfg.enc_init_scale)
+            self.sae.W_enc.mul_(cfg.resolved_enc_init_scale(sae_cfg.activation))
             if cfg.b_dec_init == "geometric_median":
                 self.sae.b_dec.copy_(geometric_median(sample * self.scale))
             elif cfg.b_dec_init == "mean":

@@ -33,6 +33,18 @@ def test_every_family_learns_planted_features(activation):
     assert abs(metrics["l0"] - 3) < 1.5
 
 
+@pytest.mark.parametrize("activation,scale", [("topk", 0.3), ("abstopk", 0.3), ("batchtopk", 0.1), ("mutual_choice", 0.1), ("feature_choice", 0.1)])
+def test_encoder_starts_tied_at_the_family_default_scale(activation, scale, tmp_path):
+    _, x = planted(4096)
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation)
+    for explicit in (None, 0.7):
+        sae = SAETrainer(cfg, TrainConfig(enc_init_scale=explicit), x).sae
+        assert torch.allclose(sae.W_enc, (explicit or scale) * sae.W_dec.T)
+    (tmp_path / "run.yaml").write_text("name: r\nmodel: tiny\n")
+    assert sb.load_config(tmp_path / "run.yaml").train.enc_init_scale is None  # a run config leaves it to the family
+    assert sb.load_config(tmp_path / "run.yaml", ["train.enc_init_scale=0.5"]).train.enc_init_scale == 0.5
+
+
 @pytest.mark.parametrize("extra", [{}, {"matryoshka": [6, 48], "matryoshka_random": 2}])  # the prefix draws resume too
 def test_resume_is_bit_identical(tmp_path, extra):
     _, x = planted(20_000)
