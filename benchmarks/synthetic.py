@@ -9,7 +9,8 @@ quarter of the features in parent/3-children trees (children exclusive, only wit
 correlated firing in groups of 8 (latent correlation 0.3), lognormal magnitudes (sigma 0.5),
 noise 0.02. Every family trains at its defaults on the same stream; the `plain_topk` row is an
 independent 25-line TopK (Adam 1e-3 constant, unit-norm tied init, median b_dec, no AuxK, no
-clipping), the reference each family should match. One JSON line per (regime, family).
+clipping), the reference each family should match; `plain_batchtopk` is the same with BatchTopK's
+selection, the family's own floor. One JSON line per (regime, family, seed).
 """
 
 from __future__ import annotations
@@ -21,15 +22,20 @@ from dataclasses import asdict
 
 import torch
 
+from saebench.sae import SAEConfig
 from saebench.synthetic import PlantedFeatures, SyntheticConfig, iter_synthetic_bench, score_sae
 
 BASE = SyntheticConfig(d=64, n_true=768, true_l0=8.0, zipf_exponent=0.5, children=3, tree_fraction=0.5, child_prob=0.5,
                        correlation=0.3, corr_group=8, magnitude="lognormal", magnitude_sigma=0.5, noise_std=0.02, seed=0)
-FAMILIES = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "topk+matryoshka", "batchtopk+matryoshka", "plain_topk")
+FAMILIES = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "topk+matryoshka", "batchtopk+matryoshka", "plain_topk", "plain_batchtopk")
 
 
-def plain_topk(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batch: int, lr: float = 1e-3, seed: int = 0):
-    """The reference: a TopK SAE with nothing but Adam. -> (encode, W_dec [n d])."""
+def plain_sae(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batch: int, lr: float = 1e-3, seed: int = 0,
+              rule: str = "topk"):
+    """The reference: a TopK (or BatchTopK) SAE with nothing but Adam. -> (encode, W_dec [n d]).
+
+    rule "batchtopk": the batch keeps its k*batch largest ReLU'd pre-activations in training; at
+    inference a latent fires above one threshold, the EMA (0.99) of the training cut-offs."""
     torch.manual_seed(seed)
     d = planted.cfg.d
     W_dec = torch.randn(n_latents, d)
@@ -40,13 +46,22 @@ def plain_topk(planted: PlantedFeatures, n_latents: int, k: int, steps: int, bat
     b_enc = torch.zeros(n_latents)
     params = [p.requires_grad_() for p in (W_enc, b_enc, W_dec, b_dec)]
     opt = torch.optim.Adam(params, lr=lr)
+    threshold = torch.zeros(())
 
-    def encode(x):
-        top = ((x - b_dec) @ W_enc + b_enc).topk(k, dim=-1)
-        return torch.zeros(len(x), n_latents).scatter(-1, top.indices, top.values.relu())
+    def encode(x, train: bool = False):
+        nonlocal threshold
+        pre = ((x - b_dec) @ W_enc + b_enc).relu()
+        if rule == "topk":
+            top = pre.topk(k, dim=-1)
+            return torch.zeros(len(x), n_latents).scatter(-1, top.indices, top.values)
+        if train:
+            cut = pre.flatten().topk(k * len(x)).values[-1].detach()
+            threshold = cut if threshold == 0 else 0.99 * threshold + 0.01 * cut
+            return torch.where(pre >= cut, pre, 0)
+        return torch.where(pre > threshold, pre, 0)
 
     for _, x in zip(range(steps), stream):
-        loss = (encode(x) @ W_dec + b_dec - x).pow(2).sum(-1).mean()
+        loss = (encode(x, train=True) @ W_dec + b_dec - x).pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -55,34 +70,38 @@ def plain_topk(planted: PlantedFeatures, n_latents: int, k: int, steps: int, bat
     return encode, W_dec.detach()
 
 
-def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str):
+def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0):
     planted = PlantedFeatures(data)
     n_latents, k = round(width * data.n_true), max(1, round(k_ratio * data.true_l0))
     held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(99))
     for family in families:
         t0 = time.perf_counter()
-        if family == "plain_topk":
-            encode, W_dec = plain_topk(planted, n_latents, k, steps, batch)
-            row = {"activation": "plain_topk", "matryoshka": False, "n_latents": n_latents, "k": k,
+        if family in ("plain_topk", "plain_batchtopk"):
+            encode, W_dec = plain_sae(planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_"))
+            row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
                    **score_sae(encode, W_dec, planted, held_out, codes)}
         else:  # activation[+matryoshka][:train_key=value,...]
             name, _, sets = family.partition(":")
             activation, _, variant = name.partition("+")
             overrides = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
             lr = overrides.pop("lr", None)
+            sae_keys = {key: overrides.pop(key) for key in list(overrides) if key in SAEConfig.__dataclass_fields__}
             row = next(iter_synthetic_bench((activation,), data, n_latents=n_latents, k=k, n_tokens=steps * batch, batch_size=batch,
-                                            matryoshka=variant == "matryoshka", lr=lr, train_overrides=overrides))
-        row = {"regime": regime, "family": family, "width": width, "k_ratio": k_ratio, "steps": steps, **row,
+                                            matryoshka=variant == "matryoshka", lr=lr, train_overrides=overrides,
+                                            sae_overrides=sae_keys, seed=seed))
+        row = {"regime": regime, "family": family, "width": width, "k_ratio": k_ratio, "steps": steps, "seed": seed, **row,
                "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:train_key=value,...] or plain_topk")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk or plain_batchtopk")
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--sweep", action="store_true", help="n_latents/n_true and k/true_l0 in {0.5, 1, 2}")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (init and stream); the planted features stay")
+    ap.add_argument("--cells", nargs="+", default=None, help="width,k_ratio cells instead of the base or the sweep, e.g. 1,1 2,1 1,0.5")
     ap.add_argument("--set", nargs="*", default=[], help="override the base regime, e.g. children=0 correlation=0")
     args = ap.parse_args()
     overrides = {}
@@ -93,8 +112,12 @@ def main() -> None:
     print(json.dumps({"regime": asdict(data)}), flush=True)
     families = args.families
     cells = [(w, r) for w in (0.5, 1.0, 2.0) for r in (0.5, 1.0, 2.0)] if args.sweep else [(1.0, 1.0)]
+    if args.cells:
+        cells = [tuple(float(v) for v in cell.split(",")) for cell in args.cells]
+    regime = "cells" if args.cells else "sweep" if args.sweep else "base"
     for width, k_ratio in cells:
-        run(data, families, width, k_ratio, args.steps, args.batch, "sweep" if args.sweep else "base")
+        for seed in args.seeds:
+            run(data, families, width, k_ratio, args.steps, args.batch, regime, seed)
 
 
 if __name__ == "__main__":

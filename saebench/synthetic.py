@@ -210,9 +210,11 @@ def iter_synthetic_bench(
     activations: tuple[str, ...] = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"),
     data: SyntheticConfig = SyntheticConfig(), n_latents: int | None = None, k: int | None = None,
     n_tokens: int = 8_000_000, batch_size: int = 4096, lr: float | None = None, matryoshka: bool = False, seed: int = 0,
-    held_out_tokens: int = 16_384, train_overrides: dict | None = None,
+    held_out_tokens: int = 16_384, train_overrides: dict | None = None, sae_overrides: dict | None = None,
 ) -> Iterator[dict]:
-    """run_synthetic_bench, yielding each family's row as soon as it is trained (lr None = the trainer's default)."""
+    """run_synthetic_bench, yielding each family's row as soon as it is trained (lr None = the trainer's default).
+
+    train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
     from saebench.evaluate import evaluate_sae
     from saebench.sae import SAEConfig
     from saebench.train import TrainConfig, train_sae
@@ -223,7 +225,8 @@ def iter_synthetic_bench(
     held_out, codes = planted.sample(held_out_tokens, torch.Generator().manual_seed(seed + 99))
     for activation in activations:
         prefixes = [n_latents // 8, n_latents // 4, n_latents // 2, n_latents] if matryoshka else None
-        cfg = SAEConfig(d_in=data.d, n_latents=n_latents, activation=activation, k=k, matryoshka=prefixes, dead_tokens=200_000)
+        cfg = SAEConfig(**{"d_in": data.d, "n_latents": n_latents, "activation": activation, "k": k, "matryoshka": prefixes,
+                           "dead_tokens": 200_000, **(sae_overrides or {})})
         train = TrainConfig(n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed, log_every=10**9, **(train_overrides or {}))
         sae, report = train_sae(cfg, planted.stream(batch_size, seed), train, show_progress=False)
         sae.eval()
