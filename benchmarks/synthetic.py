@@ -70,25 +70,31 @@ def plain_sae(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batc
     return encode, W_dec.detach()
 
 
+def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
+    """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, TrainConfig options)."""
+    name, _, sets = spec.partition(":")
+    activation, _, variant = name.partition("+")
+    options = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
+    sae_options = {key: options.pop(key) for key in list(options) if key in SAEConfig.__dataclass_fields__}
+    return activation, variant == "matryoshka", sae_options, options
+
+
 def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0):
     planted = PlantedFeatures(data)
     n_latents, k = round(width * data.n_true), max(1, round(k_ratio * data.true_l0))
-    held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(99))
+    held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(seed + 99))  # iter_synthetic_bench's held-out set
     for family in families:
         t0 = time.perf_counter()
         if family in ("plain_topk", "plain_batchtopk"):
             encode, W_dec = plain_sae(planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_"))
             row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
                    **score_sae(encode, W_dec, planted, held_out, codes)}
-        else:  # activation[+matryoshka][:train_key=value,...]
-            name, _, sets = family.partition(":")
-            activation, _, variant = name.partition("+")
-            overrides = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
-            lr = overrides.pop("lr", None)
-            sae_keys = {key: overrides.pop(key) for key in list(overrides) if key in SAEConfig.__dataclass_fields__}
+        else:
+            activation, matryoshka, sae_options, train_options = parse_spec(family)
+            lr = train_options.pop("lr", None)
             row = next(iter_synthetic_bench((activation,), data, n_latents=n_latents, k=k, n_tokens=steps * batch, batch_size=batch,
-                                            matryoshka=variant == "matryoshka", lr=lr, train_overrides=overrides,
-                                            sae_overrides=sae_keys, seed=seed))
+                                            matryoshka=matryoshka, lr=lr, train_overrides=train_options,
+                                            sae_overrides=sae_options, seed=seed))
         row = {"regime": regime, "family": family, "width": width, "k_ratio": k_ratio, "steps": steps, "seed": seed, **row,
                "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -18,15 +18,7 @@ import time
 
 import saebench as sb
 from peers import HOOK, harvest
-
-
-def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
-    """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, sae options, train options)."""
-    name, _, sets = spec.partition(":")
-    activation, _, variant = name.partition("+")
-    options = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
-    sae_keys = {key: options.pop(key) for key in list(options) if key in sb.SAEConfig.__dataclass_fields__}
-    return activation, variant == "matryoshka", sae_keys, options
+from synthetic import parse_spec
 
 
 def main() -> None:
