@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 from saebench.analysis import AnalysisConfig
-from saebench.circuits import TraceResult, head_scores, parse_component, trace_attention
+from saebench.circuits import TraceResult, head_scores, induction_report, parse_component, trace_attention
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
@@ -24,7 +24,7 @@ from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
     "AnalysisConfig", "Example", "FeatureCard", "FeatureStore", "IntervalExamples", "PromptFeatures", "TokenFeatures", "analyze",
-    "ActivationStore", "TraceResult", "head_scores", "parse_component", "trace_attention", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "prompt_tokens", "rank_by_output_score",
+    "ActivationStore", "TraceResult", "head_scores", "induction_report", "parse_component", "trace_attention", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "prompt_tokens", "rank_by_output_score",
     "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
     "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
     "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae", "train_saes",

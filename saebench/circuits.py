@@ -333,3 +333,30 @@ def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24, see
         pat = cache[f"blocks.{l}.attn.hook_pattern"]
         induction[l] = pat[:, :, q, q - repeat_len + 1].mean((0, 2)).cpu()
     return {"prev_token": prev, "induction": induction}
+
+
+
+def repeated_random_tokens(n_seq: int, span: int, vocab_size: int, bos: int, seed: int = 0) -> torch.Tensor:
+    """[n_seq 1+2*span]: [BOS r r] with r `span` tokens drawn uniformly from every id but BOS."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, vocab_size - 1, (n_seq, span), generator=gen)
+    r = r + (r >= bos).long()
+    return torch.cat([torch.full((n_seq, 1), bos), r, r], dim=1)
+
+
+def induction_summary(patterns: list[torch.Tensor], logits: torch.Tensor, tokens: torch.Tensor, span: int) -> dict:
+    """From [batch head q k] patterns per layer and [batch pos vocab] logits on repeated_random_tokens:
+    induction [n_layers n_heads], the mean attention from each second-copy token to the token after its
+    first occurrence; the mean next-token loss on each copy, leaving out each copy's unpredictable first token."""
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")  # [seq pos]
+    q = torch.arange(span + 1, 2 * span + 1)
+    induction = torch.stack([p[:, :, q, q - span + 1].float().mean((0, 2)).cpu() for p in patterns])
+    return {"induction": induction, "loss_first_copy": float(nll[:, 1:span].mean()), "loss_second_copy": float(nll[:, span + 1 :].mean())}
+
+
+@torch.no_grad()
+def induction_report(model, n_seq: int = 64, span: int = 40, seed: int = 0) -> dict:
+    """induction_summary for a hooked model on `n_seq` repeated random-token sequences."""
+    tokens = repeated_random_tokens(n_seq, span, model.cfg.d_vocab, model.tokenizer.bos_token_id, seed).to(model.cfg.device)
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    return induction_summary([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)], logits, tokens, span)

@@ -149,7 +149,18 @@ def _train_tiny(args: argparse.Namespace) -> None:
 
     from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
 
-    cfg = TinyConfig(train_tokens=args.tokens, max_minutes=args.minutes, n_layer=args.layers, n_embd=args.d_model, n_head=args.heads)
+    import yaml
+
+    from saebench.config import from_dict
+    from saebench.errors import ConfigError
+
+    fields = {"train_tokens": args.tokens, "max_minutes": args.minutes, "n_layer": args.layers, "n_embd": args.d_model, "n_head": args.heads}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. copy_task_steps=2000")
+        fields[key.strip()] = yaml.safe_load(value)
+    cfg = from_dict(TinyConfig, fields, "tiny")
     card = train_tiny(Path(args.out) if args.out else TINY_DIR, cfg)
     print(json.dumps(card))
 
@@ -272,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=192)
     p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a recipe option (TinyConfig), e.g. copy_task_steps=2000")
     p.set_defaults(func=_train_tiny)
     return parser
 

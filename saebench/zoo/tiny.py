@@ -37,6 +37,17 @@ class TinyConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 200
     train_tokens: int = 16_000_000
+    # Induction-head options (issue 11; all off in the committed model, which has no induction head):
+    repeat_share: float = 0.0  # contexts given a repeated span, so an induction head pays off
+    random_span_share: float = 0.5  # of those, spans of uniform random tokens (the rest copy the text's own span)
+    span_len: tuple[int, int] = (8, 48)
+    copy_task_warm_steps: int = 0  # first steps: the whole batch is the copy task on a small vocabulary
+    copy_task_warm_vocab: int = 64
+    copy_task_steps: int = 0  # until then, copy_task_share of each batch is the copy task on copy_task_vocab
+    copy_task_vocab: int = 4096
+    copy_task_share: float = 0.5
+    sinusoidal_positions: bool = False  # initialise the learned position embeddings as sinusoids
+    init_std: float = 0.02  # normal init of the weights (GPT-2's); 0.06 shortens the copy task's plateau from >1000 steps to ~400
     max_minutes: float | None = None  # stop early at this wall time; the schedule still ends at train_tokens
     seed: int = 0
     threads: int | None = None
@@ -49,6 +60,7 @@ def _gpt2_config(cfg: TinyConfig, tokenizer):
         vocab_size=len(tokenizer), n_positions=cfg.context_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=4 * cfg.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        initializer_range=cfg.init_std,
     )
 
 
@@ -65,6 +77,69 @@ def bits_per_byte(model, tokens: torch.Tensor, byte_lengths: torch.Tensor, batch
         total_nats += float((nll * (nbytes > 0)).sum())
         total_bytes += int(nbytes.sum())
     return total_nats / math.log(2) / total_bytes
+
+
+def sinusoids(n_pos: int, d: int) -> torch.Tensor:
+    """[n_pos d] sin/cos pairs at geometric frequencies (Vaswani et al.), each pair of unit norm:
+    position p - 1 is a fixed rotation of position p, so a previous-token head is one linear map away."""
+    freqs = 10_000 ** (-torch.arange(0, d, 2) / d)
+    angles = torch.arange(n_pos)[:, None] * freqs[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_pos, d)
+
+
+def with_repeated_spans(batch: torch.Tensor, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy a span of some contexts to a later place in the same context: tokens, labels [batch ctx].
+
+    A random span's first copy, and each copy's first token, are unpredictable, so their labels are
+    -100 (not trained on); the rest of the second copy is predictable only by induction.
+    """
+    tokens, labels = batch.clone(), batch.clone()
+    ctx = tokens.shape[1]
+    lo, hi = cfg.span_len
+    for row in range(len(tokens)):
+        if float(torch.rand((), generator=gen)) >= cfg.repeat_share:
+            continue
+        n = int(torch.randint(lo, min(hi, (ctx - 2) // 2) + 1, (), generator=gen))
+        a = int(torch.randint(1, ctx - 2 * n + 1, (), generator=gen))
+        b = int(torch.randint(a + n, ctx - n + 1, (), generator=gen))
+        if float(torch.rand((), generator=gen)) < cfg.random_span_share:
+            tokens[row, a : a + n] = torch.randint(1, vocab_size, (n,), generator=gen)
+            labels[row, a : a + n] = -100
+        tokens[row, b : b + n] = tokens[row, a : a + n]
+        labels[row, b : b + n] = tokens[row, a : a + n]
+        labels[row, b] = -100
+    return tokens, labels
+
+
+def repeated_random_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[BOS r r r ...] with r a span of uniform random tokens, tiled to the context: tokens, labels [n ctx]."""
+    ctx = cfg.context_size
+    tokens = torch.zeros(n, ctx, dtype=torch.long)
+    labels = torch.full((n, ctx), -100)
+    lo, hi = cfg.span_len
+    for row in range(n):
+        span = int(torch.randint(lo, hi + 1, (), generator=gen))
+        r = torch.randint(1, vocab_size, (span,), generator=gen)
+        tokens[row, 1:] = r.repeat(ctx // span + 1)[: ctx - 1]
+        labels[row, 1 + span + 1 :] = tokens[row, 1 + span + 1 :]
+    return tokens, labels
+
+
+@torch.no_grad()
+def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: int = 40, seed: int = 0) -> dict:
+    """circuits.induction_summary for the Hugging Face model, rounded for the model card."""
+    from saebench.circuits import induction_summary, repeated_random_tokens
+
+    tokens = repeated_random_tokens(n_seq, span, vocab_size, bos, seed)
+    model.set_attn_implementation("eager")
+    out = model(tokens, output_attentions=True)
+    model.set_attn_implementation("sdpa")
+    summary = induction_summary(list(out.attentions), out.logits, tokens, span)
+    return {
+        "induction_scores": [[round(float(x), 3) for x in row] for row in summary["induction"]],
+        "loss_first_copy": round(summary["loss_first_copy"], 3),
+        "loss_second_copy": round(summary["loss_second_copy"], 3),
+    }
 
 
 def _lr_at(step: int, total: int, cfg: TinyConfig) -> float:
@@ -86,6 +161,10 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
     test = pack_texts(iter_texts(DataConfig(split="test")), tokenizer, cfg.context_size).tokens
     byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
     model = GPT2LMHeadModel(_gpt2_config(cfg, tokenizer))
+    if cfg.sinusoidal_positions:
+        with torch.no_grad():
+            wpe = model.transformer.wpe.weight
+            wpe.copy_(sinusoids(*wpe.shape) * model.transformer.wte.weight.norm(dim=-1).mean() / math.sqrt(wpe.shape[1] / 2))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
@@ -99,16 +178,24 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         if cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes:
             break
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(order)]
-        batch = train[idx]
+        batch, labels = with_repeated_spans(train[idx], cfg, gen, len(tokenizer))
+        if step < cfg.copy_task_steps:
+            warm = step < cfg.copy_task_warm_steps
+            n_copy = cfg.batch_size if warm else round(cfg.copy_task_share * cfg.batch_size)
+            vocab = cfg.copy_task_warm_vocab if warm else cfg.copy_task_vocab
+            batch[:n_copy], labels[:n_copy] = repeated_random_contexts(n_copy, cfg, gen, min(vocab, len(tokenizer)))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
-        loss = model(batch, labels=batch).loss
+        loss = model(batch, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
-        bar.set_postfix(loss=f"{loss_ema:.3f}")
+        if step % 100 == 0:
+            induction = max(max(row) for row in induction_report(model, len(tokenizer), tokenizer.bos_token_id, n_seq=16)["induction_scores"])
+            model.train()
+        bar.set_postfix(loss=f"{loss_ema:.3f}", induction=f"{induction:.2f}")
         steps_done = step + 1
     model.eval()
     bpb = bits_per_byte(model, test, byte_lengths)
@@ -120,6 +207,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         "train_split_tokens": train.numel(),
         "test_split_tokens": test.numel(),
         "heldout_bits_per_byte": round(bpb, 4),
+        **induction_report(model, len(tokenizer), tokenizer.bos_token_id),
         "final_train_loss_ema": round(loss_ema or float("nan"), 4),
         "minutes": round((time.time() - started) / 60, 2),
         "torch": torch.__version__,
@@ -160,6 +248,18 @@ def _write_folder(out_dir: Path, model, tokenizer, card: dict, samples: list[str
     tmp.rename(out_dir)
 
 
+def _induction_recipe_lines(c: dict) -> list[str]:
+    lines = []
+    if c["copy_task_steps"] > 0:
+        lines += [f"A copy task ([BOS r r r ...], r a span of {c['span_len'][0]}-{c['span_len'][1]} random tokens, loss on the repeats only) takes",
+                  f"the whole batch for the first {c['copy_task_warm_steps']:,} steps (r from ids below {c['copy_task_warm_vocab']}), then",
+                  f"{c['copy_task_share']:.0%} of it until step {c['copy_task_steps']:,} (ids below {c['copy_task_vocab']}); the rest is text."]
+    if c["repeat_share"] > 0:
+        lines += [f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context ({c['random_span_share']:.0%} of those",
+                  "spans replaced by random tokens first, whose first copy is not trained on)."]
+    return lines
+
+
 def _model_card(card: dict, samples: list[str]) -> str:
     c = card["config"]
     lines = [
@@ -179,10 +279,19 @@ def _model_card(card: dict, samples: list[str]) -> str:
         "## Training",
         f"{card['steps']:,} AdamW steps of {c['batch_size']} x {c['context_size']} tokens "
         f"({card['train_tokens_seen']:,} tokens), lr {c['lr']} with warmup and cosine decay, {card['minutes']} CPU minutes.",
+        f"Weights start at normal({c['init_std']}); position embeddings as sinusoids: {c['sinusoidal_positions']}.",
+        *_induction_recipe_lines(c),
         "",
         "## Result",
         f"Held-out bits per byte: **{card['heldout_bits_per_byte']}** (next-token NLL in bits over the UTF-8 bytes of the",
         "predicted tokens, whole test split).",
+        "",
+        "Induction, on 64 sequences [BOS r r] with r 40 uniform random tokens: mean attention from each",
+        "second-copy token to the token after its first occurrence, per head (rows: layers):",
+        "",
+        *[f"    layer {i}: " + "  ".join(f"{x:.3f}" for x in row) for i, row in enumerate(card["induction_scores"])],
+        "",
+        f"Loss on the first copy {card['loss_first_copy']} nats, on the second {card['loss_second_copy']} nats.",
         "",
         "## Samples (temperature 0.8, top-k 40)",
     ]
