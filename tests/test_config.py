@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from saebench.config import HarvestConfig, RunConfig, from_dict, load_config
@@ -42,3 +44,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_defaults_are_valid():
     assert from_dict(HarvestConfig, {}) == HarvestConfig()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.harvest.hooks and cfg.name
+    if path.endswith("tiny-attn.yaml"):  # the induction trace's SAEs, upstream of layer 1, from one pass
+        assert cfg.harvest.hooks == ["blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"] and cfg.train.source == "stream"
