@@ -98,3 +98,12 @@ def test_train_tiny_takes_recipe_options_and_refuses_unknown_ones(tmp_path):
 
     cfg = from_dict(TinyConfig, {"copy_task_steps": 2000, "init_std": 0.06, "span_len": [4, 8]}, "tiny")
     assert (cfg.copy_task_steps, cfg.init_std, tuple(cfg.span_len)) == (2000, 0.06, (4, 8))
+
+
+def test_copy_task_vocabulary_warms_up_then_jumps_or_doubles():
+    from saebench.zoo.tiny import copy_task_vocab_at
+
+    jump = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=4096)
+    assert [copy_task_vocab_at(s, jump) for s in (0, 99, 100, 5000)] == [64, 64, 4096, 4096]
+    grow = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=1000, copy_task_grow_every=10)
+    assert [copy_task_vocab_at(s, grow) for s in (99, 100, 109, 110, 120, 130, 140, 10_000)] == [64, 128, 128, 256, 512, 1000, 1000, 1000]

@@ -45,6 +45,7 @@ class TinyConfig:
     copy_task_warm_vocab: int = 64
     copy_task_steps: int = 0  # until then, copy_task_share of each batch is the copy task on copy_task_vocab
     copy_task_vocab: int = 4096
+    copy_task_grow_every: int = 0  # > 0: after the warm-up the copy vocabulary doubles every this many steps, up to copy_task_vocab
     copy_task_share: float = 0.5
     sinusoidal_positions: bool = False  # initialise the learned position embeddings as sinusoids
     init_std: float = 0.02  # normal init of the weights (GPT-2's); 0.06 shortens the copy task's plateau from >1000 steps to ~400
@@ -142,6 +143,15 @@ def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: in
     }
 
 
+def copy_task_vocab_at(step: int, cfg: TinyConfig) -> int:
+    if step < cfg.copy_task_warm_steps:
+        return cfg.copy_task_warm_vocab
+    if cfg.copy_task_grow_every <= 0:
+        return cfg.copy_task_vocab
+    doublings = (step - cfg.copy_task_warm_steps) // cfg.copy_task_grow_every + 1
+    return min(cfg.copy_task_vocab, cfg.copy_task_warm_vocab * 2**doublings)
+
+
 def _lr_at(step: int, total: int, cfg: TinyConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -182,7 +192,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         if step < cfg.copy_task_steps:
             warm = step < cfg.copy_task_warm_steps
             n_copy = cfg.batch_size if warm else round(cfg.copy_task_share * cfg.batch_size)
-            vocab = cfg.copy_task_warm_vocab if warm else cfg.copy_task_vocab
+            vocab = copy_task_vocab_at(step, cfg)
             batch[:n_copy], labels[:n_copy] = repeated_random_contexts(n_copy, cfg, gen, min(vocab, len(tokenizer)))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
