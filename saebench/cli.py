@@ -149,18 +149,10 @@ def _train_tiny(args: argparse.Namespace) -> None:
 
     from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
 
-    import yaml
-
-    from saebench.config import from_dict
-    from saebench.errors import ConfigError
+    from saebench.config import apply_overrides, from_dict
 
     fields = {"train_tokens": args.tokens, "max_minutes": args.minutes, "n_layer": args.layers, "n_embd": args.d_model, "n_head": args.heads}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. copy_task_steps=2000")
-        fields[key.strip()] = yaml.safe_load(value)
-    cfg = from_dict(TinyConfig, fields, "tiny")
+    cfg = from_dict(TinyConfig, apply_overrides(fields, args.set, example="copy_task_steps=2000"), "tiny")
     card = train_tiny(Path(args.out) if args.out else TINY_DIR, cfg)
     print(json.dumps(card))
 

@@ -176,9 +176,14 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConf
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def apply_overrides(data: dict, overrides: list[str] = (), example: str = "harvest.n_tokens=100000") -> dict:
+    """Set each "a.b=value" string (value read as YAML) in the nested mapping `data`, in place."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. harvest.n_tokens=100000")
+            raise ConfigError(f"--set {item!r}: write it as key=value, e.g. {example}")
         key, raw = item.split("=", 1)
         node = data
         *parents, leaf = key.split(".")
@@ -187,7 +192,7 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConf
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{p}' is not a section")
         node[leaf] = yaml.safe_load(raw)
-    return from_dict(cls, data)
+    return data
 
 
 def to_dict(cfg: Any) -> dict:
