@@ -335,7 +335,6 @@ def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24, see
     return {"prev_token": prev, "induction": induction}
 
 
-
 def repeated_random_tokens(n_seq: int, span: int, vocab_size: int, bos: int, seed: int = 0) -> torch.Tensor:
     """[n_seq 1+2*span]: [BOS r r] with r `span` tokens drawn uniformly from every id but BOS."""
     gen = torch.Generator().manual_seed(seed)

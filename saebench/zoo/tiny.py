@@ -132,9 +132,10 @@ def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: in
     from saebench.circuits import induction_summary, repeated_random_tokens
 
     tokens = repeated_random_tokens(n_seq, span, vocab_size, bos, seed)
-    model.set_attn_implementation("eager")
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # the fused kernels return no attention weights
     out = model(tokens, output_attentions=True)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(previous)
     summary = induction_summary(list(out.attentions), out.logits, tokens, span)
     return {
         "induction_scores": [[round(float(x), 3) for x in row] for row in summary["induction"]],
@@ -204,7 +205,6 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
         if step % 100 == 0:
             induction = max(max(row) for row in induction_report(model, len(tokenizer), tokenizer.bos_token_id, n_seq=16)["induction_scores"])
-            model.train()
         bar.set_postfix(loss=f"{loss_ema:.3f}", induction=f"{induction:.2f}")
         steps_done = step + 1
     model.eval()
