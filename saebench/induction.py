@@ -82,12 +82,19 @@ def share_by_group(traces: list[InductionTrace], side: str, group=lambda name: p
 
 
 @torch.no_grad()
-def token_profile(model, sae: SAE, hook: str, tokens: torch.Tensor, feature: int, offset: int = -1, top: int = 20) -> tuple[str, float]:
+def hook_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """tokens [batch pos] -> {hook: [batch pos d]} at every position (hook_z flattened to (head d_head)), one forward pass."""
+    from saebench.harvest import Harvester
+
+    rows, _ = Harvester(model, hooks, exclude_special=False).activations(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    return {hook: r.reshape(*tokens.shape, -1) for hook, r in rows.items()}
+
+
+@torch.no_grad()
+def token_profile(model, sae: SAE, acts: torch.Tensor, tokens: torch.Tensor, feature: int, offset: int = -1, top: int = 20) -> tuple[str, float]:
     """The token at `offset` from the feature's `top` strongest activations over tokens [batch pos]
-    (offset -1: the previous token), and the share of those examples where it is that token."""
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name == hook)
-    acts = cache[hook]
-    acts = acts.flatten(-2) if acts.dim() == 4 else acts  # hook_z: [batch pos head d_head] -> [batch pos head*d_head]
+    (offset -1: the previous token), and the share of those examples where it is that token.
+    acts: [batch pos d] the SAE's input at those tokens (`hook_activations`)."""
     z = sae.encode(acts.reshape(-1, acts.shape[-1]))[:, feature].reshape(tokens.shape)
     z[:, : max(0, -offset) + 1] = 0  # BOS, and positions whose offset token would fall before the context
     vals, flat = z.flatten().topk(top)
@@ -124,6 +131,7 @@ def summarize_induction(model, saes: dict[str, SAE], layer: int, head: int, cont
     for i in range(n_prompts):
         traces += trace_induction(model, repeated_prompt(contexts[i, 1 : 1 + span], bos), layer, head, saes)
     profile_tokens = contexts[:profile_contexts]
+    profile_acts = hook_activations(model, profile_tokens, list(saes))
 
     def top_features(side: str, offset: int):
         per_component = share_by_group(traces, side, group=lambda name: name)
@@ -133,7 +141,7 @@ def summarize_induction(model, saes: dict[str, SAE], layer: int, head: int, cont
             if feature is None:
                 continue
             served = max(traces, key=lambda t: getattr(t, side).get(name, 0.0) * t.advantage)
-            token, how_often = token_profile(model, saes[hook], hook, profile_tokens, feature, offset=offset)
+            token, how_often = token_profile(model, saes[hook], profile_acts[hook], profile_tokens, feature, offset=offset)
             rows.append((name, share, served.query_token, token, how_often))
             if len(rows) == n_features:
                 break

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import saebench as sb
-from saebench.induction import InductionTrace, repeated_prompt, share_by_group, token_profile, trace_induction
+from saebench.induction import InductionTrace, hook_activations, repeated_prompt, share_by_group, token_profile, trace_induction
 
 HOOKS = ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out")
 
@@ -51,11 +51,12 @@ def test_token_profile_reads_the_strongest_examples(tiny, random_saes, text):
     sae = random_saes[hook]
     _, cache = tiny.run_with_cache(tokens)
     acts = cache[hook].flatten(-2)
+    assert torch.allclose(hook_activations(tiny, tokens, [hook])[hook], acts, atol=1e-5)
     feature = int(sae.encode(acts.reshape(-1, 192)).gt(0).sum(0).argmax())  # the one firing most often
     rows = [(float(sae.encode(acts[b, p][None])[0, feature]), b, p) for b in range(6) for p in range(2, 40)]
     top = [r for r in sorted(rows, reverse=True)[:10] if r[0] > 0]
     previous = [int(tokens[b, p - 1]) for _, b, p in top]
     most = max(previous.count(t) for t in previous)
-    token, how_often = token_profile(tiny, sae, hook, tokens, feature, offset=-1, top=10)
+    token, how_often = token_profile(tiny, sae, acts, tokens, feature, offset=-1, top=10)
     assert token in {tiny.tokenizer.decode([t]) for t in previous if previous.count(t) == most}
     assert how_often == pytest.approx(most / len(top))
