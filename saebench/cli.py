@@ -151,7 +151,8 @@ def _train_tiny(args: argparse.Namespace) -> None:
 
     from saebench.config import apply_overrides, from_dict
 
-    fields = {"train_tokens": args.tokens, "max_minutes": args.minutes, "n_layer": args.layers, "n_embd": args.d_model, "n_head": args.heads}
+    given = {"train_tokens": args.tokens, "max_minutes": args.minutes, "n_layer": args.layers, "n_embd": args.d_model, "n_head": args.heads}
+    fields = {k: v for k, v in given.items() if v is not None}
     cfg = from_dict(TinyConfig, apply_overrides(fields, args.set, example="copy_task_steps=2000"), "tiny")
     card = train_tiny(Path(args.out) if args.out else TINY_DIR, cfg)
     print(json.dumps(card))
@@ -270,11 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the bundled models").add_subparsers(dest="zoo_command", required=True)
     p = zoo.add_parser("train-tiny", help="retrain the bundled tiny LM from its recipe")
     p.add_argument("--out", default=None, help="output folder (default: the bundled one)")
-    p.add_argument("--tokens", type=int, default=16_000_000)
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (default: the recipe's, 28M)")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=192)
-    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--layers", type=int, default=None, help="default 2")
+    p.add_argument("--d-model", type=int, default=None, help="default 192")
+    p.add_argument("--heads", type=int, default=None, help="default 6")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a recipe option (TinyConfig), e.g. copy_task_steps=2000")
     p.set_defaults(func=_train_tiny)
     return parser

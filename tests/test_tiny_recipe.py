@@ -5,7 +5,8 @@ import torch
 
 import saebench as sb
 from saebench.circuits import induction_summary, repeated_random_tokens
-from saebench.zoo.tiny import TinyConfig, induction_report, repeated_random_contexts, sinusoids, with_repeated_spans
+from saebench.zoo.tiny import (TinyConfig, chunked_copy_contexts, copy_task_rows_at, induction_report, repeated_random_contexts,
+                               scattered_copy_contexts, sinusoids, with_repeated_spans)
 
 
 def test_repeated_spans_copy_a_span_and_mask_only_the_unpredictable_labels():
@@ -45,6 +46,49 @@ def test_copy_task_contexts_tile_one_random_span_and_train_on_its_repeats():
         period = next(p for p in range(5, 10) if torch.equal(tokens[row, 1 + p :], tokens[row, 1 : 30 - p]))
         assert labels[row, : period + 2].eq(-100).all()
         assert torch.equal(labels[row, period + 2 :], tokens[row, period + 2 :])
+
+
+def _induction_predicts(tokens: torch.Tensor, p: int) -> bool:
+    """Brute force: the token before p occurred earlier, and the token after that occurrence is tokens[p]."""
+    earlier = [i for i in range(1, p - 1) if tokens[i] == tokens[p - 1]]
+    return bool(earlier) and int(tokens[earlier[-1] + 1]) == int(tokens[p])
+
+
+@pytest.mark.parametrize("make", [chunked_copy_contexts, scattered_copy_contexts])
+def test_untiled_copy_layouts_train_only_on_tokens_induction_predicts(make):
+    cfg = TinyConfig(span_len=(4, 9), context_size=40)
+    vocab = 10**6  # no chance collisions, so "predicted by induction" is unambiguous
+    tokens, labels = make(12, cfg, torch.Generator().manual_seed(2), vocab)
+    assert tokens.shape == labels.shape == (12, 40) and bool((tokens[:, 0] == 0).all()) and bool((tokens[:, 1:] > 0).all())
+    n_labelled = 0
+    for row in range(12):
+        for p in range(40):
+            if labels[row, p] != -100:
+                assert labels[row, p] == tokens[row, p] and _induction_predicts(tokens[row], p)
+                n_labelled += 1
+            else:  # every induction-predictable position of a copy is trained on, except in the random filler (none)
+                assert not _induction_predicts(tokens[row], p)
+    assert n_labelled >= 12 * 3
+
+
+def test_chunked_copy_contexts_change_the_copy_distance_within_a_row():
+    cfg = TinyConfig(span_len=(3, 12), context_size=128)
+    tokens, labels = chunked_copy_contexts(8, cfg, torch.Generator().manual_seed(3), 10**6)
+    for row in range(8):
+        distances = set()
+        for p in range(1, 128):
+            if labels[row, p] != -100:
+                distances.add(p - max(i for i in range(1, p - 1) if tokens[row, i] == tokens[row, p]))
+        assert len(distances) >= 2  # no single fixed-distance head predicts every copy
+
+
+def test_copy_task_takes_the_whole_batch_then_a_share_with_a_growing_vocabulary():
+    cfg = TinyConfig(batch_size=32, copy_task_warm_steps=500, copy_task_warm_vocab=64, copy_task_grow_every=100, copy_task_vocab=4096,
+                     copy_task_solo_steps=1100, copy_task_share=0.125, copy_task_steps=6835)
+    steps = (0, 499, 500, 999, 1000, 1099, 1100, 6834, 6835)
+    assert [copy_task_rows_at(s, cfg) for s in steps] == [
+        (32, 64), (32, 64), (32, 128), (32, 2048), (32, 4096), (32, 4096), (4, 4096), (4, 4096), (0, 0)]
+    assert copy_task_rows_at(0, TinyConfig(copy_task_steps=0)) == (0, 0)
 
 
 def test_sinusoidal_positions_make_the_previous_position_one_linear_map_away():
@@ -103,7 +147,7 @@ def test_train_tiny_takes_recipe_options_and_refuses_unknown_ones(tmp_path):
 def test_copy_task_vocabulary_warms_up_then_jumps_or_doubles():
     from saebench.zoo.tiny import copy_task_vocab_at
 
-    jump = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=4096)
+    jump = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=4096, copy_task_grow_every=0)
     assert [copy_task_vocab_at(s, jump) for s in (0, 99, 100, 5000)] == [64, 64, 4096, 4096]
     grow = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=1000, copy_task_grow_every=10)
     assert [copy_task_vocab_at(s, grow) for s in (99, 100, 109, 110, 120, 130, 140, 10_000)] == [64, 128, 128, 256, 512, 1000, 1000, 1000]

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saebench.data import DataConfig, iter_texts, pack_texts
+from saebench.errors import ConfigError
 from saebench.zoo.tokenizer import token_byte_lengths, train_bpe
 
 TINY_DIR = Path(__file__).parent / "tiny"
+COPY_TASK_LAYOUTS = ("tiled", "chunked", "scattered")
 
 
 @dataclass
@@ -36,22 +38,29 @@ class TinyConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 200
-    train_tokens: int = 16_000_000
-    # Induction-head options (issue 11; all off in the committed model, which has no induction head):
-    repeat_share: float = 0.0  # contexts given a repeated span, so an induction head pays off
+    train_tokens: int = 28_000_000
+    # The induction circuit (issue 11; docs/benchmarks.md "An induction head"): a copy task on random
+    # tokens ends the plateau and forms the circuit, then text takes most of each batch.
+    repeat_share: float = 0.25  # text contexts given a repeated span, so induction pays off on text too
     random_span_share: float = 0.5  # of those, spans of uniform random tokens (the rest copy the text's own span)
     span_len: tuple[int, int] = (8, 48)
-    copy_task_warm_steps: int = 0  # first steps: the whole batch is the copy task on a small vocabulary
+    copy_task_warm_steps: int = 500  # first steps: the copy task draws from a small vocabulary
     copy_task_warm_vocab: int = 64
-    copy_task_steps: int = 0  # until then, copy_task_share of each batch is the copy task on copy_task_vocab
+    copy_task_steps: int = 6_835  # before this step (the whole default run), copy_task_share of each batch is the copy task
     copy_task_vocab: int = 4096
-    copy_task_grow_every: int = 0  # > 0: after the warm-up the copy vocabulary doubles every this many steps, up to copy_task_vocab
-    copy_task_share: float = 0.5
-    sinusoidal_positions: bool = False  # initialise the learned position embeddings as sinusoids
-    init_std: float = 0.02  # normal init of the weights (GPT-2's); 0.06 shortens the copy task's plateau from >1000 steps to ~400
+    copy_task_grow_every: int = 100  # > 0: after the warm-up the copy vocabulary doubles every this many steps, up to copy_task_vocab
+    copy_task_share: float = 0.125
+    copy_task_solo_steps: int = 1_100  # the whole batch is the copy task before this step too (at least through the warm-up)
+    copy_task_layout: str = "tiled"  # "tiled": [BOS r r r ...]; "chunked": [BOS a a b b ...], spans of random lengths; "scattered": random tokens with one span repeated later
+    sinusoidal_positions: bool = True  # initialise the learned position embeddings as sinusoids
+    init_std: float = 0.06  # normal init of the weights; GPT-2's 0.02 leaves the copy task on its plateau for > 1000 steps
     max_minutes: float | None = None  # stop early at this wall time; the schedule still ends at train_tokens
     seed: int = 0
     threads: int | None = None
+
+    def __post_init__(self):
+        if self.copy_task_layout not in COPY_TASK_LAYOUTS:
+            raise ConfigError(f"tiny.copy_task_layout: '{self.copy_task_layout}' is not one of {', '.join(COPY_TASK_LAYOUTS)}")
 
 
 def _gpt2_config(cfg: TinyConfig, tokenizer):
@@ -126,6 +135,48 @@ def repeated_random_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, voca
     return tokens, labels
 
 
+def scattered_copy_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform random tokens after BOS, one span copied to a random later place: tokens, labels [n ctx].
+
+    Only the copy's tokens after its first are labelled: the offset differs per row, so no fixed
+    relative position predicts them, only a lookup of where the current token occurred before.
+    """
+    ctx = cfg.context_size
+    tokens = torch.randint(1, vocab_size, (n, ctx), generator=gen)
+    tokens[:, 0] = 0
+    labels = torch.full((n, ctx), -100)
+    lo, hi = cfg.span_len
+    for row in range(n):
+        span = int(torch.randint(lo, min(hi, (ctx - 1) // 2) + 1, (), generator=gen))
+        a = int(torch.randint(1, ctx - 2 * span + 1, (), generator=gen))
+        b = int(torch.randint(a + span, ctx - span + 1, (), generator=gen))
+        tokens[row, b : b + span] = tokens[row, a : a + span]
+        labels[row, b + 1 : b + span] = tokens[row, b + 1 : b + span]
+    return tokens, labels
+
+
+def chunked_copy_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[BOS a a b b c c ...], each of a, b, c... uniform random tokens of its own length: tokens, labels [n ctx].
+
+    The distance back to a token's first occurrence changes from chunk to chunk, so no head at a
+    fixed distance predicts the second copies; each copy's first token is unpredictable and unlabelled.
+    """
+    ctx = cfg.context_size
+    tokens = torch.zeros(n, ctx, dtype=torch.long)
+    labels = torch.full((n, ctx), -100)
+    lo, hi = cfg.span_len
+    for row in range(n):
+        pos = 1
+        while pos < ctx:
+            span = int(torch.randint(lo, hi + 1, (), generator=gen))
+            r = torch.randint(1, vocab_size, (span,), generator=gen)
+            chunk = torch.cat([r, r])[: ctx - pos]
+            tokens[row, pos : pos + len(chunk)] = chunk
+            labels[row, pos + span + 1 : pos + len(chunk)] = chunk[span + 1 :]
+            pos += len(chunk)
+    return tokens, labels
+
+
 @torch.no_grad()
 def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: int = 40, seed: int = 0) -> dict:
     """circuits.induction_summary for the Hugging Face model, rounded for the model card."""
@@ -142,6 +193,14 @@ def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: in
         "loss_first_copy": round(summary["loss_first_copy"], 3),
         "loss_second_copy": round(summary["loss_second_copy"], 3),
     }
+
+
+def copy_task_rows_at(step: int, cfg: TinyConfig) -> tuple[int, int]:
+    """How many of the batch's rows are the copy task at this step, and the ids they draw from."""
+    if step >= cfg.copy_task_steps:
+        return 0, 0
+    solo = step < max(cfg.copy_task_warm_steps, cfg.copy_task_solo_steps)
+    return (cfg.batch_size if solo else round(cfg.copy_task_share * cfg.batch_size)), copy_task_vocab_at(step, cfg)
 
 
 def copy_task_vocab_at(step: int, cfg: TinyConfig) -> int:
@@ -190,11 +249,10 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
             break
         idx = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(order)]
         batch, labels = with_repeated_spans(train[idx], cfg, gen, len(tokenizer))
-        if step < cfg.copy_task_steps:
-            warm = step < cfg.copy_task_warm_steps
-            n_copy = cfg.batch_size if warm else round(cfg.copy_task_share * cfg.batch_size)
-            vocab = copy_task_vocab_at(step, cfg)
-            batch[:n_copy], labels[:n_copy] = repeated_random_contexts(n_copy, cfg, gen, min(vocab, len(tokenizer)))
+        n_copy, vocab = copy_task_rows_at(step, cfg)
+        if n_copy:
+            make = {"tiled": repeated_random_contexts, "chunked": chunked_copy_contexts, "scattered": scattered_copy_contexts}[cfg.copy_task_layout]
+            batch[:n_copy], labels[:n_copy] = make(n_copy, cfg, gen, min(vocab, len(tokenizer)))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
         loss = model(batch, labels=labels).loss
@@ -261,9 +319,17 @@ def _write_folder(out_dir: Path, model, tokenizer, card: dict, samples: list[str
 def _induction_recipe_lines(c: dict) -> list[str]:
     lines = []
     if c["copy_task_steps"] > 0:
-        lines += [f"A copy task ([BOS r r r ...], r a span of {c['span_len'][0]}-{c['span_len'][1]} random tokens, loss on the repeats only) takes",
-                  f"the whole batch for the first {c['copy_task_warm_steps']:,} steps (r from ids below {c['copy_task_warm_vocab']}), then",
-                  f"{c['copy_task_share']:.0%} of it until step {c['copy_task_steps']:,} (ids below {c['copy_task_vocab']}); the rest is text."]
+        layout = {"tiled": "[BOS r r r ...]", "chunked": "[BOS a a b b ...]", "scattered": "random tokens with one span repeated later"}
+        lo, hi = c["span_len"]
+        solo = max(c["copy_task_warm_steps"], c.get("copy_task_solo_steps", 0))
+        vocab = f"ids below {c['copy_task_warm_vocab']} for the first {c['copy_task_warm_steps']:,} steps"
+        if c["copy_task_grow_every"] > 0:
+            vocab += f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
+        else:
+            vocab += f", then ids below {c['copy_task_vocab']}"
+        lines += [f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, loss on the repeats only;",
+                  f"{vocab}) takes the whole batch for the first {solo:,} steps, then {c['copy_task_share']:.0%} of it",
+                  f"until step {c['copy_task_steps']:,}; the rest is text."]
     if c["repeat_share"] > 0:
         lines += [f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context ({c['random_span_share']:.0%} of those",
                   "spans replaced by random tokens first, whose first copy is not trained on)."]
