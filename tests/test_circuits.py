@@ -86,8 +86,9 @@ def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
     """How the head was found: on held-out text, for each head, take the query positions whose
     most-attended key is not BOS (the attention sink) and count how often it is the previous token.
     tiny's layer-0 head with the highest share is a previous-token head. Its residual input holds
-    only embeddings, so tracing must put its preference for key q-1 over key q-3 on the two
-    tokens' identity and position embeddings, query side and key side, not on biases."""
+    only embeddings, so tracing must put its preference for key q-1 over key q-3 on the embeddings,
+    not on biases; tiny's (learned from sinusoids) is a purely positional head, so on the position
+    embeddings (95%+ of the advantage), the token identities adding little."""
     ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300), tiny.tokenizer, show_progress=False)
     tokens = ctx.tokens[:16, :96]
     _, cache = tiny.run_with_cache(tokens)
@@ -122,7 +123,7 @@ def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
     assert advantage / n > 1.0  # the head prefers the previous token by a clear margin
     embeddings = by_kind["tok_embed"] + by_kind["pos_embed"]
     assert embeddings / advantage > 0.9, by_kind
-    assert by_kind["tok_embed"] > 0.25 * advantage and by_kind["pos_embed"] > 0.25 * advantage, by_kind
+    assert by_kind["pos_embed"] > 0.9 * advantage and abs(by_kind["tok_embed"]) < 0.1 * advantage, by_kind
 
 
 def test_trace_explains_the_top_prediction_and_keeps_the_pattern(tiny, saes):

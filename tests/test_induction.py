@@ -1,10 +1,14 @@
 """saebench.induction: the induction trace's decomposition, its sums by group, and feature profiles, against brute force."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import saebench as sb
-from saebench.induction import InductionTrace, hook_activations, repeated_prompt, share_by_group, token_profile, trace_induction
+from saebench.induction import (InductionTrace, hook_activations, repeated_prompt, share_by_group, summarize_induction, token_profile,
+                                trace_induction)
+from saebench.pipeline import run_sae_dirs
 
 HOOKS = ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out")
 
@@ -60,3 +64,46 @@ def test_token_profile_reads_the_strongest_examples(tiny, random_saes, text):
     token, how_often = token_profile(tiny, sae, acts, tokens, feature, offset=-1, top=10)
     assert token in {tiny.tokenizer.decode([t]) for t in previous if previous.count(t) == most}
     assert how_often == pytest.approx(most / len(top))
+
+
+# The committed tiny and the SAEs of configs/tiny-attn.yaml trained on it (tests/data/tiny-attn, made by
+# `saebench train configs/tiny-attn.yaml` and copied without activations): the issue-11 circuit.
+TINY_ATTN = Path(__file__).parent / "data" / "tiny-attn"
+
+
+def test_tiny_has_an_induction_head_downstream_of_a_previous_token_head(tiny):
+    report = sb.induction_report(tiny)
+    layer, head = divmod(int(report["induction"].argmax()), tiny.cfg.n_heads)
+    assert layer >= 1 and float(report["induction"][layer, head]) >= 0.4
+    assert report["loss_first_copy"] - report["loss_second_copy"] >= 2.0
+    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300), tiny.tokenizer, show_progress=False)
+    prev = sb.head_scores(tiny, ctx)["prev_token"]
+    assert float(prev[:layer].max()) >= 0.8  # a previous-token head upstream
+
+
+@pytest.fixture(scope="module")
+def circuit(tiny):
+    saes = {sae.cfg.hook: sae for sae in map(sb.SAE.load, run_sae_dirs(TINY_ATTN))}
+    assert set(saes) == set(HOOKS)
+    layer, head = divmod(int(sb.induction_report(tiny)["induction"].argmax()), tiny.cfg.n_heads)
+    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300), tiny.tokenizer, show_progress=False)
+    return summarize_induction(tiny, saes, layer, head, ctx.tokens, span=32, n_prompts=8)
+
+
+def test_induction_keys_are_built_from_previous_token_features_of_the_attention_sae(circuit):
+    """Kissane et al. 2024: the induction head's key side is carried by the previous-token head's
+    hook_z features, whose strongest examples' previous token is the query token they serve."""
+    assert circuit.n_traces == 8 * 30 and circuit.mean_attention > 0.1
+    assert circuit.key_groups["blocks.0.attn.hook_z"] >= 0.5, circuit.key_groups
+    assert len(circuit.key_features) == 5 and all(row[0].startswith("blocks.0.attn.hook_z:f") for row in circuit.key_features[:3])
+    matches = [row for row in circuit.key_features if row[3] == row[2] and row[4] >= 0.5]
+    assert len(matches) >= 3, circuit.key_features
+
+
+def test_induction_queries_come_from_features_of_the_current_token(circuit):
+    """The query side is carried by SAE features (here the layer-0 attention output's, not the
+    embedding's or the MLP's: docs/benchmarks.md) whose top examples' current token is the query token."""
+    from_features = sum(v for g, v in circuit.query_groups.items() if g in HOOKS)
+    assert from_features + circuit.query_groups.get("tok_embed", 0.0) >= 0.5, circuit.query_groups
+    matches = [row for row in circuit.query_features if row[3] == row[2] and row[4] >= 0.5]
+    assert len(matches) >= 3, circuit.query_features
