@@ -222,6 +222,20 @@ def head_scores(run: RunView) -> dict:
     return _head_scores(str(run.path), run)
 
 
+def induction_circuit(run: RunView, saes: dict[str, sb.SAE], layer: int, head: int, progress=None):
+    """sb.summarize_induction of one head through the SAEs, on 8 repeated held-out spans of 32 tokens."""
+    return _induction_circuit(str(run.path), run, tuple(sorted(saes)), layer, head, saes, progress)
+
+
+@st.cache_resource(show_spinner=False)
+def _induction_circuit(run_path: str, _run: RunView, hooks: tuple[str, ...], layer: int, head: int, _saes: dict, _progress):
+    from saebench.induction import summarize_induction
+
+    data = dataclasses.replace(_run.config.data, split="test", max_documents=300)
+    contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
+    return summarize_induction(run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress)
+
+
 def component_links(table: pd.DataFrame, column: str, owners: dict[str, int], into: str = "page") -> pd.DataFrame:
     """Add a column `into`: the feature page of each component that is an SAE feature of a known run."""
     links = []

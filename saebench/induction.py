@@ -11,6 +11,7 @@ query look for it ("current token is X"). `token_profile` says what a feature's 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -123,13 +124,16 @@ class CircuitSummary:
 
 @torch.no_grad()
 def summarize_induction(model, saes: dict[str, SAE], layer: int, head: int, contexts: torch.Tensor, span: int = 32,
-                        n_prompts: int = 4, n_features: int = 5, profile_contexts: int = 256) -> CircuitSummary:
+                        n_prompts: int = 4, n_features: int = 5, profile_contexts: int = 256,
+                        progress: Callable[[int, int], None] | None = None) -> CircuitSummary:
     """contexts: [n ctx] held-out tokens; prompt i repeats contexts[i, 1:1+span]. Feature profiles read
-    the first `profile_contexts` contexts."""
+    the first `profile_contexts` contexts. progress(done, total) after each prompt."""
     bos = model.tokenizer.bos_token_id
     traces = []
     for i in range(n_prompts):
         traces += trace_induction(model, repeated_prompt(contexts[i, 1 : 1 + span], bos), layer, head, saes)
+        if progress is not None:
+            progress(i + 1, n_prompts)
     profile_tokens = contexts[:profile_contexts]
     profile_acts = hook_activations(model, profile_tokens, list(saes))
 

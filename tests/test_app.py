@@ -290,3 +290,27 @@ def test_trace_page_pairs_sum_to_the_score_and_bad_input_is_a_message(app_runs, 
     assert "There is no layer 7" in warned and "There is no query position 50" in warned
     at = page("pages/4_Trace.py", [run], monkeypatch, prompt=" ")
     assert any("Type a prompt" in i.value for i in at.info)
+
+
+def test_trace_page_summarizes_the_induction_circuit_as_the_library_does(app_runs, monkeypatch, tiny):
+    from saebench.induction import summarize_induction
+    from saebench.pipeline import run_sae_dirs
+
+    run, _ = app_runs
+    at = page("pages/4_Trace.py", [run], monkeypatch, layer=1, head=2)
+    assert "second-copy tokens traced" not in [m.label for m in at.metric]  # nothing summarized before the button
+    at.button(key="induction").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    rc = sb.load_config(run / "config.yaml")
+    contexts = sb.load_contexts(dataclasses.replace(rc.data, split="test", max_documents=300), tiny.tokenizer, show_progress=False)
+    saes = {sae.cfg.hook: sae for sae in map(sb.SAE.load, run_sae_dirs(run))}
+    want = summarize_induction(tiny, saes, 1, 2, contexts.tokens, span=32, n_prompts=8)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["second-copy tokens traced"] == str(want.n_traces)
+    assert metrics["attention on the induction key"] == f"{want.mean_attention:.3f}"
+    key_groups = at.dataframe[-4].value
+    assert key_groups["component group"].tolist() == list(want.key_groups)
+    assert key_groups["key-side share"].tolist() == pytest.approx(list(want.key_groups.values()), abs=1e-6)
+    key_features = at.dataframe[-2].value
+    assert key_features["component"].tolist() == [row[0] for row in want.key_features]
+    assert key_features["top examples' previous token"].tolist() == [row[3] for row in want.key_features]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
@@ -123,3 +124,27 @@ with t4:
     st.subheader("Direct logit attribution")
     st.caption(f"{r.logit_target} at position {r.query_pos}, the model's top prediction there")
     st.dataframe(state.component_links(r.logit_table(20), "component", owners), hide_index=True, width="stretch", column_config=state.LINK)
+
+st.subheader("Induction circuit")
+st.caption(f"L{layer}H{head} at every second-copy token of 8 held-out spans of 32 tokens, each repeated ([BOS s s]): "
+           "the advantage of the induction key (the token after the query token's first occurrence) over the key "
+           "3 positions earlier, split by component on each side (examples/induction_circuit.py prints the same)")
+if st.button("trace the induction circuit", key="induction") or st.session_state.get("induction_for") == (layer, head):
+    st.session_state["induction_for"] = (layer, head)
+    try:
+        s = state.induction_circuit(base, upstream, layer, head, progress=state.progress_callback("tracing repeated spans"))
+    except SAEBenchError as e:
+        st.error(str(e))
+        st.stop()
+    m = st.columns(3)
+    m[0].metric("second-copy tokens traced", s.n_traces)
+    m[1].metric("attention on the induction key", f"{s.mean_attention:.3f}")
+    m[2].metric("key side from SAE features", f"{sum(v for g, v in s.key_groups.items() if g in upstream):.3f}")
+    g1, g2 = st.columns(2)
+    for col, side, groups in ((g1, "key", s.key_groups), (g2, "query", s.query_groups)):
+        col.dataframe(pd.DataFrame({"component group": list(groups), f"{side}-side share": list(groups.values())}), hide_index=True, width="stretch")
+    f1, f2 = st.columns(2)
+    for col, side, rows, what in ((f1, "key", s.key_features, "previous token"), (f2, "query", s.query_features, "current token")):
+        table = pd.DataFrame(rows, columns=["component", "share", "query token served most", f"top examples' {what}", "how often"])
+        col.caption(f"top {side}-side features")
+        col.dataframe(state.component_links(table, "component", owners), hide_index=True, width="stretch", column_config=state.LINK)
