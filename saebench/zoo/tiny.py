@@ -24,7 +24,6 @@ from saebench.errors import ConfigError
 from saebench.zoo.tokenizer import token_byte_lengths, train_bpe
 
 TINY_DIR = Path(__file__).parent / "tiny"
-COPY_TASK_LAYOUTS = ("tiled", "chunked", "scattered")
 
 
 @dataclass
@@ -195,6 +194,9 @@ def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: in
     }
 
 
+COPY_TASK_LAYOUTS = {"tiled": repeated_random_contexts, "chunked": chunked_copy_contexts, "scattered": scattered_copy_contexts}
+
+
 def copy_task_rows_at(step: int, cfg: TinyConfig) -> tuple[int, int]:
     """How many of the batch's rows are the copy task at this step, and the ids they draw from."""
     if step >= cfg.copy_task_steps:
@@ -251,8 +253,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         batch, labels = with_repeated_spans(train[idx], cfg, gen, len(tokenizer))
         n_copy, vocab = copy_task_rows_at(step, cfg)
         if n_copy:
-            make = {"tiled": repeated_random_contexts, "chunked": chunked_copy_contexts, "scattered": scattered_copy_contexts}[cfg.copy_task_layout]
-            batch[:n_copy], labels[:n_copy] = make(n_copy, cfg, gen, min(vocab, len(tokenizer)))
+            batch[:n_copy], labels[:n_copy] = COPY_TASK_LAYOUTS[cfg.copy_task_layout](n_copy, cfg, gen, min(vocab, len(tokenizer)))
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
         loss = model(batch, labels=labels).loss
