@@ -10,15 +10,20 @@ correlated firing in groups of 8 (latent correlation 0.3), lognormal magnitudes 
 noise 0.02. Every family trains at its defaults on the same stream; the `plain_topk` row is an
 independent 25-line TopK (Adam 1e-3 constant, unit-norm tied init, median b_dec, no AuxK, no
 clipping), the reference each family should match; `plain_batchtopk` is the same with BatchTopK's
-selection, the family's own floor. One JSON line per (regime, family, seed).
+selection, the family's own floor. `saelens_topk` / `saelens_batchtopk` train SAELens' own TopK /
+BatchTopK (its trainer and defaults: lr 3e-4 constant, decoder-norm rescaling, AuxK) on the same
+stream, in the peers venv of benchmarks/peers.py: an independent implementation of each family.
+One JSON line per (regime, family, seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -27,6 +32,7 @@ from saebench.synthetic import PlantedFeatures, SyntheticConfig, iter_synthetic_
 
 BASE = SyntheticConfig(d=64, n_true=768, true_l0=8.0, zipf_exponent=0.5, children=3, tree_fraction=0.5, child_prob=0.5,
                        correlation=0.3, corr_group=8, magnitude="lognormal", magnitude_sigma=0.5, noise_std=0.02, seed=0)
+PEER_FAMILIES = ("saelens_topk", "saelens_batchtopk")
 FAMILIES = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "topk+matryoshka", "batchtopk+matryoshka", "plain_topk", "plain_batchtopk")
 
 
@@ -70,6 +76,63 @@ def plain_sae(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batc
     return encode, W_dec.detach()
 
 
+SAELENS_SCRIPT = r'''
+import importlib.util, json, sys
+import torch
+import sae_lens
+from sae_lens import SAETrainer
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+synthetic_py, args = sys.argv[1], json.loads(sys.argv[2])
+spec = importlib.util.spec_from_file_location("planted", synthetic_py)  # the file alone: saebench's package is not installed here
+planted_mod = sys.modules["planted"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(planted_mod)
+planted = planted_mod.PlantedFeatures(planted_mod.SyntheticConfig(**args["data"]))
+held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(args["seed"] + 99))
+torch.manual_seed(args["seed"])
+common = dict(d_in=planted.cfg.d, d_sae=args["n_latents"], k=args["k"], device="cpu", dtype="float32")
+batch_rule = args["rule"] == "batchtopk"
+sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)) if batch_rule else TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+stream = planted.stream(args["batch"], args["seed"])(0)
+cfg = SAETrainerConfig(
+    n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=args["steps"] * args["batch"],
+    device="cpu", autocast=False, lr=args["lr"], lr_end=args["lr"], lr_scheduler_name="constant", lr_warm_up_steps=0,
+    adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=args["batch"],
+    dead_feature_window=1000, feature_sampling_window=2000,
+    logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+)
+SAETrainer(cfg=cfg, sae=sae, data_provider=stream).fit()
+sae.eval()
+
+def encode(x):  # inference: TopK per token, or BatchTopK's JumpReLU at the learned threshold (SAELens' own conversion)
+    if not batch_rule:
+        return sae.encode(x)
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * sae.W_dec.norm(dim=-1)
+    return torch.where(pre > sae.topk_threshold, pre, 0)
+
+W_dec = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=-1, keepdim=True)
+row = planted_mod.score_sae(encode, W_dec, planted, held_out, codes)
+with torch.no_grad():
+    x_hat = encode(held_out) @ W_dec + sae.b_dec
+    row["fvu"] = round(float((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum()), 4)
+print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": args["lr"], **row}))
+'''
+
+
+def saelens_sae(data: SyntheticConfig, rule: str, n_latents: int, k: int, steps: int, batch: int, seed: int, lr: float = 3e-4) -> dict:
+    """Train and score SAELens' own TopK or BatchTopK on the same planted stream (in the peers venv)."""
+    from peers import ensure_peers_venv
+
+    args = {"data": asdict(data), "rule": rule, "n_latents": n_latents, "k": k, "steps": steps, "batch": batch, "seed": seed, "lr": lr}
+    synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
+    run = subprocess.run([str(ensure_peers_venv()), "-c", SAELENS_SCRIPT, str(synthetic_py), json.dumps(args)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"SAELens run failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
     """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, TrainConfig options)."""
     name, _, sets = spec.partition(":")
@@ -89,6 +152,11 @@ def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: in
             encode, W_dec = plain_sae(planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_"))
             row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
                    **score_sae(encode, W_dec, planted, held_out, codes)}
+        elif family.split(":")[0] in PEER_FAMILIES:
+            name, _, sets = family.partition(":")
+            options = dict(item.split("=") for item in sets.split(",") if item)
+            row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
+                   **saelens_sae(data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, float(options.get("lr", 3e-4)))}
         else:
             activation, matryoshka, sae_options, train_options = parse_spec(family)
             lr = train_options.pop("lr", None)
@@ -102,7 +170,7 @@ def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk or plain_batchtopk")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]")
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--sweep", action="store_true", help="n_latents/n_true and k/true_l0 in {0.5, 1, 2}")
