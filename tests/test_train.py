@@ -45,6 +45,16 @@ def test_encoder_starts_tied_at_the_family_default_scale(activation, scale, tmp_
     assert sb.load_config(tmp_path / "run.yaml", ["train.enc_init_scale=0.5"]).train.enc_init_scale == 0.5
 
 
+def test_default_lr_rule_by_hand():
+    _, x = planted(4096)
+    assert TrainConfig().resolved_lr(2**14) == pytest.approx(8e-4)
+    assert TrainConfig().resolved_lr(4 * 2**14) == pytest.approx(4e-4)
+    assert TrainConfig().resolved_lr(768) == pytest.approx(8e-4 * (2**14 / 768) ** 0.5)  # 3.70e-3
+    assert TrainConfig(lr=1e-3).resolved_lr(768) == 1e-3
+    trainer = SAETrainer(sb.SAEConfig(d_in=16, n_latents=1024, k=3), TrainConfig(warmup_steps=0), x)
+    assert trainer.lr == pytest.approx(3.2e-3) and trainer.lr_at(0) == pytest.approx(3.2e-3)
+
+
 @pytest.mark.parametrize("extra", [{}, {"matryoshka": [6, 48], "matryoshka_random": 2}])  # the prefix draws resume too
 def test_resume_is_bit_identical(tmp_path, extra):
     _, x = planted(20_000)
