@@ -35,7 +35,10 @@ def job(*args: str, restarts: int = 0) -> subprocess.CompletedProcess:
     return torchrun(f"--max-restarts={restarts}", str(ROOT / "tests" / "dist_job.py"), *args)
 
 
-def assert_same_weights(got: dict, want: dict, atol: float = 2e-5) -> None:
+def assert_same_weights(got: dict, want: dict, atol: float = 1e-4) -> None:
+    # Not bitwise: the ranks sum their gradients in another order than one process does. Adam moves each
+    # weight by about lr (3e-3) whatever its gradient's size, so a gradient element that is a near-cancellation
+    # can move by a few % of one step differently (seen: 5.9e-5 on 1 of 1024 W_dec entries, all else < 1e-6)
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=atol, rtol=1e-4, msg=lambda m: f"{key}: {m}")
 
