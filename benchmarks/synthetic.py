@@ -152,11 +152,10 @@ def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: in
             encode, W_dec = plain_sae(planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_"))
             row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
                    **score_sae(encode, W_dec, planted, held_out, codes)}
-        elif family.split(":")[0] in PEER_FAMILIES:
-            name, _, sets = family.partition(":")
-            options = dict(item.split("=") for item in sets.split(",") if item)
+        elif family.partition(":")[0] in PEER_FAMILIES:
+            name, _, _, options = parse_spec(family)
             row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
-                   **saelens_sae(data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, float(options.get("lr", 3e-4)))}
+                   **saelens_sae(data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, options.get("lr", 3e-4))}
         else:
             activation, matryoshka, sae_options, train_options = parse_spec(family)
             lr = train_options.pop("lr", None)
