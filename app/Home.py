@@ -9,9 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import pandas as pd
 import plotly.express as px
-import streamlit as st
-
 import state
+import streamlit as st
 
 st.set_page_config(page_title="saebench", layout="wide")
 views = state.runs()
@@ -27,27 +26,63 @@ result = run.eval(hook)
 if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
-    keys = [k for k in ("fvu", "fvu_batched", "fvu_per_token", "cossim", "relative_reconstruction_bias", "l0", "dead_fraction",
-                        "dense_fraction", "shrinkage", "ce_recovered", "kl_score") if k in result["sae"]]
-    st.dataframe(pd.DataFrame({"metric": keys, "sae": [result["sae"][k] for k in keys],
-                               "random SAE": [result["random_baseline"][k] for k in keys]}), hide_index=True)
+    keys = [
+        k
+        for k in (
+            "fvu",
+            "fvu_batched",
+            "fvu_per_token",
+            "cossim",
+            "relative_reconstruction_bias",
+            "l0",
+            "dead_fraction",
+            "dense_fraction",
+            "shrinkage",
+            "ce_recovered",
+            "kl_score",
+        )
+        if k in result["sae"]
+    ]
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "metric": keys,
+                "sae": [result["sae"][k] for k in keys],
+                "random SAE": [result["random_baseline"][k] for k in keys],
+            }
+        ),
+        hide_index=True,
+    )
 
 metrics = run.metrics(hook)
 if metrics is not None and "step" in metrics:
     curves = [c for c in ("fvu", "l0", "dead_fraction", "loss") if c in metrics]
     if curves:
-        st.plotly_chart(px.line(metrics, x="step", y=curves, facet_row="variable" if len(curves) > 1 else None, height=160 * len(curves))
-                        .update_yaxes(matches=None), width="stretch")
+        st.plotly_chart(
+            px.line(
+                metrics, x="step", y=curves, facet_row="variable" if len(curves) > 1 else None, height=160 * len(curves)
+            ).update_yaxes(matches=None),
+            width="stretch",
+        )
 
 store = state.store(run, hook)
 if store is None:
     st.stop()
 table = store.table()
-st.caption(f"{store.n_features} features, analysed on {store.meta['n_tokens']:,} tokens of the {store.meta['split']!r} split")
+st.caption(
+    f"{store.n_features} features, analysed on {store.meta['n_tokens']:,} tokens of the {store.meta['split']!r} split"
+)
 fired = table[table.density > 0]
 dead = len(table) - len(fired)
-st.plotly_chart(px.histogram(x=np.log10(fired.density), nbins=60, labels={"x": "log10 density (fires per token)"},
-                             title=f"feature densities ({dead} never fired)"), width="stretch")
+st.plotly_chart(
+    px.histogram(
+        x=np.log10(fired.density),
+        nbins=60,
+        labels={"x": "log10 density (fires per token)"},
+        title=f"feature densities ({dead} never fired)",
+    ),
+    width="stretch",
+)
 
 st.subheader("Features")
 col1, col2 = st.columns([2, 1])
@@ -58,9 +93,15 @@ shown["log10_density"] = np.log10(shown.density.clip(lower=1e-12))
 shown = shown[(shown.log10_density >= lo) & (shown.log10_density <= hi)]
 if query:
     q = query.lower()
-    shown = shown[shown.label.str.lower().str.contains(q, regex=False) | shown.top_token.str.lower().str.contains(q, regex=False)]
+    shown = shown[
+        shown.label.str.lower().str.contains(q, regex=False) | shown.top_token.str.lower().str.contains(q, regex=False)
+    ]
 run_index = views.index(run)
 shown.insert(0, "open", [state.feature_url(run_index, hook, f) for f in shown.feature])
-st.dataframe(shown.drop(columns=["log10_density"]), hide_index=True, width="stretch",
-             column_config={"open": st.column_config.LinkColumn("open", display_text="feature page")})
+st.dataframe(
+    shown.drop(columns=["log10_density"]),
+    hide_index=True,
+    width="stretch",
+    column_config={"open": st.column_config.LinkColumn("open", display_text="feature page")},
+)
 st.caption(f"{len(shown)} of {len(table)} features")

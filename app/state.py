@@ -52,7 +52,15 @@ def load_runs(spec: str) -> list[RunView]:
             cfg = json.loads((d / "cfg.json").read_text())
             saes[cfg.get("hook") or d.parent.name] = d.parent
         config = sb.load_config(path / "config.yaml") if saes else None
-        views.append(RunView(path.name, path, saes, [] if saes else [f"{path} holds no trained SAE: train it with `saebench train`"], config))
+        views.append(
+            RunView(
+                path.name,
+                path,
+                saes,
+                [] if saes else [f"{path} holds no trained SAE: train it with `saebench train`"],
+                config,
+            )
+        )
     return views
 
 
@@ -73,7 +81,9 @@ def store(run: RunView, hook: str) -> sb.FeatureStore | None:
     """The hook's feature store, or None with a message in the page saying how to make one."""
     path = run.saes[hook] / "features.sqlite"
     if not path.exists():
-        st.info(f"{run.name} ({hook}) has no feature analysis yet: run `saebench analyze {run.path}` to browse its features.")
+        st.info(
+            f"{run.name} ({hook}) has no feature analysis yet: run `saebench analyze {run.path}` to browse its features."
+        )
         return None
     try:
         return _store(str(path))
@@ -151,7 +161,9 @@ def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
     return s
 
 
-def feature_page(title: str, live: bool = False, need_store: bool = True) -> tuple[RunView, int, str, sb.FeatureStore | None]:
+def feature_page(
+    title: str, live: bool = False, need_store: bool = True
+) -> tuple[RunView, int, str, sb.FeatureStore | None]:
     """The start of a page about one SAE: page config, run and hook selectors, the store (with the
     model attached if `live`); stops the page with a message when there is no store and the page
     needs one. -> (run, index of the run, hook, store or None)."""
@@ -228,12 +240,16 @@ def induction_circuit(run: RunView, saes: dict[str, sb.SAE], layer: int, head: i
 
 
 @st.cache_resource(show_spinner=False)
-def _induction_circuit(run_path: str, _run: RunView, hooks: tuple[str, ...], layer: int, head: int, _saes: dict, _progress):
+def _induction_circuit(
+    run_path: str, _run: RunView, hooks: tuple[str, ...], layer: int, head: int, _saes: dict, _progress
+):
     from saebench.induction import summarize_induction
 
     data = dataclasses.replace(_run.config.data, split="test", max_documents=300)
     contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
-    return summarize_induction(run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress)
+    return summarize_induction(
+        run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress
+    )
 
 
 def component_links(table: pd.DataFrame, column: str, owners: dict[str, int], into: str = "page") -> pd.DataFrame:

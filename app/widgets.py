@@ -22,9 +22,13 @@ def highlighted_tokens(pieces: list[str], acts: list[float], scale: float, focus
 def logprob_tokens(pieces: list[str], logprobs: list[float], prefix: list[str] = ()) -> str:
     """HTML: generated tokens shaded red by how unlikely they were (1 - p); hovering shows log p.
     `prefix` (the prompt) is shown plain before them."""
-    spans = [f'<span style="color:#777;white-space:pre-wrap">{html.escape(p).replace(chr(10), "↵")}</span>' for p in prefix]
+    spans = [
+        f'<span style="color:#777;white-space:pre-wrap">{html.escape(p).replace(chr(10), "↵")}</span>' for p in prefix
+    ]
     for piece, lp in zip(pieces, logprobs):
         alpha = 1.0 - math.exp(lp)
         text = html.escape(piece).replace("\n", "↵")
-        spans.append(f'<span title="log p = {lp:.3f}" style="background:rgba(220,50,50,{alpha:.2f});white-space:pre-wrap">{text}</span>')
+        spans.append(
+            f'<span title="log p = {lp:.3f}" style="background:rgba(220,50,50,{alpha:.2f});white-space:pre-wrap">{text}</span>'
+        )
     return '<div style="font-family:monospace;line-height:1.7">' + "".join(spans) + "</div>"

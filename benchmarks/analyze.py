@@ -50,7 +50,9 @@ def bench_run(run: Path, into: Path) -> tuple[Path, str]:
     rc = load_config(ROOT / "configs" / "tiny.yaml")
     (dst / "config.yaml").write_text(yaml.safe_dump(to_dict(rc)))
     hook = rc.harvest.hooks[0]
-    sb.SAE(sb.SAEConfig(d_in=192, n_latents=rc.sae.expansion * 192, k=rc.sae.k, hook=hook, model=rc.model)).save(dst / "sae")
+    sb.SAE(sb.SAEConfig(d_in=192, n_latents=rc.sae.expansion * 192, k=rc.sae.k, hook=hook, model=rc.model)).save(
+        dst / "sae"
+    )
     return dst, f"random SAE ({run} has no trained SAE)"
 
 
@@ -71,15 +73,27 @@ def bare_pass(run: Path, n_tokens: int, split: str, batch_size: int) -> dict:
             fires += int((values != 0).sum())
             done += len(x)
     seconds = time.perf_counter() - start
-    return {"tokens": done, "seconds": round(seconds, 2), "tokens_per_s": round(done / seconds), "fires_per_token": round(fires / done, 2)}
+    return {
+        "tokens": done,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(done / seconds),
+        "fires_per_token": round(fires / done, 2),
+    }
 
 
 def analysis_pass(run: Path, n_tokens: int, split: str, batch_size: int) -> dict:
     start = time.perf_counter()
-    summary = sb.analyze(run, AnalysisConfig(n_tokens=n_tokens, split=split, batch_size=batch_size), show_progress=False)
+    summary = sb.analyze(
+        run, AnalysisConfig(n_tokens=n_tokens, split=split, batch_size=batch_size), show_progress=False
+    )
     total = time.perf_counter() - start
-    return {"tokens": summary["n_tokens"], "pass_seconds": summary["seconds"], "tokens_per_s": summary["tokens_per_s"],
-            "total_seconds": round(total, 2), "store_mb": round(Path(summary["stores"][0]).stat().st_size / 2**20, 1)}
+    return {
+        "tokens": summary["n_tokens"],
+        "pass_seconds": summary["seconds"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "total_seconds": round(total, 2),
+        "store_mb": round(Path(summary["stores"][0]).stat().st_size / 2**20, 1),
+    }
 
 
 def peak_memory(run: Path, n_tokens: int, split: str) -> dict:
@@ -92,7 +106,12 @@ def peak_memory(run: Path, n_tokens: int, split: str) -> dict:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"tokens": row["n_tokens"], "peak_rss_gb": row["peak_rss_gb"], "seconds": row["seconds"], "tokens_per_s": row["tokens_per_s"]}
+    return {
+        "tokens": row["n_tokens"],
+        "peak_rss_gb": row["peak_rss_gb"],
+        "seconds": row["seconds"],
+        "tokens_per_s": row["tokens_per_s"],
+    }
 
 
 def peer(run: Path, n_contexts: int, n_features: int) -> list[dict]:
@@ -116,13 +135,29 @@ def peer(run: Path, n_contexts: int, n_features: int) -> list[dict]:
     seconds = summary["seconds"] + summary["finish_seconds"]
     store = sb.FeatureStore(run)
     ours_max = store.feature(features[0]).max_activation
-    ours = {"tool": "saebench", "n_features": sae.cfg.n_latents, "n_tokens": n_tokens, "seconds": round(seconds, 2),
-            "wall_seconds_with_loading": round(wall, 2), "feature_tokens_per_s": round(sae.cfg.n_latents * n_tokens / seconds)}
+    ours = {
+        "tool": "saebench",
+        "n_features": sae.cfg.n_latents,
+        "n_tokens": n_tokens,
+        "seconds": round(seconds, 2),
+        "wall_seconds_with_loading": round(wall, 2),
+        "feature_tokens_per_s": round(sae.cfg.n_latents * n_tokens / seconds),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         save_saelens(sae, Path(tmp) / "sae")
         theirs = run_sae_dashboard(tokens, Path(tmp) / "sae", sae.cfg.hook, features)
-    return [ours, theirs, {"case": "peer", "ratio_feature_tokens_per_s": round(ours["feature_tokens_per_s"] / theirs["feature_tokens_per_s"], 1),
-                           "max_activation_feature0": {"saebench": round(ours_max, 4), "sae_dashboard": round(theirs["max_act_first_feature"], 4)}}]
+    return [
+        ours,
+        theirs,
+        {
+            "case": "peer",
+            "ratio_feature_tokens_per_s": round(ours["feature_tokens_per_s"] / theirs["feature_tokens_per_s"], 1),
+            "max_activation_feature0": {
+                "saebench": round(ours_max, 4),
+                "sae_dashboard": round(theirs["max_act_first_feature"], 4),
+            },
+        },
+    ]
 
 
 def main() -> None:
@@ -139,12 +174,26 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         run, what = bench_run(Path(args.run), Path(tmp))
-        emit({"case": "setup", "sae": what, "device": str(load_config(run / "config.yaml").device), "threads": torch.get_num_threads()})
+        emit(
+            {
+                "case": "setup",
+                "sae": what,
+                "device": str(load_config(run / "config.yaml").device),
+                "threads": torch.get_num_threads(),
+            }
+        )
         cases = args.cases.split(",")
         if "pass" in cases:
             bare = bare_pass(run, args.tokens, args.split, args.batch_size)
             ours = analysis_pass(run, args.tokens, args.split, args.batch_size)
-            emit({"case": "pass", "bare_harvest_encode": bare, "analysis": ours, "ratio_tokens_per_s": round(ours["tokens_per_s"] / bare["tokens_per_s"], 3)})
+            emit(
+                {
+                    "case": "pass",
+                    "bare_harvest_encode": bare,
+                    "analysis": ours,
+                    "ratio_tokens_per_s": round(ours["tokens_per_s"] / bare["tokens_per_s"], 3),
+                }
+            )
         for n in [int(v) for v in args.memory_tokens.split(",") if v and "memory" in cases]:
             emit({"case": "memory", **peak_memory(run, n, args.split)})
         if "peer" in cases:

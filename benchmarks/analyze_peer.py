@@ -34,8 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,8 +50,14 @@ HOOK = "blocks.1.hook_resid_post"
 # needs numpy<2, and pyarrow 26 (pulled by datasets) needs numpy>=2, so pyarrow is pinned to 25.0.1.
 # torch is pinned again in the same command so nothing upgrades it to a CUDA build.
 DASHBOARD_PINS = [
-    "sae-dashboard==0.8.0", "sae-lens==6.54.12", "transformer-lens==2.17.0", "transformers==4.56.2",
-    "numpy==1.26.4", "pyarrow==25.0.1", "torch==2.13.0", "torchvision==0.28.0",
+    "sae-dashboard==0.8.0",
+    "sae-lens==6.54.12",
+    "transformer-lens==2.17.0",
+    "transformers==4.56.2",
+    "numpy==1.26.4",
+    "pyarrow==25.0.1",
+    "torch==2.13.0",
+    "torchvision==0.28.0",
 ]
 # decode-clt (a sae-dashboard dependency, used only for cross-layer transcoders) pulls torchvision and
 # torchaudio; the torchvision 0.28.0 wheel here does not load against torch 2.13.0+cpu ("operator
@@ -59,7 +65,7 @@ DASHBOARD_PINS = [
 DASHBOARD_REMOVE = ["torchvision", "torchaudio"]
 PROBE = "import sae_dashboard.sae_vis_runner, sae_lens, transformer_lens"
 
-PEER_SCRIPT = r'''
+PEER_SCRIPT = r"""
 import json, sys, time
 from importlib.metadata import version
 import torch
@@ -149,7 +155,7 @@ print(json.dumps({
     "activation_check": check, "threads": torch.get_num_threads(),
     "versions": {p: version(p) for p in ("sae-lens", "transformer-lens", "transformers", "torch")},
 }))
-'''
+"""
 
 
 def ensure_dashboard_venv() -> Path:
@@ -164,7 +170,9 @@ def ensure_dashboard_venv() -> Path:
         subprocess.run([*pip, "uninstall", "-y", *DASHBOARD_REMOVE], check=True)
         probe = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True)
         if probe.returncode != 0:
-            raise RuntimeError(f"{DASHBOARD_VENV}: sae_dashboard does not import after install:\n{probe.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{DASHBOARD_VENV}: sae_dashboard does not import after install:\n{probe.stderr[-3000:]}"
+            )
     return python
 
 
@@ -173,15 +181,30 @@ def tiny_hooked_transformer_files(out_dir: Path, folder: Path = TINY) -> tuple[P
     transformer_lens.pretrained.weight_conversions.convert_gpt2_weights produces, without any
     folding) + HookedTransformerConfig kwargs as JSON. Returns (weights, config) paths."""
     hf = json.loads((folder / "config.json").read_text())
-    if hf.get("model_type") != "gpt2" or hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+    if (
+        hf.get("model_type") != "gpt2"
+        or hf.get("scale_attn_by_inverse_layer_idx")
+        or not hf.get("scale_attn_weights", True)
+    ):
         raise ValueError(f"{folder}: only plain GPT-2 configs are supported")
     n_layers, d_model, n_heads = hf["n_layer"], hf["n_embd"], hf["n_head"]
     d_head = d_model // n_heads
     cfg = {
-        "n_layers": n_layers, "d_model": d_model, "n_ctx": hf["n_positions"], "d_head": d_head, "n_heads": n_heads,
-        "d_mlp": hf.get("n_inner") or 4 * d_model, "d_vocab": hf["vocab_size"], "act_fn": hf["activation_function"],
-        "eps": hf["layer_norm_epsilon"], "normalization_type": "LN", "positional_embedding_type": "standard",
-        "original_architecture": "GPT2LMHeadModel", "model_name": folder.name, "init_weights": False, "device": "cpu",
+        "n_layers": n_layers,
+        "d_model": d_model,
+        "n_ctx": hf["n_positions"],
+        "d_head": d_head,
+        "n_heads": n_heads,
+        "d_mlp": hf.get("n_inner") or 4 * d_model,
+        "d_vocab": hf["vocab_size"],
+        "act_fn": hf["activation_function"],
+        "eps": hf["layer_norm_epsilon"],
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+        "original_architecture": "GPT2LMHeadModel",
+        "model_name": folder.name,
+        "init_weights": False,
+        "device": "cpu",
     }
     w = {k.removeprefix("transformer."): v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     sd = {"embed.W_E": w["wte.weight"], "pos_embed.W_pos": w["wpe.weight"]}
@@ -244,10 +267,19 @@ def reference_acts(tokens: torch.Tensor, hook: str = HOOK) -> torch.Tensor:
     return cache[hook].float()
 
 
-def run_sae_dashboard(tokens: torch.Tensor, sae_saelens_dir: Path, hook: str, features: list[int],
-                      minibatch_size_tokens: int = 64, n_top: int = 20, *, minibatch_size_features: int = 256,
-                      ignore_tokens: Iterable[int] | None = None, check_contexts: int = 4,
-                      check_tol: float = 1e-4) -> dict:
+def run_sae_dashboard(
+    tokens: torch.Tensor,
+    sae_saelens_dir: Path,
+    hook: str,
+    features: list[int],
+    minibatch_size_tokens: int = 64,
+    n_top: int = 20,
+    *,
+    minibatch_size_features: int = 256,
+    ignore_tokens: Iterable[int] | None = None,
+    check_contexts: int = 4,
+    check_tol: float = 1e-4,
+) -> dict:
     """Times SAEDashboard 0.8.0 (SaeVisRunner, default feature-centric layout, top group of n_top) on `tokens`
     ([n_ctx ctx] int64, BOS first) for `features` of the SAELens-format SAE. minibatch_size_tokens is
     SAEDashboard's: *contexts* per forward pass. ignore_tokens: token ids SAEDashboard masks out (None:
@@ -264,11 +296,23 @@ def run_sae_dashboard(tokens: torch.Tensor, sae_saelens_dir: Path, hook: str, fe
             tensors["ref_tokens"] = tensors["tokens"][:check_contexts].clone()
             tensors["ref_acts"] = reference_acts(tensors["ref_tokens"], hook).contiguous()
         save_file(tensors, str(tmp / "tokens.safetensors"))
-        args = {"hook": hook, "features": [int(f) for f in features], "model_cfg": str(config), "model_weights": str(weights),
-                "tokens": str(tmp / "tokens.safetensors"), "sae_dir": str(sae_dir), "skip_fold": skip_fold, "n_top": n_top,
-                "minibatch_size_tokens": minibatch_size_tokens, "minibatch_size_features": minibatch_size_features,
-                "ignore_tokens": ignore, "check_tol": check_tol}
-        run = subprocess.run([str(python), "-W", "ignore", "-c", PEER_SCRIPT, json.dumps(args)], capture_output=True, text=True, cwd=tmp)
+        args = {
+            "hook": hook,
+            "features": [int(f) for f in features],
+            "model_cfg": str(config),
+            "model_weights": str(weights),
+            "tokens": str(tmp / "tokens.safetensors"),
+            "sae_dir": str(sae_dir),
+            "skip_fold": skip_fold,
+            "n_top": n_top,
+            "minibatch_size_tokens": minibatch_size_tokens,
+            "minibatch_size_features": minibatch_size_features,
+            "ignore_tokens": ignore,
+            "check_tol": check_tol,
+        }
+        run = subprocess.run(
+            [str(python), "-W", "ignore", "-c", PEER_SCRIPT, json.dumps(args)], capture_output=True, text=True, cwd=tmp
+        )
     if run.returncode != 0:
         raise RuntimeError(f"SAEDashboard run failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -298,8 +342,15 @@ def main() -> None:
             save_saelens(sae, sae_dir)
         sae = load_saelens(sae_dir).eval()
         hook = sae.cfg.hook or HOOK
-        out = run_sae_dashboard(tokens, sae_dir, hook, features, args.minibatch_tokens, args.n_top,
-                                minibatch_size_features=args.minibatch_features)
+        out = run_sae_dashboard(
+            tokens,
+            sae_dir,
+            hook,
+            features,
+            args.minibatch_tokens,
+            args.n_top,
+            minibatch_size_features=args.minibatch_features,
+        )
     acts, _ = sb.Harvester(model, [hook]).activations(tokens, special)
     with torch.no_grad():
         ours = float(sae.encode(acts[hook])[:, features[0]].max())

@@ -69,7 +69,10 @@ def wide_run(run: Path, n_latents: int, n_tokens: int) -> Path:
     sb.SAE(sb.SAEConfig(d_in=cfg.d_in, n_latents=n_latents, k=cfg.k, hook=cfg.hook, model=cfg.model)).save(dst / "sae")
     t = time.perf_counter()
     sb.analyze(dst, AnalysisConfig(n_tokens=n_tokens), show_progress=True)
-    print(f"# analysed the {n_latents}-feature SAE on {n_tokens} tokens in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    print(
+        f"# analysed the {n_latents}-feature SAE on {n_tokens} tokens in {time.perf_counter() - t:.0f} s",
+        file=sys.stderr,
+    )
     return dst
 
 
@@ -81,11 +84,29 @@ def bench(run: Path, label: str, repeats: int, live: bool) -> None:
     it = iter(ids * 10)
     lib = median_ms(lambda: store.feature(next(it)), len(ids))
     cold, warm = page_ms(run, "pages/1_Feature.py", {"feature": ids[0]}, repeats)
-    emit({"case": "feature", "sae": label, "n_features": n, "library_ms": round(lib, 2), "page_cold_ms": round(cold), "page_ms": round(warm, 1),
-          "goal_ms": GOALS_MS["feature"], "ratio_to_goal": round(warm / GOALS_MS["feature"], 3)})
+    emit(
+        {
+            "case": "feature",
+            "sae": label,
+            "n_features": n,
+            "library_ms": round(lib, 2),
+            "page_cold_ms": round(cold),
+            "page_ms": round(warm, 1),
+            "goal_ms": GOALS_MS["feature"],
+            "ratio_to_goal": round(warm / GOALS_MS["feature"], 3),
+        }
+    )
     lib = median_ms(lambda: store.search("light"), 20)
-    emit({"case": "search", "sae": label, "n_features": n, "library_ms": round(lib, 2), "goal_ms": GOALS_MS["search"],
-          "ratio_to_goal": round(lib / GOALS_MS["search"], 3)})
+    emit(
+        {
+            "case": "search",
+            "sae": label,
+            "n_features": n,
+            "library_ms": round(lib, 2),
+            "goal_ms": GOALS_MS["search"],
+            "ratio_to_goal": round(lib / GOALS_MS["search"], 3),
+        }
+    )
     if not live:
         return
     rc = sb.load_config(run / "config.yaml")
@@ -94,19 +115,59 @@ def bench(run: Path, label: str, repeats: int, live: bool) -> None:
     store.attach(model=model, sae=sae)
     lib = median_ms(lambda: store.features_firing_on(PROMPT, top=64), 20)
     cold, warm = page_ms(run, "pages/2_Prompt.py", {"prompt": PROMPT}, repeats)
-    emit({"case": "prompt", "sae": label, "n_tokens": len(sb.prompt_tokens(model, PROMPT)[0]), "library_ms": round(lib, 2),
-          "page_cold_ms": round(cold), "page_ms": round(warm, 1), "goal_ms": GOALS_MS["prompt"], "ratio_to_goal": round(warm / GOALS_MS["prompt"], 3)})
+    emit(
+        {
+            "case": "prompt",
+            "sae": label,
+            "n_tokens": len(sb.prompt_tokens(model, PROMPT)[0]),
+            "library_ms": round(lib, 2),
+            "page_cold_ms": round(cold),
+            "page_ms": round(warm, 1),
+            "goal_ms": GOALS_MS["prompt"],
+            "ratio_to_goal": round(warm / GOALS_MS["prompt"], 3),
+        }
+    )
     feats = {int(store.table().nlargest(1, "density").feature.iloc[0]): 8.0}
     lib = median_ms(lambda: sb.compare_steering(model, sae, feats, "In the beginning", max_new_tokens=32), 3)
-    cold, warm = page_ms(run, "pages/3_Steer.py", {"prompt": "In the beginning", "features": ",".join(f"{f}:8" for f in feats), "tokens": 32}, repeats)
-    emit({"case": "steer", "sae": label, "new_tokens": 32, "generations": 2, "library_ms": round(lib, 1), "page_cold_ms": round(cold),
-          "page_ms": round(warm, 1), "goal_ms": GOALS_MS["steer"], "ratio_to_goal": round(warm / GOALS_MS["steer"], 3)})
+    cold, warm = page_ms(
+        run,
+        "pages/3_Steer.py",
+        {"prompt": "In the beginning", "features": ",".join(f"{f}:8" for f in feats), "tokens": 32},
+        repeats,
+    )
+    emit(
+        {
+            "case": "steer",
+            "sae": label,
+            "new_tokens": 32,
+            "generations": 2,
+            "library_ms": round(lib, 1),
+            "page_cold_ms": round(cold),
+            "page_ms": round(warm, 1),
+            "goal_ms": GOALS_MS["steer"],
+            "ratio_to_goal": round(warm / GOALS_MS["steer"], 3),
+        }
+    )
     prompt = "The cat sat on the mat. The cat sat on the mat."
     saes = {sae.cfg.hook: sae}
-    lib = median_ms(lambda: sb.trace_attention(model, prompt, model.cfg.n_layers - 1, 0, saes=saes, logit_tokens="top"), 10)
-    cold, warm = page_ms(run, "pages/4_Trace.py", {"prompt": prompt, "layer": model.cfg.n_layers - 1, "head": 0}, repeats)
-    emit({"case": "trace", "sae": label, "prompt_tokens": len(sb.prompt_tokens(model, prompt)[0]), "library_ms": round(lib, 1),
-          "page_cold_ms": round(cold), "page_ms": round(warm, 1), "goal_ms": GOALS_MS["trace"], "ratio_to_goal": round(warm / GOALS_MS["trace"], 3)})
+    lib = median_ms(
+        lambda: sb.trace_attention(model, prompt, model.cfg.n_layers - 1, 0, saes=saes, logit_tokens="top"), 10
+    )
+    cold, warm = page_ms(
+        run, "pages/4_Trace.py", {"prompt": prompt, "layer": model.cfg.n_layers - 1, "head": 0}, repeats
+    )
+    emit(
+        {
+            "case": "trace",
+            "sae": label,
+            "prompt_tokens": len(sb.prompt_tokens(model, prompt)[0]),
+            "library_ms": round(lib, 1),
+            "page_cold_ms": round(cold),
+            "page_ms": round(warm, 1),
+            "goal_ms": GOALS_MS["trace"],
+            "ratio_to_goal": round(warm / GOALS_MS["trace"], 3),
+        }
+    )
 
 
 def main() -> None:

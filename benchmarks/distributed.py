@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from timing import timed_ms
 
 from saebench import distributed as dist
 from saebench.sae import SAEConfig
 from saebench.train import SAETrainer, TrainConfig
-from timing import timed_ms
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -37,19 +37,39 @@ def worker(args: argparse.Namespace) -> None:
     cfg = TrainConfig(n_tokens=10**12, batch_size=args.batch, lr=1e-4, device=str(device), init_tokens=args.batch)
     sae_cfg = SAEConfig(d_in=args.d, n_latents=args.latents, activation=args.activation, k=args.k)
     trainer = SAETrainer(sae_cfg, cfg, data[: args.batch], dist.Reducer(dist.world() > 1))
-    batches = [data[i * args.batch + dist.rank() * local : i * args.batch + (dist.rank() + 1) * local].to(device) for i in range(4)]
+    batches = [
+        data[i * args.batch + dist.rank() * local : i * args.batch + (dist.rank() + 1) * local].to(device)
+        for i in range(4)
+    ]
     count = iter(range(10**9))
     step_ms = timed_ms(lambda: trainer.step(batches[next(count) % 4], sync=False), device, repeats=args.steps)
     params = list(trainer.sae.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    reduce_ms = timed_ms(lambda: trainer.reduce.sum_grads_(params), device, repeats=args.steps) if dist.world() > 1 else 0.0
+    reduce_ms = (
+        timed_ms(lambda: trainer.reduce.sum_grads_(params), device, repeats=args.steps) if dist.world() > 1 else 0.0
+    )
     if dist.is_main():
         grad_mb = sum(p.numel() * p.element_size() for p in params) / 2**20
-        print(json.dumps({"procs": dist.world(), "device": str(device), "n": args.latents, "d": args.d, "k": args.k, "batch": args.batch,
-                          "activation": args.activation, "step_ms": round(step_ms, 3),
-                          "tokens_per_s": round(args.batch / step_ms * 1e3), "allreduce_ms": round(reduce_ms, 3),
-                          "allreduce_share": round(reduce_ms / step_ms, 3), "grad_mb": round(grad_mb, 1)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "procs": dist.world(),
+                    "device": str(device),
+                    "n": args.latents,
+                    "d": args.d,
+                    "k": args.k,
+                    "batch": args.batch,
+                    "activation": args.activation,
+                    "step_ms": round(step_ms, 3),
+                    "tokens_per_s": round(args.batch / step_ms * 1e3),
+                    "allreduce_ms": round(reduce_ms, 3),
+                    "allreduce_share": round(reduce_ms / step_ms, 3),
+                    "grad_mb": round(grad_mb, 1),
+                }
+            ),
+            flush=True,
+        )
     dist.shutdown()
 
 
@@ -69,10 +89,21 @@ def main() -> None:
         return worker(argparse.Namespace(**json.loads(os.environ["SAEBENCH_BENCH_ARGS"])))
     base = None
     for procs in args.procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__, "--worker"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            __file__,
+            "--worker",
+        ]
         # the worker's settings travel in the environment: torchrun reads options after the script as its own prefixes
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]),
-               "SAEBENCH_BENCH_ARGS": json.dumps(vars(args))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]),
+            "SAEBENCH_BENCH_ARGS": json.dumps(vars(args)),
+        }
         started = time.perf_counter()
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode:
@@ -82,6 +113,7 @@ def main() -> None:
         row["speedup_vs_1"] = round(row["tokens_per_s"] / base, 3) if base else None
         row["wall_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(row), flush=True)
+
 
 if __name__ == "__main__":
     main()

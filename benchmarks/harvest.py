@@ -61,7 +61,9 @@ def forward_to_hook(model, contexts, batch_size: int, hook: str) -> float:
 def harvest_stream(harvester, contexts, batch_size: int) -> float:
     n = 0
     start = time.perf_counter()
-    for batch in sb.stream_activations(harvester, contexts, batch_tokens=4096, buffer_tokens=65536, batch_size=batch_size, epochs=1):
+    for batch in sb.stream_activations(
+        harvester, contexts, batch_tokens=4096, buffer_tokens=65536, batch_size=batch_size, epochs=1
+    ):
         n += len(next(iter(batch.values())))
     return n / (time.perf_counter() - start)
 
@@ -76,10 +78,22 @@ def harvest_cache(harvester, contexts, batch_size: int, data_cfg) -> float:
 
 def memory_child(model: str, n_tokens: int, out: str) -> None:
     cfg = sb.RunConfig(model=model, runs_dir=out, name="mem")
-    cfg.harvest = HarvestConfig(hooks=["blocks.1.hook_resid_post"], n_tokens=n_tokens, batch_size=64, shard_contexts=512)
+    cfg.harvest = HarvestConfig(
+        hooks=["blocks.1.hook_resid_post"], n_tokens=n_tokens, batch_size=64, shard_contexts=512
+    )
     manifest = sb.harvest_from_config(cfg)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"case": "memory", "model": model, "tokens": manifest["n_tokens"], "peak_rss_mb": round(peak_mb, 1), "goal_mb": 2048}))
+    print(
+        json.dumps(
+            {
+                "case": "memory",
+                "model": model,
+                "tokens": manifest["n_tokens"],
+                "peak_rss_mb": round(peak_mb, 1),
+                "goal_mb": 2048,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -100,20 +114,54 @@ def main() -> None:
     n_ctx = min(len(contexts), args.tokens // contexts.tokens.shape[1])
     contexts = sb.TokenContexts(contexts.tokens[:n_ctx], contexts.special_mask[:n_ctx])
     harvester = sb.Harvester(model, [args.hook])
-    plain_forward(model, sb.TokenContexts(contexts.tokens[:128], contexts.special_mask[:128]), args.batch_size)  # warm-up
+    plain_forward(
+        model, sb.TokenContexts(contexts.tokens[:128], contexts.special_mask[:128]), args.batch_size
+    )  # warm-up
     base = plain_forward(model, contexts, args.batch_size)
-    common = {"model": args.model, "hook": args.hook, "batch_size": args.batch_size, "positions": contexts.n_tokens, "threads": torch.get_num_threads()}
+    common = {
+        "model": args.model,
+        "hook": args.hook,
+        "batch_size": args.batch_size,
+        "positions": contexts.n_tokens,
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps({"case": "plain_forward", **common, "tokens_per_s": round(base)}), flush=True)
     to_hook = forward_to_hook(model, contexts, args.batch_size, args.hook)
     print(json.dumps({"case": "forward_to_hook", **common, "tokens_per_s": round(to_hook)}), flush=True)
-    for name, fn in (("stream", lambda: harvest_stream(harvester, contexts, args.batch_size)), ("cache", lambda: harvest_cache(harvester, contexts, args.batch_size, data_cfg))):
+    for name, fn in (
+        ("stream", lambda: harvest_stream(harvester, contexts, args.batch_size)),
+        ("cache", lambda: harvest_cache(harvester, contexts, args.batch_size, data_cfg)),
+    ):
         rate = fn()
         # harvest counts kept (non-special) tokens; the forward pass counts every position
-        print(json.dumps({"case": f"harvest_{name}", **common, "tokens_per_s": round(rate), "ratio_to_forward": round(rate / base, 3),
-                          "ratio_to_forward_to_hook": round(rate / to_hook, 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": f"harvest_{name}",
+                    **common,
+                    "tokens_per_s": round(rate),
+                    "ratio_to_forward": round(rate / base, 3),
+                    "ratio_to_forward_to_hook": round(rate / to_hook, 3),
+                }
+            ),
+            flush=True,
+        )
     if args.memory_tokens:
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, __file__, "--memory-child", "--model", args.model, "--memory-tokens", str(args.memory_tokens), "--out", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    "--model",
+                    args.model,
+                    "--memory-tokens",
+                    str(args.memory_tokens),
+                    "--out",
+                    tmp,
+                ],
+                check=True,
+            )
 
 
 if __name__ == "__main__":

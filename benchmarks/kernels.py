@@ -18,19 +18,33 @@ import json
 
 import torch
 import torch.nn.functional as F
+from timing import copy_bandwidth_gbs, timed_ms
 
 from saebench import kernels
-from timing import copy_bandwidth_gbs, timed_ms
 
 
 def draw_indices(batch: int, n: int, k: int, dist: str, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """[batch k] distinct latents per token: uniform, or Zipf over latent ranks (shuffled ids)."""
-    weights = torch.ones(n, device=device) if dist == "uniform" else torch.arange(1, n + 1, device=device, dtype=torch.float32) ** -1.1
+    weights = (
+        torch.ones(n, device=device)
+        if dist == "uniform"
+        else torch.arange(1, n + 1, device=device, dtype=torch.float32) ** -1.1
+    )
     ranks = torch.multinomial(weights.expand(batch, n), k, replacement=False, generator=gen)
     return torch.randperm(n, device=device, generator=gen)[ranks]
 
 
-def case(batch: int, d: int, n: int, k: int, dist: str, dtype: torch.dtype, device: torch.device, repeats: int, bandwidth: float | None) -> dict:
+def case(
+    batch: int,
+    d: int,
+    n: int,
+    k: int,
+    dist: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    bandwidth: float | None,
+) -> dict:
     gen = torch.Generator(device=device).manual_seed(0)
     W = (torch.randn(n, d, device=device, generator=gen, dtype=torch.float32) / d**0.5).to(dtype).requires_grad_()
     b = torch.zeros(d, device=device, dtype=dtype, requires_grad=True)
@@ -55,8 +69,16 @@ def case(batch: int, d: int, n: int, k: int, dist: str, dtype: torch.dtype, devi
         torch.autograd.backward(x_hat, grad)
 
     top_share = float(torch.bincount(indices.reshape(-1), minlength=n).max()) / batch
-    row = {"batch": batch, "d": d, "n": n, "k": k, "dist": dist, "densest_latent_fires_on": round(top_share, 3),
-           "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+    row = {
+        "batch": batch,
+        "d": d,
+        "n": n,
+        "k": k,
+        "dist": dist,
+        "densest_latent_fires_on": round(top_share, 3),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+    }
     row["dense_ms"] = round(timed_ms(dense, device, repeats), 3)
     row["torch_sparse_ms"] = round(timed_ms(torch_sparse, device, repeats), 3)
     row["torch_sparse_vs_dense"] = round(row["dense_ms"] / row["torch_sparse_ms"], 2)
@@ -70,14 +92,20 @@ def case(batch: int, d: int, n: int, k: int, dist: str, dtype: torch.dtype, devi
             torch.autograd.backward(x_hat, grad)
 
         ext = kernels.extension()
-        forward_ms = timed_ms(lambda: ext.gather_rows(values.detach().reshape(-1), indices.reshape(-1), offsets, W.detach(), b.detach()), device, repeats)
+        forward_ms = timed_ms(
+            lambda: ext.gather_rows(values.detach().reshape(-1), indices.reshape(-1), offsets, W.detach(), b.detach()),
+            device,
+            repeats,
+        )
         row["kernel_ms"] = round(timed_ms(kernel, device, repeats), 3)
         row["kernel_vs_dense"] = round(row["dense_ms"] / row["kernel_ms"], 2)
         row["kernel_vs_torch_sparse"] = round(row["torch_sparse_ms"] / row["kernel_ms"], 2)
         moved = batch * k * (d * W.element_size() + 8 + values.element_size()) + batch * d * W.element_size()
         row["kernel_forward_ms"] = round(forward_ms, 4)
         row["kernel_forward_GBps"] = round(moved / forward_ms / 1e6, 1)
-        row["kernel_forward_bandwidth_fraction"] = round(row["kernel_forward_GBps"] / bandwidth, 3) if bandwidth else None
+        row["kernel_forward_bandwidth_fraction"] = (
+            round(row["kernel_forward_GBps"] / bandwidth, 3) if bandwidth else None
+        )
     else:
         row["kernel"] = f"unavailable: {kernels._state.get('reason') or kernels.unavailable_reason()}"
     return row
@@ -97,12 +125,22 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     bandwidth = copy_bandwidth_gbs(device)
     if device.type == "cuda":
-        print(json.dumps({"device": torch.cuda.get_device_name(device), "measured_copy_GBps": bandwidth, "torch": torch.__version__}))
+        print(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(device),
+                    "measured_copy_GBps": bandwidth,
+                    "torch": torch.__version__,
+                }
+            )
+        )
     for d in args.d:
         for n in args.n:
             for k in args.k:
                 for dist in args.dist:
-                    print(json.dumps(case(args.batch, d, n, k, dist, dtype, device, args.repeats, bandwidth)), flush=True)
+                    print(
+                        json.dumps(case(args.batch, d, n, k, dist, dtype, device, args.repeats, bandwidth)), flush=True
+                    )
 
 
 if __name__ == "__main__":

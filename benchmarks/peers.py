@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".cache" / "peers-venv"
 HOOK = "blocks.1.hook_resid_post"
 
-SAELENS_SCRIPT = r'''
+SAELENS_SCRIPT = r"""
 import json, sys, time
 import torch
 from safetensors.torch import load_file
@@ -67,7 +67,7 @@ with torch.no_grad():
 import sae_lens
 print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": lr, "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
                   "tokens_per_s": round(steps * batch / seconds)}))
-'''
+"""
 
 
 def ensure_peers_venv() -> Path:
@@ -87,7 +87,9 @@ def harvest(n_train: int, n_test: int) -> dict[str, torch.Tensor]:
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         contexts = sb.load_contexts(sb.DataConfig(split=split), model.tokenizer)
-        out[split] = torch.cat([b[HOOK] for b in sb.stream_activations(harvester, contexts, batch_tokens=8192, n_tokens=n, seed=0)])[:n].float()
+        out[split] = torch.cat(
+            [b[HOOK] for b in sb.stream_activations(harvester, contexts, batch_tokens=8192, n_tokens=n, seed=0)]
+        )[:n].float()
     return out
 
 
@@ -98,17 +100,41 @@ def run_saebench(acts: dict[str, torch.Tensor], args: argparse.Namespace, lr: fl
     d = acts["train"].shape[1]
     cfg = sb.SAEConfig(d_in=d, n_latents=args.expansion * d, k=args.k, activation="topk")
     start = time.perf_counter()
-    sae, _ = sb.train_sae(cfg, acts["train"], sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=lr, seed=0), show_progress=False)
+    sae, _ = sb.train_sae(
+        cfg,
+        acts["train"],
+        sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=lr, seed=0),
+        show_progress=False,
+    )
     seconds = time.perf_counter() - start
     m = sb.evaluate_sae(sae, acts["test"])
-    return {"tool": f"saebench {sb.__version__}", "lr": lr if lr is not None else round(sb.TrainConfig().resolved_lr(cfg.n_latents), 7),
-            "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "train_seconds": round(seconds, 1),
-            "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}
+    return {
+        "tool": f"saebench {sb.__version__}",
+        "lr": lr if lr is not None else round(sb.TrainConfig().resolved_lr(cfg.n_latents), 7),
+        "fvu": round(m["fvu"], 4),
+        "l0": round(m["l0"], 2),
+        "train_seconds": round(seconds, 1),
+        "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds),
+    }
 
 
 def run_saelens(python: Path, path: Path, args: argparse.Namespace, n_latents: int, lr: float, tmp: str) -> dict:
-    run = subprocess.run([str(python), "-c", SAELENS_SCRIPT, str(path), str(args.tokens), str(args.batch), str(n_latents), str(args.k), tmp, str(lr)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(python),
+            "-c",
+            SAELENS_SCRIPT,
+            str(path),
+            str(args.tokens),
+            str(args.batch),
+            str(n_latents),
+            str(args.k),
+            tmp,
+            str(lr),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         sys.exit(f"SAELens run failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -122,14 +148,24 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--saebench-lr", type=float, default=None, help="saebench's lr (default: its n-scaled rule)")
-    p.add_argument("--lr-grid", type=str, default="", help="comma-separated lrs to train both tools at, after the default runs")
+    p.add_argument(
+        "--lr-grid", type=str, default="", help="comma-separated lrs to train both tools at, after the default runs"
+    )
     args = p.parse_args()
     python = ensure_peers_venv()
     acts = harvest(args.tokens, args.test_tokens)
     d = acts["train"].shape[1]
     n_latents = args.expansion * d
-    common = {"model": "tiny", "hook": HOOK, "d_in": d, "n_latents": n_latents, "k": args.k, "batch": args.batch, "tokens": args.tokens,
-              "threads": torch.get_num_threads()}
+    common = {
+        "model": "tiny",
+        "hook": HOOK,
+        "d_in": d,
+        "n_latents": n_latents,
+        "k": args.k,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "acts.safetensors"
         save_file({k: v.contiguous() for k, v in acts.items()}, str(path))
@@ -137,19 +173,37 @@ def main() -> None:
         print(json.dumps({**common, **ours}), flush=True)
         theirs = run_saelens(python, path, args, n_latents, SAELENS_DEFAULT_LR, tmp)
         print(json.dumps({**common, **theirs}), flush=True)
-        print(json.dumps({"fvu_saebench_minus_saelens": round(ours["fvu"] - theirs["fvu"], 4),
-                          "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "fvu_saebench_minus_saelens": round(ours["fvu"] - theirs["fvu"], 4),
+                    "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                }
+            ),
+            flush=True,
+        )
         if not args.lr_grid:
             return
         best = {"saebench": ours, "sae_lens": theirs}
         for lr in (float(v) for v in args.lr_grid.split(",")):
-            for name, row in (("saebench", run_saebench(acts, args, lr)), ("sae_lens", run_saelens(python, path, args, n_latents, lr, tmp))):
+            for name, row in (
+                ("saebench", run_saebench(acts, args, lr)),
+                ("sae_lens", run_saelens(python, path, args, n_latents, lr, tmp)),
+            ):
                 print(json.dumps({**common, **row}), flush=True)
                 if row["fvu"] < best[name]["fvu"]:
                     best[name] = row
-        print(json.dumps({"best_fvu_saebench": best["saebench"]["fvu"], "best_lr_saebench": best["saebench"]["lr"],
-                          "best_fvu_saelens": best["sae_lens"]["fvu"], "best_lr_saelens": best["sae_lens"]["lr"],
-                          "best_fvu_saebench_minus_saelens": round(best["saebench"]["fvu"] - best["sae_lens"]["fvu"], 4)}))
+        print(
+            json.dumps(
+                {
+                    "best_fvu_saebench": best["saebench"]["fvu"],
+                    "best_lr_saebench": best["saebench"]["lr"],
+                    "best_fvu_saelens": best["sae_lens"]["fvu"],
+                    "best_lr_saelens": best["sae_lens"]["lr"],
+                    "best_fvu_saebench_minus_saelens": round(best["saebench"]["fvu"] - best["sae_lens"]["fvu"], 4),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,45 @@ import torch
 from saebench.sae import SAEConfig
 from saebench.synthetic import PlantedFeatures, SyntheticConfig, iter_synthetic_bench, score_sae
 
-BASE = SyntheticConfig(d=64, n_true=768, true_l0=8.0, zipf_exponent=0.5, children=3, tree_fraction=0.5, child_prob=0.5,
-                       correlation=0.3, corr_group=8, magnitude="lognormal", magnitude_sigma=0.5, noise_std=0.02, seed=0)
+BASE = SyntheticConfig(
+    d=64,
+    n_true=768,
+    true_l0=8.0,
+    zipf_exponent=0.5,
+    children=3,
+    tree_fraction=0.5,
+    child_prob=0.5,
+    correlation=0.3,
+    corr_group=8,
+    magnitude="lognormal",
+    magnitude_sigma=0.5,
+    noise_std=0.02,
+    seed=0,
+)
 PEER_FAMILIES = ("saelens_topk", "saelens_batchtopk")
-FAMILIES = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "topk+matryoshka", "batchtopk+matryoshka", "plain_topk", "plain_batchtopk")
+FAMILIES = (
+    "topk",
+    "abstopk",
+    "batchtopk",
+    "mutual_choice",
+    "feature_choice",
+    "topk+matryoshka",
+    "batchtopk+matryoshka",
+    "plain_topk",
+    "plain_batchtopk",
+)
 
 
-def plain_sae(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batch: int, lr: float = 1e-3, seed: int = 0,
-              rule: str = "topk"):
+def plain_sae(
+    planted: PlantedFeatures,
+    n_latents: int,
+    k: int,
+    steps: int,
+    batch: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    rule: str = "topk",
+):
     """The reference: a TopK (or BatchTopK) SAE with nothing but Adam. -> (encode, W_dec [n d]).
 
     rule "batchtopk": the batch keeps its k*batch largest ReLU'd pre-activations in training; at
@@ -76,7 +107,7 @@ def plain_sae(planted: PlantedFeatures, n_latents: int, k: int, steps: int, batc
     return encode, W_dec.detach()
 
 
-SAELENS_SCRIPT = r'''
+SAELENS_SCRIPT = r"""
 import importlib.util, json, sys
 import torch
 import sae_lens
@@ -118,16 +149,31 @@ with torch.no_grad():
     x_hat = encode(held_out) @ W_dec + sae.b_dec
     row["fvu"] = round(float((held_out - x_hat).pow(2).sum() / (held_out - held_out.mean(0)).pow(2).sum()), 4)
 print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": args["lr"], **row}))
-'''
+"""
 
 
-def saelens_sae(data: SyntheticConfig, rule: str, n_latents: int, k: int, steps: int, batch: int, seed: int, lr: float = 3e-4) -> dict:
+def saelens_sae(
+    data: SyntheticConfig, rule: str, n_latents: int, k: int, steps: int, batch: int, seed: int, lr: float = 3e-4
+) -> dict:
     """Train and score SAELens' own TopK or BatchTopK on the same planted stream (in the peers venv)."""
     from peers import ensure_peers_venv
 
-    args = {"data": asdict(data), "rule": rule, "n_latents": n_latents, "k": k, "steps": steps, "batch": batch, "seed": seed, "lr": lr}
+    args = {
+        "data": asdict(data),
+        "rule": rule,
+        "n_latents": n_latents,
+        "k": k,
+        "steps": steps,
+        "batch": batch,
+        "seed": seed,
+        "lr": lr,
+    }
     synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
-    run = subprocess.run([str(ensure_peers_venv()), "-c", SAELENS_SCRIPT, str(synthetic_py), json.dumps(args)], capture_output=True, text=True)
+    run = subprocess.run(
+        [str(ensure_peers_venv()), "-c", SAELENS_SCRIPT, str(synthetic_py), json.dumps(args)],
+        capture_output=True,
+        text=True,
+    )
     if run.returncode != 0:
         raise SystemExit(f"SAELens run failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -137,44 +183,97 @@ def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
     """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, TrainConfig options)."""
     name, _, sets = spec.partition(":")
     activation, _, variant = name.partition("+")
-    options = {key: int(value) if value.isdigit() else float(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
+    options = {
+        key: int(value) if value.isdigit() else float(value)
+        for key, value in (item.split("=") for item in sets.split(",") if item)
+    }
     sae_options = {key: options.pop(key) for key in list(options) if key in SAEConfig.__dataclass_fields__}
     return activation, variant == "matryoshka", sae_options, options
 
 
-def run(data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0):
+def run(
+    data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0
+):
     planted = PlantedFeatures(data)
     n_latents, k = round(width * data.n_true), max(1, round(k_ratio * data.true_l0))
-    held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(seed + 99))  # iter_synthetic_bench's held-out set
+    held_out, codes = planted.sample(
+        16_384, torch.Generator().manual_seed(seed + 99)
+    )  # iter_synthetic_bench's held-out set
     for family in families:
         t0 = time.perf_counter()
         if family in ("plain_topk", "plain_batchtopk"):
-            encode, W_dec = plain_sae(planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_"))
-            row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
-                   **score_sae(encode, W_dec, planted, held_out, codes)}
+            encode, W_dec = plain_sae(
+                planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_")
+            )
+            row = {
+                "activation": family,
+                "matryoshka": False,
+                "n_latents": n_latents,
+                "k": k,
+                **score_sae(encode, W_dec, planted, held_out, codes),
+            }
         elif family.partition(":")[0] in PEER_FAMILIES:
             name, _, _, options = parse_spec(family)
-            row = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k,
-                   **saelens_sae(data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, options.get("lr", 3e-4))}
+            row = {
+                "activation": family,
+                "matryoshka": False,
+                "n_latents": n_latents,
+                "k": k,
+                **saelens_sae(
+                    data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, options.get("lr", 3e-4)
+                ),
+            }
         else:
             activation, matryoshka, sae_options, train_options = parse_spec(family)
             lr = train_options.pop("lr", None)
-            row = next(iter_synthetic_bench((activation,), data, n_latents=n_latents, k=k, n_tokens=steps * batch, batch_size=batch,
-                                            matryoshka=matryoshka, lr=lr, train_overrides=train_options,
-                                            sae_overrides=sae_options, seed=seed))
-        row = {"regime": regime, "family": family, "width": width, "k_ratio": k_ratio, "steps": steps, "seed": seed, **row,
-               "seconds": round(time.perf_counter() - t0, 1)}
+            row = next(
+                iter_synthetic_bench(
+                    (activation,),
+                    data,
+                    n_latents=n_latents,
+                    k=k,
+                    n_tokens=steps * batch,
+                    batch_size=batch,
+                    matryoshka=matryoshka,
+                    lr=lr,
+                    train_overrides=train_options,
+                    sae_overrides=sae_options,
+                    seed=seed,
+                )
+            )
+        row = {
+            "regime": regime,
+            "family": family,
+            "width": width,
+            "k_ratio": k_ratio,
+            "steps": steps,
+            "seed": seed,
+            **row,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]")
+    ap.add_argument(
+        "--families",
+        nargs="+",
+        default=list(FAMILIES),
+        help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]",
+    )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--sweep", action="store_true", help="n_latents/n_true and k/true_l0 in {0.5, 1, 2}")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (init and stream); the planted features stay")
-    ap.add_argument("--cells", nargs="+", default=None, help="width,k_ratio cells instead of the base or the sweep, e.g. 1,1 2,1 1,0.5")
+    ap.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds (init and stream); the planted features stay"
+    )
+    ap.add_argument(
+        "--cells",
+        nargs="+",
+        default=None,
+        help="width,k_ratio cells instead of the base or the sweep, e.g. 1,1 2,1 1,0.5",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="override the base regime, e.g. children=0 correlation=0")
     args = ap.parse_args()
     overrides = {}

@@ -16,9 +16,10 @@ import argparse
 import json
 import time
 
-import saebench as sb
 from peers import HOOK, harvest
 from synthetic import parse_spec
+
+import saebench as sb
 
 
 def main() -> None:
@@ -36,16 +37,32 @@ def main() -> None:
     for spec in args.families:
         activation, matryoshka, sae_keys, train_keys = parse_spec(spec)
         prefixes = [n // 8, n // 4, n // 2, n] if matryoshka else None
-        cfg = sb.SAEConfig(**{"d_in": d, "n_latents": n, "k": args.k, "activation": activation, "matryoshka": prefixes, **sae_keys})
+        cfg = sb.SAEConfig(
+            **{"d_in": d, "n_latents": n, "k": args.k, "activation": activation, "matryoshka": prefixes, **sae_keys}
+        )
         train = sb.TrainConfig(**{"n_tokens": args.tokens, "batch_size": args.batch, "seed": 0, **train_keys})
         start = time.perf_counter()
         sae, _ = sb.train_sae(cfg, acts["train"], train, show_progress=False)
         seconds = time.perf_counter() - start
         sae.eval()
         m = sb.evaluate_sae(sae, acts["test"])
-        print(json.dumps({"family": spec, "hook": HOOK, "n_latents": n, "k": args.k, "tokens": args.tokens, "lr": train.resolved_lr(n),
-                          "fvu": round(m["fvu"], 4), "l0": round(m["l0"], 2), "dead_fraction": round(m["dead_fraction"], 4),
-                          "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "family": spec,
+                    "hook": HOOK,
+                    "n_latents": n,
+                    "k": args.k,
+                    "tokens": args.tokens,
+                    "lr": train.resolved_lr(n),
+                    "fvu": round(m["fvu"], 4),
+                    "l0": round(m["l0"], 2),
+                    "dead_fraction": round(m["dead_fraction"], 4),
+                    "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -36,9 +36,22 @@ def time_case(name: str, model, layer: int, saes: dict, repeats: int) -> None:
         start = time.perf_counter()
         r = trace_attention(model, PROMPT, layer, head % model.cfg.n_heads, saes=saes)
         times.append(time.perf_counter() - start)
-    print(json.dumps({"case": name, "layer": layer, "n_saes": len(saes), "sae_latents": sorted({s.cfg.n_latents for s in saes.values()}),
-                      "query_pos": r.query_pos, "q_components": len(r.q_names), "median_s": round(statistics.median(times), 4),
-                      "min_s": round(min(times), 4), "threads": torch.get_num_threads()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "case": name,
+                "layer": layer,
+                "n_saes": len(saes),
+                "sae_latents": sorted({s.cfg.n_latents for s in saes.values()}),
+                "query_pos": r.query_pos,
+                "q_components": len(r.q_names),
+                "median_s": round(statistics.median(times), 4),
+                "min_s": round(min(times), 4),
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -48,7 +61,10 @@ def main() -> None:
     args = ap.parse_args()
     tiny = sb.load_model("tiny")
     d, z = tiny.cfg.d_model, tiny.cfg.n_heads * tiny.cfg.d_head
-    saes = {"blocks.0.attn.hook_z": random_sae("blocks.0.attn.hook_z", z, 8 * z), "blocks.0.hook_mlp_out": random_sae("blocks.0.hook_mlp_out", d, 8 * d)}
+    saes = {
+        "blocks.0.attn.hook_z": random_sae("blocks.0.attn.hook_z", z, 8 * z),
+        "blocks.0.hook_mlp_out": random_sae("blocks.0.hook_mlp_out", d, 8 * d),
+    }
     time_case("tiny", tiny, 1, saes, args.repeats)
     if args.skip_gpt2:
         return
@@ -56,7 +72,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=256, n_embd=768, n_layer=12, n_head=12)).save_pretrained(tmp)
+        GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=256, n_embd=768, n_layer=12, n_head=12)
+        ).save_pretrained(tmp)
         tiny.tokenizer.save_pretrained(tmp)
         gpt2 = sb.load_model(tmp)
         hooks = [f"blocks.{l}.hook_{s}_out" for l in range(6) for s in ("attn", "mlp")]

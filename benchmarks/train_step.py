@@ -19,12 +19,12 @@ import json
 import time
 
 import torch
+from timing import timed_ms
 
 from saebench import kernels
 from saebench.sae import SAEConfig
 from saebench.sae.losses import normalised_mse
 from saebench.train import SAETrainer, TrainConfig
-from timing import timed_ms
 
 
 def sync(device: torch.device) -> None:
@@ -85,7 +85,9 @@ def run(path: str, case: str, args, x: torch.Tensor, device: torch.device) -> di
     if path == "torch":
         kernels._state.update(ext=None, reason="benchmark: torch path")
     cfg = SAEConfig(d_in=args.d, n_latents=args.n, k=args.k, activation=args.activation)
-    trainer = SAETrainer(cfg, TrainConfig(n_tokens=10**12, batch_size=args.batch, device=str(device)), x[: min(len(x), 4096)])
+    trainer = SAETrainer(
+        cfg, TrainConfig(n_tokens=10**12, batch_size=args.batch, device=str(device)), x[: min(len(x), 4096)]
+    )
     prepare(trainer, case)
 
     def step():
@@ -98,9 +100,22 @@ def run(path: str, case: str, args, x: torch.Tensor, device: torch.device) -> di
         top_share = float(torch.bincount(fired.indices.reshape(-1), minlength=args.n).max()) / args.batch
     mark_dead(trainer, case)
     n_dead = int((trainer.tokens_since_fired >= cfg.dead_tokens).sum())
-    row = {"case": case, "path": path, "kernels": kernels.active_for(trainer.sae.W_dec), "device": str(device), "n": args.n, "d": args.d,
-           "k": args.k, "batch": args.batch, "activation": args.activation, "dead_latents": n_dead, "aux_k": min(cfg.aux_k, n_dead),
-           "densest_latent_fires_on": round(top_share, 3), "step_ms": round(ms, 2), "tokens_per_s": round(args.batch / ms * 1e3)}
+    row = {
+        "case": case,
+        "path": path,
+        "kernels": kernels.active_for(trainer.sae.W_dec),
+        "device": str(device),
+        "n": args.n,
+        "d": args.d,
+        "k": args.k,
+        "batch": args.batch,
+        "activation": args.activation,
+        "dead_latents": n_dead,
+        "aux_k": min(cfg.aux_k, n_dead),
+        "densest_latent_fires_on": round(top_share, 3),
+        "step_ms": round(ms, 2),
+        "tokens_per_s": round(args.batch / ms * 1e3),
+    }
     mark_dead(trainer, case)
     row["share"] = parts_ms(trainer, x, device)
     return row
@@ -125,7 +140,15 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row), flush=True)
         if len(rows) == 2:
-            print(json.dumps({"case": case, "kernels_vs_torch_tokens_per_s": round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 2)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "case": case,
+                        "kernels_vs_torch_tokens_per_s": round(rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"], 2),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """saebench: train, evaluate, steer and trace sparse autoencoders.
 
-    import saebench as sb
-    model = sb.load_model("tiny")
+import saebench as sb
+model = sb.load_model("tiny")
 """
 
 __version__ = "0.1.0"
@@ -11,21 +11,78 @@ from saebench.circuits import TraceResult, head_scores, induction_report, parse_
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
+from saebench.evaluate import evaluate_sae
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.models import load_model
 from saebench.pipeline import analyze, harvest_from_config
-from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples, PromptFeatures, TokenFeatures
-from saebench.evaluate import evaluate_sae
 from saebench.sae import SAE, SAEConfig
-from saebench.steering import (NEUTRAL_PROMPT, Generation, Steering, SteeringComparison, compare_steering, generate, input_score,
-                               lens_mass_gain, output_score,
-                               prompt_tokens, rank_by_output_score, steer, steering_sweep)
+from saebench.steering import (
+    NEUTRAL_PROMPT,
+    Generation,
+    Steering,
+    SteeringComparison,
+    compare_steering,
+    generate,
+    input_score,
+    lens_mass_gain,
+    output_score,
+    prompt_tokens,
+    rank_by_output_score,
+    steer,
+    steering_sweep,
+)
+from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples, PromptFeatures, TokenFeatures
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
-    "AnalysisConfig", "Example", "FeatureCard", "FeatureStore", "IntervalExamples", "PromptFeatures", "TokenFeatures", "analyze",
-    "ActivationStore", "TraceResult", "head_scores", "induction_report", "parse_component", "trace_attention", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "prompt_tokens", "rank_by_output_score",
-    "steer", "steering_sweep", "ConfigError", "DataConfig", "DataError", "HarvestConfig", "Harvester", "HookError",
-    "ModelError", "RunConfig", "SAE", "SAEConfig", "SAEBenchError", "TokenContexts", "TrainConfig", "evaluate_sae", "harvest_from_config", "harvest_to_disk",
-    "load_config", "load_contexts", "load_model", "pack_texts", "stream_activations", "train_sae", "train_saes",
+    "AnalysisConfig",
+    "Example",
+    "FeatureCard",
+    "FeatureStore",
+    "IntervalExamples",
+    "PromptFeatures",
+    "TokenFeatures",
+    "analyze",
+    "ActivationStore",
+    "TraceResult",
+    "head_scores",
+    "induction_report",
+    "parse_component",
+    "trace_attention",
+    "Generation",
+    "Steering",
+    "SteeringComparison",
+    "compare_steering",
+    "generate",
+    "NEUTRAL_PROMPT",
+    "input_score",
+    "lens_mass_gain",
+    "output_score",
+    "prompt_tokens",
+    "rank_by_output_score",
+    "steer",
+    "steering_sweep",
+    "ConfigError",
+    "DataConfig",
+    "DataError",
+    "HarvestConfig",
+    "Harvester",
+    "HookError",
+    "ModelError",
+    "RunConfig",
+    "SAE",
+    "SAEConfig",
+    "SAEBenchError",
+    "TokenContexts",
+    "TrainConfig",
+    "evaluate_sae",
+    "harvest_from_config",
+    "harvest_to_disk",
+    "load_config",
+    "load_contexts",
+    "load_model",
+    "pack_texts",
+    "stream_activations",
+    "train_sae",
+    "train_saes",
 ]

@@ -22,7 +22,9 @@ from saebench.sae import SAE
 # bin 181 = [1e5, inf). Fixed edges make histograms mergeable and streaming exact.
 HIST_DECADES = (-4, 5)
 BINS_PER_DECADE = 20
-HIST_INNER = torch.logspace(HIST_DECADES[0], HIST_DECADES[1], (HIST_DECADES[1] - HIST_DECADES[0]) * BINS_PER_DECADE + 1, dtype=torch.float64)
+HIST_INNER = torch.logspace(
+    HIST_DECADES[0], HIST_DECADES[1], (HIST_DECADES[1] - HIST_DECADES[0]) * BINS_PER_DECADE + 1, dtype=torch.float64
+)
 N_BINS = len(HIST_INNER) + 1
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
 _M32 = 0xFFFFFFFF
@@ -65,7 +67,9 @@ def histogram_bin(values: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values.double(), HIST_INNER.to(values.device), right=True)
 
 
-def quantiles_from_histogram(hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, qs: tuple[float, ...] = QUANTILES) -> torch.Tensor:
+def quantiles_from_histogram(
+    hist: torch.Tensor, vmin: torch.Tensor, vmax: torch.Tensor, qs: tuple[float, ...] = QUANTILES
+) -> torch.Tensor:
     """hist: [n bins] counts; vmin, vmax: [n] -> [n q] quantile estimates.
 
     The q-quantile lies in the first bin whose cumulative count reaches q * count; inside it the
@@ -104,7 +108,9 @@ def feature_mix(features: torch.Tensor, seed: int) -> torch.Tensor:
     return _mix32((features.long() ^ (seed * 0x9E3779B & _M32)) & _M32)
 
 
-def fire_hash(token_ids: torch.Tensor, features: torch.Tensor, seed: int, mix_table: torch.Tensor | None = None) -> torch.Tensor:
+def fire_hash(
+    token_ids: torch.Tensor, features: torch.Tensor, seed: int, mix_table: torch.Tensor | None = None
+) -> torch.Tensor:
     """A deterministic pseudo-random key in [0, 2^40) per (token, feature): a feature's sample is
     its fires with the smallest keys, the same whatever order or batching the tokens come in.
     mix_table: feature_mix(arange(n), seed), to skip recomputing it per fire."""
@@ -145,18 +151,26 @@ class Slots:
     PER_SLOT = ("rank", "token", "value", "acts")
 
     @classmethod
-    def empty(cls, n: int, m: int, ctx: int, bits: int, device, acts_dtype=torch.float16) -> "Slots":
+    def empty(cls, n: int, m: int, ctx: int, bits: int, device, acts_dtype=torch.float16) -> Slots:
         full = lambda shape, v, dtype=torch.long: torch.full(shape, v, dtype=dtype, device=device)
         return cls(
-            full((n, 2 * m), 1 << bits), full((n, 2 * m), -1), full((n, 2 * m), 0.0, torch.float32),
-            full((n, 2 * m, ctx), 0.0, acts_dtype), full((n,), 0), full((n,), 1 << bits), m, bits,
+            full((n, 2 * m), 1 << bits),
+            full((n, 2 * m), -1),
+            full((n, 2 * m), 0.0, torch.float32),
+            full((n, 2 * m, ctx), 0.0, acts_dtype),
+            full((n,), 0),
+            full((n,), 1 << bits),
+            m,
+            bits,
         )
 
     def blank(self, name: str) -> float:
         """What an empty slot holds in tensor `name`."""
         return {"rank": 1 << self.bits, "token": -1}.get(name, 0)
 
-    def offer(self, feat: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts) -> None:
+    def offer(
+        self, feat: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, value: torch.Tensor, context_acts
+    ) -> None:
         """Candidates (feat, rank, token, value: [c]; tokens ascending and later than every kept
         one). context_acts(accepted candidate indices [a]) -> [a ctx] runs for the accepted only."""
         m = self.m
@@ -167,7 +181,11 @@ class Slots:
         order = ((c_feat << self.bits + 1) | rank[live]).sort(stable=True).indices  # by feature, best first
         live, c_feat = live[order], c_feat[order]
         within = torch.arange(len(live), device=live.device) - torch.searchsorted(c_feat, c_feat)
-        live, c_feat, within = live[within < m], c_feat[within < m], within[within < m]  # only a batch's best m can stay
+        live, c_feat, within = (
+            live[within < m],
+            c_feat[within < m],
+            within[within < m],
+        )  # only a batch's best m can stay
         count = torch.bincount(c_feat, minlength=len(self.fill))
         full = (self.fill + count > 2 * m).nonzero().squeeze(-1)
         if len(full):
@@ -193,7 +211,7 @@ class Slots:
         self.fill[rows] = fill
         self.threshold[rows] = torch.where(fill == m, self.rank[rows, m - 1], torch.full_like(fill, self.blank("rank")))
 
-    def sorted(self) -> "Slots":
+    def sorted(self) -> Slots:
         """The best m per feature, best first, on the CPU."""
         out = Slots(*(getattr(self, k).clone() for k in self.TENSORS), self.m, self.bits)
         out._compact(torch.arange(len(out.fill), device=out.fill.device))
@@ -298,22 +316,32 @@ class FeatureAccumulator:
 
     # -- the end of the pass -----------------------------------------------------------------
     @torch.no_grad()
-    def finish(self, n_tokens: int) -> "FeatureResults":
+    def finish(self, n_tokens: int) -> FeatureResults:
         cfg = self.cfg
         fired = self.n_fires.clamp_min(1).double()
         vmin = torch.where(self.n_fires > 0, self.min, torch.zeros_like(self.min))
         quantiles = quantiles_from_histogram(self.hist, vmin, self.max)
-        interval_edges = quantiles_from_histogram(self.hist, vmin, self.max, tuple(i / cfg.n_intervals for i in range(1, cfg.n_intervals)))
+        interval_edges = quantiles_from_histogram(
+            self.hist, vmin, self.max, tuple(i / cfg.n_intervals for i in range(1, cfg.n_intervals))
+        )
         top, sample = self.top.sorted(), self.sample.sorted()
         interval, interval_rank = self._interval_examples(sample, interval_edges.cpu())
         return FeatureResults(
-            n_tokens=n_tokens, n_fires=self.n_fires.cpu(), n_positive=self.n_positive.cpu(),
-            mean=(self.sum / fired).float().cpu(), mean_signed=(self.sum_signed / fired).float().cpu(),
+            n_tokens=n_tokens,
+            n_fires=self.n_fires.cpu(),
+            n_positive=self.n_positive.cpu(),
+            mean=(self.sum / fired).float().cpu(),
+            mean_signed=(self.sum_signed / fired).float().cpu(),
             std=((self.sum_sq / fired - (self.sum / fired) ** 2).clamp_min(0).sqrt()).float().cpu(),
-            max=self.max.cpu(), min=vmin.cpu(), hist=self.hist.cpu(), quantiles=quantiles.cpu(),
+            max=self.max.cpu(),
+            min=vmin.cpu(),
+            hist=self.hist.cpu(),
+            quantiles=quantiles.cpu(),
             interval_edges=torch.cat([vmin[:, None], interval_edges, self.max[:, None]], 1).cpu(),
-            top=top, sample=sample,
-            sample_interval=interval.cpu(), sample_interval_rank=interval_rank.cpu(),
+            top=top,
+            sample=sample,
+            sample_interval=interval.cpu(),
+            sample_interval_rank=interval_rank.cpu(),
             coact=coactivation_neighbours(*self._coact_sample(), self.n, cfg.n_neighbours),
             coact_tokens=self.coact_seen,
         )
@@ -356,7 +384,9 @@ class FeatureResults:
     coact: tuple[torch.Tensor, torch.Tensor]  # ([n k] neighbour ids, -1 if none; [n k] Jaccard)
     coact_tokens: int
     decoder: tuple[torch.Tensor, torch.Tensor] | None = None  # ([n k] ids, [n k] cosine)
-    logit_lens: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # top ids, values, bottom ids, values
+    logit_lens: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = (
+        None  # top ids, values, bottom ids, values
+    )
     notes: dict = field(default_factory=dict)
 
 
@@ -381,7 +411,9 @@ PAIR_COUNT_MAX_LATENTS = 8192  # up to here co-fire counts are a dense [n n] pai
 
 
 @torch.no_grad()
-def coactivation_neighbours(tokens: torch.Tensor, feats: torch.Tensor, n: int, k: int = 10, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def coactivation_neighbours(
+    tokens: torch.Tensor, feats: torch.Tensor, n: int, k: int = 10, method: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k neighbours of each feature by the Jaccard index of their firing sets over a token
     sample: |i and j| / |i or j|. tokens, feats: [nnz] (one entry per fire, tokens ascending)
     -> ([n k] ids, -1 where fewer than k features ever co-fire; [n k] Jaccard).
@@ -426,7 +458,9 @@ def _co_counts_pairs(t: torch.Tensor, f: torch.Tensor, n: int, chunk_pairs: int 
 
 def _co_counts_sparse(t: torch.Tensor, f: torch.Tensor, n: int):
     n_tok = int(t.max()) + 1
-    by_feature = torch.sparse_coo_tensor(torch.stack([f, t]), torch.ones(len(t), device=t.device), (n, n_tok), check_invariants=True).coalesce()
+    by_feature = torch.sparse_coo_tensor(
+        torch.stack([f, t]), torch.ones(len(t), device=t.device), (n, n_tok), check_invariants=True
+    ).coalesce()
     block = max(1, min(n, 2**25 // n_tok, 2**25 // n))  # bounds the dense [n_tok b] and [b n] blocks
     for start in range(0, n, block):
         stop = min(start + block, n)

@@ -23,9 +23,26 @@ def check_runs(runs: list[str]) -> list[Path]:
 def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
     paths = check_runs(runs)
     if not (APP_DIR / "Home.py").exists():
-        raise DataError(f"the app is not installed at {APP_DIR}: install saebench from its source folder (pip install -e .)")
+        raise DataError(
+            f"the app is not installed at {APP_DIR}: install saebench from its source folder (pip install -e .)"
+        )
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(p) for p in paths)}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_DIR / "Home.py"), "--server.address", host,
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_DIR / "Home.py"),
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     print(f"saebench app: http://{host}:{port}  ({len(paths)} run{'s' * (len(paths) > 1)})", flush=True)
     os.execve(sys.executable, cmd, env)  # become the server, so a signal to `saebench app` reaches it (no orphan)

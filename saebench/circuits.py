@@ -33,11 +33,13 @@ class Components:
     kinds: list[str]
     vectors: torch.Tensor
 
-    def __add__(self, other: "Components") -> "Components":
+    def __add__(self, other: Components) -> Components:
         return Components(self.names + other.names, self.kinds + other.kinds, torch.cat([self.vectors, other.vectors]))
 
 
-def _sae_components(sae: SAE, hook: str, act: torch.Tensor, out_proj: torch.Tensor | None = None, out_bias: torch.Tensor | None = None) -> Components:
+def _sae_components(
+    sae: SAE, hook: str, act: torch.Tensor, out_proj: torch.Tensor | None = None, out_bias: torch.Tensor | None = None
+) -> Components:
     """act: [d_sae_in] at one position -> features + bias + error, mapped by out_proj [d_in d_model] if given."""
     z = sae.encode(act[None])[0]
     active = z.nonzero().squeeze(-1)
@@ -51,11 +53,17 @@ def _sae_components(sae: SAE, hook: str, act: torch.Tensor, out_proj: torch.Tens
     return Components(names, kinds, torch.cat([vecs, bias, error]))
 
 
-def residual_components(model, cache, layer: int, pos: int, saes: dict[str, SAE] | None = None, batch: int = 0) -> Components:
+def residual_components(
+    model, cache, layer: int, pos: int, saes: dict[str, SAE] | None = None, batch: int = 0
+) -> Components:
     """Split the residual stream entering block `layer` (layer = n_layers: before ln_final) at `pos`."""
     saes = saes or {}
     cfg = model.cfg
-    resid_hooks = {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"} if layer > 0 else {"blocks.0.hook_resid_pre"}
+    resid_hooks = (
+        {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"}
+        if layer > 0
+        else {"blocks.0.hook_resid_pre"}
+    )
     for hook, sae in saes.items():
         if hook in resid_hooks:
             return _sae_components(sae, hook, cache[hook][batch, pos])
@@ -94,7 +102,11 @@ def _frozen_ln(model, cache, layer: int, pos: int, comps: Components, batch: int
     w, b = _ln(model, layer)
     scale_hook = "ln_final.hook_scale" if layer == model.cfg.n_layers else f"blocks.{layer}.ln1.hook_scale"
     scale = cache[scale_hook][batch, pos]
-    centred = comps.vectors - comps.vectors.mean(-1, keepdim=True) if model.cfg.normalization_type in ("LN", "LNPre") else comps.vectors
+    centred = (
+        comps.vectors - comps.vectors.mean(-1, keepdim=True)
+        if model.cfg.normalization_type in ("LN", "LNPre")
+        else comps.vectors
+    )
     vecs = centred / scale * w
     return Components(comps.names + ["ln_bias"], comps.kinds + ["bias"], torch.cat([vecs, b[None].to(vecs.dtype)]))
 
@@ -128,14 +140,21 @@ class TraceResult:
         if self.logit_contrib is None:
             return pd.DataFrame(columns=["component", "value"])
         order = self.logit_contrib.abs().argsort(descending=True)[:n].tolist()
-        return pd.DataFrame({"component": [self.logit_names[i] for i in order], "value": [float(self.logit_contrib[i]) for i in order]})
+        return pd.DataFrame(
+            {"component": [self.logit_names[i] for i in order], "value": [float(self.logit_contrib[i]) for i in order]}
+        )
 
     def attention_figure(self):
         import plotly.graph_objects as go
 
         labels = [f"{i} {t!r}" for i, t in enumerate(self.tokens)]
         fig = go.Figure(go.Heatmap(z=self.attention.tolist(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
-        fig.update_layout(title=f"L{self.layer}H{self.head} attention", xaxis_title="key", yaxis_title="query", yaxis_autorange="reversed")
+        fig.update_layout(
+            title=f"L{self.layer}H{self.head} attention",
+            xaxis_title="key",
+            yaxis_title="query",
+            yaxis_autorange="reversed",
+        )
         return fig
 
     def query_marginals(self) -> torch.Tensor:
@@ -150,9 +169,13 @@ class TraceResult:
         flat = self.pair_scores.flatten()
         order = flat.abs().argsort(descending=True)[:n]
         nk = self.pair_scores.shape[1]
-        return pd.DataFrame({"query_component": [self.q_names[i // nk] for i in order.tolist()],
-                             "key_component": [self.k_names[i % nk] for i in order.tolist()],
-                             "score": flat[order].tolist()})
+        return pd.DataFrame(
+            {
+                "query_component": [self.q_names[i // nk] for i in order.tolist()],
+                "key_component": [self.k_names[i % nk] for i in order.tolist()],
+                "score": flat[order].tolist(),
+            }
+        )
 
     def marginals(self):
         import pandas as pd
@@ -169,8 +192,14 @@ class TraceResult:
         flat = values.flatten()
         order = flat.abs().argsort(descending=True)[:n]
         nc = values.shape[1]
-        return pd.DataFrame({"key_pos": [i // nc for i in order.tolist()], "key_token": [self.tokens[i // nc] for i in order.tolist()],
-                             "component": [self.ov_names[i % nc] for i in order.tolist()], "value": flat[order].tolist()})
+        return pd.DataFrame(
+            {
+                "key_pos": [i // nc for i in order.tolist()],
+                "key_token": [self.tokens[i // nc] for i in order.tolist()],
+                "component": [self.ov_names[i % nc] for i in order.tolist()],
+                "value": flat[order].tolist(),
+            }
+        )
 
     def pairs_figure(self, n: int = 15):
         import plotly.graph_objects as go
@@ -178,9 +207,14 @@ class TraceResult:
         qi = self.query_marginals().abs().argsort(descending=True)[:n].tolist()
         ki = self.key_marginals().abs().argsort(descending=True)[:n].tolist()
         z = self.pair_scores[qi][:, ki].tolist()
-        fig = go.Figure(go.Heatmap(z=z, x=[self.k_names[i] for i in ki], y=[self.q_names[i] for i in qi], colorscale="RdBu", zmid=0))
-        fig.update_layout(title=f"L{self.layer}H{self.head} score {self.score:.3f}: q={self.query_pos} {self.tokens[self.query_pos]!r}, k={self.key_pos} {self.tokens[self.key_pos]!r}",
-                          xaxis_title="key-side component", yaxis_title="query-side component")
+        fig = go.Figure(
+            go.Heatmap(z=z, x=[self.k_names[i] for i in ki], y=[self.q_names[i] for i in qi], colorscale="RdBu", zmid=0)
+        )
+        fig.update_layout(
+            title=f"L{self.layer}H{self.head} score {self.score:.3f}: q={self.query_pos} {self.tokens[self.query_pos]!r}, k={self.key_pos} {self.tokens[self.key_pos]!r}",
+            xaxis_title="key-side component",
+            yaxis_title="query-side component",
+        )
         return fig
 
     def marginals_figure(self, n: int = 15):
@@ -188,17 +222,31 @@ class TraceResult:
         from plotly.subplots import make_subplots
 
         fig = make_subplots(rows=1, cols=2, subplot_titles=("query side", "key side"))
-        for col, (vals, names) in enumerate(((self.query_marginals(), self.q_names), (self.key_marginals(), self.k_names)), start=1):
+        for col, (vals, names) in enumerate(
+            ((self.query_marginals(), self.q_names), (self.key_marginals(), self.k_names)), start=1
+        ):
             idx = vals.abs().argsort(descending=True)[:n].tolist()
-            fig.add_trace(go.Bar(x=[vals[i].item() for i in idx], y=[names[i] for i in idx], orientation="h"), row=1, col=col)
+            fig.add_trace(
+                go.Bar(x=[vals[i].item() for i in idx], y=[names[i] for i in idx], orientation="h"), row=1, col=col
+            )
         fig.update_layout(showlegend=False, title=f"L{self.layer}H{self.head} marginals")
         return fig
 
 
 @torch.no_grad()
-def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, key_pos: int | None = None,
-                    saes: dict[str, SAE] | None = None, downstream: SAE | None = None, downstream_feature: int | None = None,
-                    logit_tokens: tuple[int, ...] | int | str | None = None, check: bool = True) -> TraceResult:
+def trace_attention(
+    model,
+    prompt,
+    layer: int,
+    head: int,
+    query_pos: int = -1,
+    key_pos: int | None = None,
+    saes: dict[str, SAE] | None = None,
+    downstream: SAE | None = None,
+    downstream_feature: int | None = None,
+    logit_tokens: tuple[int, ...] | int | str | None = None,
+    check: bool = True,
+) -> TraceResult:
     """Trace head `head` of `layer` at `query_pos` (default: last). key_pos default: the most-attended key.
 
     saes: {hook: SAE} for upstream hooks (blocks.l.hook_attn_out / hook_mlp_out / attn.hook_z for
@@ -229,7 +277,10 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
     if k > q:
         raise ConfigError(f"key position {k} is after the query position {q}")
 
-    comps = {p: _frozen_ln(model, cache, layer, p, residual_components(model, cache, layer, p, saes), 0) for p in range(q + 1)}
+    comps = {
+        p: _frozen_ln(model, cache, layer, p, residual_components(model, cache, layer, p, saes), 0)
+        for p in range(q + 1)
+    }
     W_Q, W_K, W_V, W_O = model.W_Q[layer, head], model.W_K[layer, head], model.W_V[layer, head], model.W_O[layer, head]
     b_Q, b_K, b_V = model.b_Q[layer, head], model.b_K[layer, head], model.b_V[layer, head]
     q_vecs = torch.cat([comps[q].vectors @ W_Q, b_Q[None]])
@@ -269,8 +320,22 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
         else:
             projection = ov @ enc
 
-    result = TraceResult(layer, head, q, k, [model.tokenizer.decode([t]) for t in tokens[0].tolist()], score, float(pattern[q, k]),
-                         comps[q].names + ["b_Q"], comps[k].names + ["b_K"], pair_scores, names, ov, projection, attention=pattern.detach())
+    result = TraceResult(
+        layer,
+        head,
+        q,
+        k,
+        [model.tokenizer.decode([t]) for t in tokens[0].tolist()],
+        score,
+        float(pattern[q, k]),
+        comps[q].names + ["b_Q"],
+        comps[k].names + ["b_K"],
+        pair_scores,
+        names,
+        ov,
+        projection,
+        attention=pattern.detach(),
+    )
     if logit_tokens is not None:
         final = _frozen_ln(model, cache, cfg.n_layers, q, residual_components(model, cache, cfg.n_layers, q, saes), 0)
         if logit_tokens == "top":
@@ -288,7 +353,11 @@ def trace_attention(model, prompt, layer: int, head: int, query_pos: int = -1, k
     if check:
         for p in (q, k):
             resid_hook = f"blocks.{layer}.hook_resid_pre"
-            _close(residual_components(model, cache, layer, p, saes).vectors.sum(0), cache[resid_hook][0, p], "residual decomposition")
+            _close(
+                residual_components(model, cache, layer, p, saes).vectors.sum(0),
+                cache[resid_hook][0, p],
+                "residual decomposition",
+            )
         _close(pair_scores.sum(), torch.tensor(score), "QK pair sum")
         _close(ov.sum((0, 1)), cache[f"blocks.{layer}.attn.hook_z"][0, q, head] @ W_O, "OV sum")
     return result
@@ -347,15 +416,25 @@ def induction_summary(patterns: list[torch.Tensor], logits: torch.Tensor, tokens
     """From [batch head q k] patterns per layer and [batch pos vocab] logits on repeated_random_tokens:
     induction [n_layers n_heads], the mean attention from each second-copy token to the token after its
     first occurrence; the mean next-token loss on each copy, leaving out each copy's unpredictable first token."""
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")  # [seq pos]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
+    )  # [seq pos]
     q = torch.arange(span + 1, 2 * span + 1)
     induction = torch.stack([p[:, :, q, q - span + 1].float().mean((0, 2)).cpu() for p in patterns])
-    return {"induction": induction, "loss_first_copy": float(nll[:, 1:span].mean()), "loss_second_copy": float(nll[:, span + 1 :].mean())}
+    return {
+        "induction": induction,
+        "loss_first_copy": float(nll[:, 1:span].mean()),
+        "loss_second_copy": float(nll[:, span + 1 :].mean()),
+    }
 
 
 @torch.no_grad()
 def induction_report(model, n_seq: int = 64, span: int = 40, seed: int = 0) -> dict:
     """induction_summary for a hooked model on `n_seq` repeated random-token sequences."""
-    tokens = repeated_random_tokens(n_seq, span, model.cfg.d_vocab, model.tokenizer.bos_token_id, seed).to(model.cfg.device)
+    tokens = repeated_random_tokens(n_seq, span, model.cfg.d_vocab, model.tokenizer.bos_token_id, seed).to(
+        model.cfg.device
+    )
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    return induction_summary([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)], logits, tokens, span)
+    return induction_summary(
+        [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)], logits, tokens, span
+    )

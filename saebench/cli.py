@@ -14,7 +14,16 @@ def _harvest(args: argparse.Namespace) -> None:
     from saebench.pipeline import harvest_from_config
 
     manifest = harvest_from_config(args.config, args.set, max_shards=args.max_shards)
-    print(json.dumps({"cache_dir": manifest["cache_dir"], "tokens": manifest["n_tokens"], "shards": len(manifest["shards"]), "complete": manifest["complete"]}))
+    print(
+        json.dumps(
+            {
+                "cache_dir": manifest["cache_dir"],
+                "tokens": manifest["n_tokens"],
+                "shards": len(manifest["shards"]),
+                "complete": manifest["complete"],
+            }
+        )
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -27,8 +36,19 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from saebench.pipeline import eval_from_config
 
-    keys = ("fvu", "fvu_batched", "fvu_per_token", "cossim", "relative_reconstruction_bias", "l0", "dead_fraction", "dense_fraction",
-            "shrinkage", "ce_recovered", "kl_score")
+    keys = (
+        "fvu",
+        "fvu_batched",
+        "fvu_per_token",
+        "cossim",
+        "relative_reconstruction_bias",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+        "shrinkage",
+        "ce_recovered",
+        "kl_score",
+    )
     for hook, result in eval_from_config(args.run).items():
         print(f"{hook}\n{'metric':<30}{'sae':>12}{'random':>12}")
         for key in keys:
@@ -40,8 +60,14 @@ def _analyze(args: argparse.Namespace) -> None:
     from saebench.analysis import AnalysisConfig
     from saebench.pipeline import analyze
 
-    cfg = AnalysisConfig(n_tokens=args.tokens, split=args.split, n_examples=args.examples, batch_size=args.batch_size,
-                         checkpoint_tokens=args.checkpoint_tokens, seed=args.seed)
+    cfg = AnalysisConfig(
+        n_tokens=args.tokens,
+        split=args.split,
+        n_examples=args.examples,
+        batch_size=args.batch_size,
+        checkpoint_tokens=args.checkpoint_tokens,
+        seed=args.seed,
+    )
     summary = analyze(args.run, cfg, resume=args.resume, restart=args.restart)
     print(json.dumps(summary))
 
@@ -55,10 +81,23 @@ def _app(args: argparse.Namespace) -> None:
 def _bench_synthetic(args: argparse.Namespace) -> None:
     from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
-    data = SyntheticConfig(d=args.d, n_true=args.n_true, true_l0=args.true_l0, children=args.children,
-                           correlation=args.correlation, magnitude=args.magnitude, noise_std=args.noise)
-    for row in iter_synthetic_bench(tuple(args.activations.split(",")), data, n_tokens=args.tokens, matryoshka=args.matryoshka,
-                                    batch_size=args.batch_size, lr=args.lr):
+    data = SyntheticConfig(
+        d=args.d,
+        n_true=args.n_true,
+        true_l0=args.true_l0,
+        children=args.children,
+        correlation=args.correlation,
+        magnitude=args.magnitude,
+        noise_std=args.noise,
+    )
+    for row in iter_synthetic_bench(
+        tuple(args.activations.split(",")),
+        data,
+        n_tokens=args.tokens,
+        matryoshka=args.matryoshka,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    ):
         print(json.dumps(row), flush=True)
 
 
@@ -71,7 +110,9 @@ def _load_run_sae(run: str, hook: str | None):
     from saebench.sae import SAE
 
     run_dir = Path(run)
-    sae_dirs = [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(p for p in run_dir.glob("*/sae") if p.is_dir())
+    sae_dirs = (
+        [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(p for p in run_dir.glob("*/sae") if p.is_dir())
+    )
     if hook:
         sae_dirs = [d for d in sae_dirs if d.parent.name == hook or (d == run_dir / "sae")]
     if not (run_dir / "config.yaml").exists() or len(sae_dirs) != 1:
@@ -104,13 +145,27 @@ def _steer(args: argparse.Namespace) -> None:
             from saebench.errors import ConfigError
 
             raise ConfigError("--sweep takes exactly one --feature")
-        for row in steering_sweep(model, sae, feature, [float(v) for v in args.sweep.split(",")], args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed):
+        for row in steering_sweep(
+            model,
+            sae,
+            feature,
+            [float(v) for v in args.sweep.split(",")],
+            args.prompt,
+            mode=args.mode,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        ):
             print(json.dumps(row))
         return
     plain = generate(model, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed)
     with steer(model, sae, features, mode=args.mode, positions=args.positions, unit=args.unit) as s:
         steered = generate(model, args.prompt, args.max_new_tokens, args.temperature, seed=args.seed, steering=s)
-    print(json.dumps({"prompt": args.prompt, "unsteered": plain, "steered": steered, "features": features, "mode": args.mode}))
+    print(
+        json.dumps(
+            {"prompt": args.prompt, "unsteered": plain, "steered": steered, "features": features, "mode": args.mode}
+        )
+    )
 
 
 def _trace(args: argparse.Namespace) -> None:
@@ -135,10 +190,20 @@ def _trace(args: argparse.Namespace) -> None:
             saes[sae.cfg.hook] = sae
     model = model or load_model(args.model)
     logit = tuple(int(t) for t in args.logit.split(",")) if args.logit else None
-    r = trace_attention(model, args.prompt, args.layer, args.head, args.query_pos, args.key_pos, saes=saes,
-                        logit_tokens=(logit[0] if logit and len(logit) == 1 else logit))
-    print(f"layer {r.layer} head {r.head}: query {r.query_pos} {r.tokens[r.query_pos]!r} -> key {r.key_pos} {r.tokens[r.key_pos]!r}; "
-          f"score {r.score:.4f} (pairs sum to {float(r.pair_scores.sum()):.4f}), attention {r.pattern:.3f}")
+    r = trace_attention(
+        model,
+        args.prompt,
+        args.layer,
+        args.head,
+        args.query_pos,
+        args.key_pos,
+        saes=saes,
+        logit_tokens=(logit[0] if logit and len(logit) == 1 else logit),
+    )
+    print(
+        f"layer {r.layer} head {r.head}: query {r.query_pos} {r.tokens[r.query_pos]!r} -> key {r.key_pos} {r.tokens[r.key_pos]!r}; "
+        f"score {r.score:.4f} (pairs sum to {float(r.pair_scores.sum()):.4f}), attention {r.pattern:.3f}"
+    )
     print(r.top_pairs(args.top).to_string(index=False))
     print(r.marginals().head(args.top).to_string(index=False))
     print(r.ov_table(args.top).to_string(index=False))
@@ -147,11 +212,16 @@ def _trace(args: argparse.Namespace) -> None:
 def _train_tiny(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from saebench.config import apply_overrides, from_dict
     from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
 
-    from saebench.config import apply_overrides, from_dict
-
-    given = {"train_tokens": args.tokens, "max_minutes": args.minutes, "n_layer": args.layers, "n_embd": args.d_model, "n_head": args.heads}
+    given = {
+        "train_tokens": args.tokens,
+        "max_minutes": args.minutes,
+        "n_layer": args.layers,
+        "n_embd": args.d_model,
+        "n_head": args.heads,
+    }
     fields = {k: v for k, v in given.items() if v is not None}
     cfg = from_dict(TinyConfig, apply_overrides(fields, args.set, example="copy_task_steps=2000"), "tiny")
     card = train_tiny(Path(args.out) if args.out else TINY_DIR, cfg)
@@ -166,7 +236,9 @@ def _kernels_build(args: argparse.Namespace) -> None:
     if reason is not None:
         raise SAEBenchError(f"cannot build the sparse kernels here ({reason}); they build on a machine with a CUDA GPU")
     if kernels.extension(verbose=args.verbose) is None:
-        raise SAEBenchError(f"kernel build failed: {kernels._state['reason']} (rerun with --verbose for the compiler output)")
+        raise SAEBenchError(
+            f"kernel build failed: {kernels._state['reason']} (rerun with --verbose for the compiler output)"
+        )
     print(f"sparse kernels built in {kernels.build_dir()}")
 
 
@@ -184,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("harvest", help="write a model's activations at the config's hooks to an on-disk cache")
     p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. harvest.n_tokens=100000")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. harvest.n_tokens=100000",
+    )
     p.add_argument("--max-shards", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_harvest)
 
@@ -201,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")
     p.add_argument("run", help="run directory with a trained SAE, e.g. runs/tiny")
-    p.add_argument("--tokens", type=int, default=None, help="tokens to analyse (default: 2M, or the whole split if smaller)")
+    p.add_argument(
+        "--tokens", type=int, default=None, help="tokens to analyse (default: 2M, or the whole split if smaller)"
+    )
     p.add_argument("--split", default="test", help="data split of the run's dataset (default: the held-out test split)")
     p.add_argument("--examples", type=int, default=20, help="top-activating examples kept per feature")
     p.add_argument("--batch-size", type=int, default=64, help="contexts per model forward")
@@ -239,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, required=True)
     p.add_argument("--query-pos", type=int, default=-1)
     p.add_argument("--key-pos", type=int, default=None)
-    p.add_argument("--logit", default=None, metavar="TOKEN[,TOKEN]", help="direct logit attribution to a token id or a difference")
+    p.add_argument(
+        "--logit", default=None, metavar="TOKEN[,TOKEN]", help="direct logit attribution to a token id or a difference"
+    )
     p.add_argument("--top", type=int, default=10)
     p.set_defaults(func=_trace)
 
@@ -259,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: the trainer's")
     p.set_defaults(func=_bench_synthetic)
 
-    kern = sub.add_parser("kernels", help="the sparse-decoder CUDA kernels").add_subparsers(dest="kernels_command", required=True)
+    kern = sub.add_parser("kernels", help="the sparse-decoder CUDA kernels").add_subparsers(
+        dest="kernels_command", required=True
+    )
     p = kern.add_parser("build", help="compile the CUDA kernels now (otherwise they build on first use)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_kernels_build)
@@ -276,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="default 2")
     p.add_argument("--d-model", type=int, default=None, help="default 192")
     p.add_argument("--heads", type=int, default=None, help="default 6")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set a recipe option (TinyConfig), e.g. copy_task_steps=2000")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a recipe option (TinyConfig), e.g. copy_task_steps=2000",
+    )
     p.set_defaults(func=_train_tiny)
     return parser
 
@@ -294,7 +384,11 @@ def _peer_lost_errors() -> tuple[type[BaseException], ...]:
         return ()
     import torch.distributed as dist
 
-    return (dist.DistBackendError, dist.DistNetworkError) if hasattr(dist, "DistNetworkError") else (dist.DistBackendError,)
+    return (
+        (dist.DistBackendError, dist.DistNetworkError)
+        if hasattr(dist, "DistNetworkError")
+        else (dist.DistBackendError,)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,8 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _peer_lost_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"saebench{rank}: error: another rank stopped ({first}); its error is above. "
-              f"torchrun restarts from the last checkpoint with --max-restarts, or rerun with --resume", file=sys.stderr)
+        print(
+            f"saebench{rank}: error: another rank stopped ({first}); its error is above. "
+            f"torchrun restarts from the last checkpoint with --max-restarts, or rerun with --resume",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("saebench: interrupted; completed work is kept and a rerun resumes it", file=sys.stderr)

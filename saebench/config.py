@@ -65,9 +65,13 @@ class TrainSection:
     warmup_steps: int | None = None  # default min(100, 5% of the steps)
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
-    enc_init_scale: float | None = None  # W_enc = enc_init_scale * W_dec^T; None: 0.3 for topk/abstopk, 0.1 for batch sparsifiers
+    enc_init_scale: float | None = (
+        None  # W_enc = enc_init_scale * W_dec^T; None: 0.3 for topk/abstopk, 0.1 for batch sparsifiers
+    )
     source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)
-    distribute: str = "data"  # under torchrun: data (every rank every SAE, gradients all-reduced) | hooks (SAEs dealt to ranks)
+    distribute: str = (
+        "data"  # under torchrun: data (every rank every SAE, gradients all-reduced) | hooks (SAEs dealt to ranks)
+    )
     log_every: int = 50
     checkpoint_every: int = 500
     wandb_project: str | None = None

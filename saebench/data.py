@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from saebench.errors import DataError
 
-LOCAL_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 
 @dataclass
@@ -75,7 +82,9 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
         if not files:
-            raise DataError(f"no .txt/.jsonl/.json/.parquet/.csv files in {path}: point data.path at a file or a folder of them")
+            raise DataError(
+                f"no .txt/.jsonl/.json/.parquet/.csv files in {path}: point data.path at a file or a folder of them"
+            )
         formats = {LOCAL_FORMATS.get(p.suffix) for p in files}
         if None in formats or len(formats) != 1:
             raise DataError(f"{path}: use files of one format among {', '.join(LOCAL_FORMATS)}")
@@ -92,15 +101,24 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
             ) from None
     for row in ds:
         if cfg.text_field not in row:
-            raise DataError(f"dataset rows have no field {cfg.text_field!r} (fields: {', '.join(row)}): set data.text_field")
+            raise DataError(
+                f"dataset rows have no field {cfg.text_field!r} (fields: {', '.join(row)}): set data.text_field"
+            )
         yield row[cfg.text_field]
 
 
 def looks_like_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and Path(name).suffix in LOCAL_FORMATS or Path(name).suffix in LOCAL_FORMATS
+    return (
+        name.startswith((".", "/", "~"))
+        or os.sep in name.rstrip(os.sep)
+        and Path(name).suffix in LOCAL_FORMATS
+        or Path(name).suffix in LOCAL_FORMATS
+    )
 
 
-def pack_texts(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True, show_progress: bool = True) -> TokenContexts:
+def pack_texts(
+    texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True, show_progress: bool = True
+) -> TokenContexts:
     """Tokenize and pack documents into contexts: tokens [n_ctx ctx]."""
     bos, sep, eos = special_ids(tokenizer)
     prefix = [bos] if prepend_bos and bos is not None else []
@@ -126,7 +144,11 @@ def pack_texts(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: 
     if n_ctx == 0:
         raise DataError(f"the dataset holds {len(stream)} tokens, fewer than one context of {context_size}")
     chunks = stream[: n_ctx * body].reshape(n_ctx, body)
-    parts = [np.full((n_ctx, 1), t, dtype=np.int64) for t in prefix] + [chunks] + [np.full((n_ctx, 1), t, dtype=np.int64) for t in suffix]
+    parts = (
+        [np.full((n_ctx, 1), t, dtype=np.int64) for t in prefix]
+        + [chunks]
+        + [np.full((n_ctx, 1), t, dtype=np.int64) for t in suffix]
+    )
     tokens = torch.from_numpy(np.concatenate(parts, axis=1))
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.int64)
     return TokenContexts(tokens, torch.isin(tokens, special))

@@ -36,8 +36,13 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
         timeout = timedelta(minutes=timeout_minutes)
         rank, world = int(os.environ["RANK"]), env_world()
         agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not agent_hosts, timeout=timeout)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0 and not agent_hosts,
+            timeout=timeout,
+        )
         # each elastic attempt gets its own keys: a restarted group read the dead attempt's peer
         # addresses from torchrun's store and failed to connect (torch 2.13, gloo)
         attempt = dist.PrefixStore(f"saebench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

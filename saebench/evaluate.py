@@ -33,7 +33,9 @@ from saebench.sae import SAE, SAEConfig
 def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096) -> dict:
     """acts: [n d_in] tensor or iterable of [batch d_in] batches."""
     sae = sae.eval()
-    batches = (acts[i : i + batch_size] for i in range(0, len(acts), batch_size)) if isinstance(acts, torch.Tensor) else acts
+    batches = (
+        (acts[i : i + batch_size] for i in range(0, len(acts), batch_size)) if isinstance(acts, torch.Tensor) else acts
+    )
     n = n_batches = 0
     sq_err = sum_sq = 0.0
     total = None
@@ -81,7 +83,11 @@ def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_si
         "dead_fraction": float((freq == 0).double().mean()),
         "dense_fraction": float((freq > 0.1).double().mean()),
         "shrinkage": shrink_sum / n,
-        "density_histogram": {"log10_edges": hist_edges, "counts": [int(c) for c in hist.tolist()], "never": int((freq == 0).sum())},
+        "density_histogram": {
+            "log10_edges": hist_edges,
+            "counts": [int(c) for c in hist.tolist()],
+            "never": int((freq == 0).sum()),
+        },
         "tokens": n,
     }
 
@@ -94,7 +100,12 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
     factor g = sum <x - b_dec, z W_dec> / sum ||z W_dec||^2, the best single scale for these random
     directions, so the baseline is a floor no worse than predicting b_dec (unscaled unit-norm
     codes overshoot: FVU > 1 on tiny). Without acts the codes stay unscaled."""
-    cfg = SAEConfig(d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents, activation="abstopk" if sae.cfg.activation == "abstopk" else "topk", k=sae.cfg.k)
+    cfg = SAEConfig(
+        d_in=sae.cfg.d_in,
+        n_latents=sae.cfg.n_latents,
+        activation="abstopk" if sae.cfg.activation == "abstopk" else "topk",
+        k=sae.cfg.k,
+    )
     base = SAE(cfg, device=sae.W_dec.device, seed=seed)
     base.b_dec.copy_(sae.b_dec)
     if acts is not None and len(acts):

@@ -41,7 +41,11 @@ def check_hooks(model, hooks: list[str]) -> None:
     for hook in hooks:
         if hook not in model.hook_dict:
             close = difflib.get_close_matches(hook, valid, n=3, cutoff=0.6)
-            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(v for v in valid if v.endswith('hook_resid_post'))}"
+            hint = (
+                f"closest: {', '.join(close)}"
+                if close
+                else f"e.g. {', '.join(v for v in valid if v.endswith('hook_resid_post'))}"
+            )
             raise HookError(f"model has no hook {hook!r}; {hint}")
 
 
@@ -87,7 +91,9 @@ class Harvester:
         acts = self._forward(torch.full((1, 4), bos, dtype=torch.long))
         return {h: a.shape[-1] for h, a in acts.items()}
 
-    def device_activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def device_activations(
+        self, tokens: torch.Tensor, special_mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """tokens, special_mask: [batch pos] -> ({hook: [n d]} in the model's device and dtype, keep [batch pos])."""
         acts = self._forward(tokens)
         keep = ~special_mask if self.exclude_special else torch.ones_like(special_mask)
@@ -95,7 +101,9 @@ class Harvester:
         rows = {hook: check_finite(a[keep_dev], hook) for hook, a in acts.items()}
         return rows, keep
 
-    def activations(self, tokens: torch.Tensor, special_mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def activations(
+        self, tokens: torch.Tensor, special_mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """tokens, special_mask: [batch pos] -> ({hook: [n d]} on the CPU in out_dtype, keep [batch pos])."""
         rows, keep = self.device_activations(tokens, special_mask)
         return {hook: check_finite(r.to(self.out_dtype).cpu(), hook) for hook, r in rows.items()}, keep
@@ -108,8 +116,14 @@ def check_finite(acts: torch.Tensor, hook: str) -> torch.Tensor:
 
 
 def stream_activations(
-    harvester: Harvester, contexts: TokenContexts, batch_tokens: int, buffer_tokens: int = 262_144,
-    n_tokens: int | None = None, batch_size: int = 64, seed: int = 0, epochs: int | None = None,
+    harvester: Harvester,
+    contexts: TokenContexts,
+    batch_tokens: int,
+    buffer_tokens: int = 262_144,
+    n_tokens: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    epochs: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {hook: [batch_tokens d]} training batches, shuffled through a buffer of bounded size.
 
@@ -120,7 +134,9 @@ def stream_activations(
     if buffer_tokens < 2 * batch_tokens:
         raise DataError(f"buffer_tokens ({buffer_tokens}) must be at least twice the batch size ({batch_tokens})")
     gen = torch.Generator().manual_seed(seed)
-    buffer: dict[str, torch.Tensor] = {h: torch.empty(0, d, dtype=harvester.out_dtype) for h, d in harvester.widths.items()}
+    buffer: dict[str, torch.Tensor] = {
+        h: torch.empty(0, d, dtype=harvester.out_dtype) for h, d in harvester.widths.items()
+    }
     served = 0
 
     def context_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -157,7 +173,9 @@ def stream_activations(
             return
 
 
-def _settings(model_name: str, harvester: Harvester, cfg: HarvestConfig, data: DataConfig, contexts: TokenContexts) -> dict:
+def _settings(
+    model_name: str, harvester: Harvester, cfg: HarvestConfig, data: DataConfig, contexts: TokenContexts
+) -> dict:
     digest = hashlib.sha256(contexts.tokens.numpy().tobytes()).hexdigest()
     return {
         "format": FORMAT,
@@ -188,7 +206,9 @@ def shard_plan(contexts: TokenContexts, cfg: HarvestConfig, exclude_special: boo
     Shard i covers contexts [i * shard_contexts, ...); the last one ends at the first context that
     completes n_tokens and holds only the rows still needed. Known before any forward pass, so
     ranks can write disjoint shards of one cache."""
-    per_context = (~contexts.special_mask).sum(1) if exclude_special else torch.full((len(contexts),), contexts.tokens.shape[1])
+    per_context = (
+        (~contexts.special_mask).sum(1) if exclude_special else torch.full((len(contexts),), contexts.tokens.shape[1])
+    )
     plan, total = [], 0
     for index, start in enumerate(range(0, len(contexts), cfg.shard_contexts)):
         if total >= cfg.n_tokens:
@@ -219,11 +239,18 @@ def _write_shard(harvester: Harvester, contexts: TokenContexts, cache_dir: Path,
     n = shard["n"]
     columns = {k: torch.cat(v)[:n].contiguous() for k, v in meta.items()}
     for h in harvester.hooks:
-        atomic_save_file({"acts": torch.cat(parts[h])[:n].contiguous(), **columns}, cache_dir / hook_dirname(h) / shard["file"])
+        atomic_save_file(
+            {"acts": torch.cat(parts[h])[:n].contiguous(), **columns}, cache_dir / hook_dirname(h) / shard["file"]
+        )
 
 
 def harvest_to_disk(
-    harvester: Harvester, contexts: TokenContexts, cache_dir: str | Path, cfg: HarvestConfig, data: DataConfig, model_name: str,
+    harvester: Harvester,
+    contexts: TokenContexts,
+    cache_dir: str | Path,
+    cfg: HarvestConfig,
+    data: DataConfig,
+    model_name: str,
     max_shards: int | None = None,
 ) -> dict:
     """Write activations for every hook as sharded safetensors; resumes after the last whole shard.
@@ -241,7 +268,9 @@ def harvest_to_disk(
         old = {k: manifest.get(k) for k in settings}
         if old != settings:
             diff = [k for k in settings if old[k] != settings[k]]
-            raise DataError(f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); set harvest.cache_dir to a new folder or delete that one")
+            raise DataError(
+                f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); set harvest.cache_dir to a new folder or delete that one"
+            )
     else:
         manifest = {**settings, "shards": [], "n_tokens": 0, "complete": False}
     dist.barrier()  # every rank has read the manifest before rank 0 rewrites it
@@ -255,7 +284,14 @@ def harvest_to_disk(
             clean_partial(folder)  # what a killed run was writing
     dist.barrier()
     world, rank = dist.world(), dist.rank()
-    bar = tqdm(total=cfg.n_tokens, initial=manifest["n_tokens"], desc="harvest", unit="tok", unit_scale=True, disable=not dist.is_main())
+    bar = tqdm(
+        total=cfg.n_tokens,
+        initial=manifest["n_tokens"],
+        desc="harvest",
+        unit="tok",
+        unit_scale=True,
+        disable=not dist.is_main(),
+    )
     for first in range(0, len(todo), world):
         round_ = todo[first : first + world]
         if rank < len(round_):
@@ -279,7 +315,9 @@ class ActivationStore:
         self.cache_dir = Path(cache_dir)
         path = self.cache_dir / MANIFEST
         if not path.exists():
-            raise DataError(f"no activation cache at {self.cache_dir} (missing {MANIFEST}); run `saebench harvest CONFIG` first")
+            raise DataError(
+                f"no activation cache at {self.cache_dir} (missing {MANIFEST}); run `saebench harvest CONFIG` first"
+            )
         self.manifest = json.loads(path.read_text())
         hooks = list(self.manifest["hooks"])
         if hook is None:
@@ -299,8 +337,14 @@ class ActivationStore:
         """acts: [n d]."""
         return torch.cat([self.load_shard(i)["acts"].to(dtype) for i in range(len(self.shards))])
 
-    def iter_batches(self, batch_tokens: int, shuffle: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     part: slice = slice(None)) -> Iterator[torch.Tensor]:
+    def iter_batches(
+        self,
+        batch_tokens: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        part: slice = slice(None),
+    ) -> Iterator[torch.Tensor]:
         """One pass: [batch_tokens d] batches, shards in random order and rows shuffled in pairs of shards.
         part: which positions of the epoch's shard order to read (a rank's share: `distributed.shard`)."""
         gen = torch.Generator().manual_seed(seed)

@@ -49,8 +49,15 @@ def _side_diffs(names_a: list[str], vals_a: torch.Tensor, names_b: list[str], va
 
 
 @torch.no_grad()
-def trace_induction(model, prompt: torch.Tensor, layer: int, head: int, saes: dict[str, SAE], query_positions: list[int] | None = None,
-                    control_offset: int = 3) -> list[InductionTrace]:
+def trace_induction(
+    model,
+    prompt: torch.Tensor,
+    layer: int,
+    head: int,
+    saes: dict[str, SAE],
+    query_positions: list[int] | None = None,
+    control_offset: int = 3,
+) -> list[InductionTrace]:
     """prompt: [1 1+2*span] from `repeated_prompt`. One InductionTrace per second-copy query position
     whose control key lies after BOS."""
     span = (prompt.shape[1] - 1) // 2
@@ -66,12 +73,24 @@ def trace_induction(model, prompt: torch.Tensor, layer: int, head: int, saes: di
         advantage = hit.score - ctrl.score
         key = _side_diffs(hit.k_names, hit.key_marginals(), ctrl.k_names, ctrl.key_marginals())
         query = _side_diffs(hit.q_names, hit.query_marginals(), ctrl.q_names, ctrl.query_marginals())
-        out.append(InductionTrace(q, k, c, hit.tokens[q], advantage, hit.pattern,
-                                  {n: v / advantage for n, v in key.items()}, {n: v / advantage for n, v in query.items()}))
+        out.append(
+            InductionTrace(
+                q,
+                k,
+                c,
+                hit.tokens[q],
+                advantage,
+                hit.pattern,
+                {n: v / advantage for n, v in key.items()},
+                {n: v / advantage for n, v in query.items()},
+            )
+        )
     return out
 
 
-def share_by_group(traces: list[InductionTrace], side: str, group=lambda name: parse_component(name)[0]) -> dict[str, float]:
+def share_by_group(
+    traces: list[InductionTrace], side: str, group=lambda name: parse_component(name)[0]
+) -> dict[str, float]:
     """Summed advantage by component group, over the summed advantage: {group: share}, over all traces."""
     total = sum(t.advantage for t in traces)
     out: dict[str, float] = {}
@@ -87,12 +106,16 @@ def hook_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str,
     """tokens [batch pos] -> {hook: [batch pos d]} at every position (hook_z flattened to (head d_head)), one forward pass."""
     from saebench.harvest import Harvester
 
-    rows, _ = Harvester(model, hooks, exclude_special=False).activations(tokens, torch.zeros_like(tokens, dtype=torch.bool))
+    rows, _ = Harvester(model, hooks, exclude_special=False).activations(
+        tokens, torch.zeros_like(tokens, dtype=torch.bool)
+    )
     return {hook: r.reshape(*tokens.shape, -1) for hook, r in rows.items()}
 
 
 @torch.no_grad()
-def token_profile(model, sae: SAE, acts: torch.Tensor, tokens: torch.Tensor, feature: int, offset: int = -1, top: int = 20) -> tuple[str, float]:
+def token_profile(
+    model, sae: SAE, acts: torch.Tensor, tokens: torch.Tensor, feature: int, offset: int = -1, top: int = 20
+) -> tuple[str, float]:
     """The token at `offset` from the feature's `top` strongest activations over tokens [batch pos]
     (offset -1: the previous token), and the share of those examples where it is that token.
     acts: [batch pos d] the SAE's input at those tokens (`hook_activations`)."""
@@ -118,14 +141,25 @@ class CircuitSummary:
     mean_attention: float  # the head's weight on the induction key
     key_groups: dict[str, float]  # share of the summed advantage by component group, key side
     query_groups: dict[str, float]
-    key_features: list[tuple[str, float, str, str, float]]  # (component, share, query token it served most, its top examples' previous token, how often)
+    key_features: list[
+        tuple[str, float, str, str, float]
+    ]  # (component, share, query token it served most, its top examples' previous token, how often)
     query_features: list[tuple[str, float, str, str, float]]  # the same with the current token
 
 
 @torch.no_grad()
-def summarize_induction(model, saes: dict[str, SAE], layer: int, head: int, contexts: torch.Tensor, span: int = 32,
-                        n_prompts: int = 4, n_features: int = 5, profile_contexts: int = 256,
-                        progress: Callable[[int, int], None] | None = None) -> CircuitSummary:
+def summarize_induction(
+    model,
+    saes: dict[str, SAE],
+    layer: int,
+    head: int,
+    contexts: torch.Tensor,
+    span: int = 32,
+    n_prompts: int = 4,
+    n_features: int = 5,
+    profile_contexts: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> CircuitSummary:
     """contexts: [n ctx] held-out tokens; prompt i repeats contexts[i, 1:1+span]. Feature profiles read
     the first `profile_contexts` contexts. progress(done, total) after each prompt."""
     bos = model.tokenizer.bos_token_id
@@ -145,12 +179,21 @@ def summarize_induction(model, saes: dict[str, SAE], layer: int, head: int, cont
             if feature is None:
                 continue
             served = max(traces, key=lambda t: getattr(t, side).get(name, 0.0) * t.advantage)
-            token, how_often = token_profile(model, saes[hook], profile_acts[hook], profile_tokens, feature, offset=offset)
+            token, how_often = token_profile(
+                model, saes[hook], profile_acts[hook], profile_tokens, feature, offset=offset
+            )
             rows.append((name, share, served.query_token, token, how_often))
             if len(rows) == n_features:
                 break
         return rows
 
-    return CircuitSummary(layer, head, len(traces), sum(t.attention for t in traces) / len(traces),
-                          share_by_group(traces, "key_side"), share_by_group(traces, "query_side"),
-                          top_features("key_side", -1), top_features("query_side", 0))
+    return CircuitSummary(
+        layer,
+        head,
+        len(traces),
+        sum(t.attention for t in traces) / len(traces),
+        share_by_group(traces, "key_side"),
+        share_by_group(traces, "query_side"),
+        top_features("key_side", -1),
+        top_features("query_side", 0),
+    )

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from saebench.atomic import atomic_save_file, atomic_write_text
 from saebench.errors import DataError
 from saebench.sae import SAE, SAEConfig
-from saebench.atomic import atomic_save_file, atomic_write_text
 
 WEIGHTS = "sae_weights.safetensors"
 SAELENS_VERSION = "6.54.12"  # the SAELens version these files are verified against
@@ -44,18 +44,33 @@ def is_saelens_folder(folder: str | Path) -> bool:
 def save_saelens(sae: SAE, folder: str | Path) -> None:
     cfg = sae.cfg
     if cfg.activation == "abstopk":
-        raise DataError("saebench does not export AbsTopK SAEs to SAELens; keep this SAE in saebench's format (sae.save)")
+        raise DataError(
+            "saebench does not export AbsTopK SAEs to SAELens; keep this SAE in saebench's format (sae.save)"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arch = "topk" if cfg.activation == "topk" else "jumprelu"
     hook_z = bool(cfg.hook and cfg.hook.endswith("hook_z"))
     meta: dict[str, Any] = {
-        "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "hook_z" if hook_z else "none",
-        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                     "model_name": cfg.model, "hook_name": cfg.hook, "hook_head_index": None,
-                     "model_from_pretrained_kwargs": {"center_writing_weights": False},
-                     "saebench_activation": cfg.activation, "saebench_k": cfg.k, "saebench_matryoshka": cfg.matryoshka},
+        "architecture": arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if hook_z else "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": cfg.model,
+            "hook_name": cfg.hook,
+            "hook_head_index": None,
+            "model_from_pretrained_kwargs": {"center_writing_weights": False},
+            "saebench_activation": cfg.activation,
+            "saebench_k": cfg.k,
+            "saebench_matryoshka": cfg.matryoshka,
+        },
     }
     if arch == "topk":
         meta.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
@@ -81,8 +96,10 @@ def processing_note(meta: dict, hook: str | None) -> str | None:
     on = [k for k in PROCESSING_KWARGS if kwargs.get(k)]
     if not on:
         return None
-    return (f"SAELens model_from_pretrained_kwargs {', '.join(f'{k}=True' for k in on)}: the SAE was trained on a processed "
-            f"HookedTransformer, saebench runs the unprocessed model, so activations at {hook} may differ; check its reconstruction")
+    return (
+        f"SAELens model_from_pretrained_kwargs {', '.join(f'{k}=True' for k in on)}: the SAE was trained on a processed "
+        f"HookedTransformer, saebench runs the unprocessed model, so activations at {hook} may differ; check its reconstruction"
+    )
 
 
 def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -92,27 +109,40 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     if arch not in ("topk", "jumprelu"):
         raise DataError(f"{folder}: SAELens architecture {arch!r} is not supported (topk and jumprelu are)")
     if meta.get("normalize_activations", "none") not in ("none", False, None):
-        raise DataError(f"{folder}: normalize_activations={meta['normalize_activations']!r} is not supported; fold it into the weights first")
+        raise DataError(
+            f"{folder}: normalize_activations={meta['normalize_activations']!r} is not supported; fold it into the weights first"
+        )
     if meta.get("reshape_activations", "none") not in ("none", "hook_z"):
-        raise DataError(f"{folder}: reshape_activations={meta['reshape_activations']!r} is not supported (none and hook_z are)")
+        raise DataError(
+            f"{folder}: reshape_activations={meta['reshape_activations']!r} is not supported (none and hook_z are)"
+        )
     hook = _field(meta, "hook_name", "hook_point")
     head = _field(meta, "hook_head_index", "hook_point_head_index")
     if head is not None:
-        raise DataError(f"{folder}: hook_head_index={head} (an SAE on one attention head) is not supported; "
-                        f"saebench feeds all heads of {hook} flattened, so use an SAE trained on all heads")
+        raise DataError(
+            f"{folder}: hook_head_index={head} (an SAE on one attention head) is not supported; "
+            f"saebench feeds all heads of {hook} flattened, so use an SAE trained on all heads"
+        )
     extra = meta.get("metadata") or {}
     activation = extra.get("saebench_activation") or ("topk" if arch == "topk" else "batchtopk")
     k = meta.get("k") or extra.get("saebench_k") or (extra.get("training_architecture_details") or {}).get("k") or 32
     cfg = SAEConfig(
-        d_in=meta["d_in"], n_latents=meta["d_sae"], activation=activation, k=max(1, min(round(k), meta["d_sae"])),
-        matryoshka=extra.get("saebench_matryoshka"), hook=hook, model=_field(meta, "model_name"),
+        d_in=meta["d_in"],
+        n_latents=meta["d_sae"],
+        activation=activation,
+        k=max(1, min(round(k), meta["d_sae"])),
+        matryoshka=extra.get("saebench_matryoshka"),
+        hook=hook,
+        model=_field(meta, "model_name"),
     )
     w = load_file(str(folder / WEIGHTS))
     sae = SAE(cfg, device=device)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(w[name].float())
-        if not meta.get("apply_b_dec_to_input", True):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
+        if not meta.get(
+            "apply_b_dec_to_input", True
+        ):  # pre = x W_enc + b_enc = (x - b_dec) W_enc + (b_enc + b_dec W_enc)
             sae.b_enc += sae.b_dec @ sae.W_enc
         if arch == "topk" and meta.get("rescale_acts_by_decoder_norm"):
             # SAELens: z = topk(pre * n), x_hat = (z / n) W_dec + b_dec, n = |W_dec rows|; exactly

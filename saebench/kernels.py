@@ -51,8 +51,14 @@ def extension(verbose: bool = False):
 
             out = build_dir()
             out.mkdir(parents=True, exist_ok=True)
-            ext = load(name="saebench_sparse_kernels", sources=[str(KERNEL_DIR / f) for f in SOURCES], build_directory=str(out),
-                       extra_cuda_cflags=["-O3", "--use_fast_math"], extra_cflags=["-O3"], verbose=verbose)
+            ext = load(
+                name="saebench_sparse_kernels",
+                sources=[str(KERNEL_DIR / f) for f in SOURCES],
+                build_directory=str(out),
+                extra_cuda_cflags=["-O3", "--use_fast_math"],
+                extra_cflags=["-O3"],
+                verbose=verbose,
+            )
         except Exception as e:  # a failed build must not stop training: the torch path is exact
             reason = f"build failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
     if ext is None and reason != "no CUDA device":
@@ -97,7 +103,17 @@ def bucket(indices: torch.Tensor, offsets: torch.Tensor, n: int) -> Buckets:
     keys gives the run starts (bincount would sync twice on CUDA). The last result is reused for the
     same data: the cache holds its tensors, so an equal address and version mean the same values.
     """
-    key = (indices.data_ptr(), indices._version, indices.shape, indices.stride(), indices.device, offsets.data_ptr(), offsets._version, offsets.numel(), n)
+    key = (
+        indices.data_ptr(),
+        indices._version,
+        indices.shape,
+        indices.stride(),
+        indices.device,
+        offsets.data_ptr(),
+        offsets._version,
+        offsets.numel(),
+        n,
+    )
     if _last_buckets and _last_buckets[0][2] == key:
         return _last_buckets[0][3]
     held = (indices, offsets)
@@ -141,10 +157,13 @@ class SparseDecode(torch.autograd.Function):
         v, indices, offsets, W = ctx.saved_tensors
         b = bucket(indices, offsets, ctx.n)
         want_dv = ctx.needs_input_grad[0]
-        dW, dvalues, _ = extension().bucketed_grad(grad_out.to(W.dtype).contiguous(), v, b.perm, b.lat_offsets, b.row_of,
-                                                   W if want_dv else None, False)
+        dW, dvalues, _ = extension().bucketed_grad(
+            grad_out.to(W.dtype).contiguous(), v, b.perm, b.lat_offsets, b.row_of, W if want_dv else None, False
+        )
         dvalues = dvalues.to(ctx.dtypes[0]) if want_dv else None
-        db = grad_out.sum(0, dtype=torch.float32).to(ctx.dtypes[2]) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        db = (
+            grad_out.sum(0, dtype=torch.float32).to(ctx.dtypes[2]) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        )
         return dvalues, None, None, dW.to(ctx.dtypes[1]) if ctx.needs_input_grad[3] else None, db
 
 
@@ -175,7 +194,11 @@ class SparsePreActs(torch.autograd.Function):
         dpre = dpre.to(xc.dtype).contiguous()
         dW_t, _, db_enc = extension().bucketed_grad(xc, dpre, b.perm, b.lat_offsets, b.row_of, None, True)
         need = ctx.needs_input_grad
-        dx = extension().gather_rows(dpre, indices, offsets, W_enc.to(xc.dtype).t().contiguous(), None).to(x_dtype) if need[0] else None
+        dx = (
+            extension().gather_rows(dpre, indices, offsets, W_enc.to(xc.dtype).t().contiguous(), None).to(x_dtype)
+            if need[0]
+            else None
+        )
         db_dec = -(W_enc.float() @ db_enc).to(b_dec_dtype) if need[1] else None
         # dW_t is latent-major [n d]; W_enc's layout is [d n], so autograd copies it once into W_enc.grad
         dW = dW_t.to(W_dtype).t() if need[2] else None

@@ -18,7 +18,9 @@ def model_folder(name: str) -> Path | None:
         from saebench.zoo.tiny import TINY_DIR
 
         if not (TINY_DIR / "model.safetensors").exists():
-            raise ModelError(f"the bundled tiny model is missing from {TINY_DIR}: reinstall saebench or run `saebench zoo train-tiny`")
+            raise ModelError(
+                f"the bundled tiny model is missing from {TINY_DIR}: reinstall saebench or run `saebench zoo train-tiny`"
+            )
         return TINY_DIR
     if name == "minilm":
         try:
@@ -75,9 +77,11 @@ def _load_hub(name: str, device, dtype):
 
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     if not cached and (os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable()):
-        raise ModelError(f"model {name!r} is not bundled ({', '.join(BUNDLED)}), not a local folder, not in the Hugging Face cache, "
-                         f"and the hub is not reachable from here: on a machine with internet run `hf download {name}` "
-                         f"(or copy the folder here and pass its path)")
+        raise ModelError(
+            f"model {name!r} is not bundled ({', '.join(BUNDLED)}), not a local folder, not in the Hugging Face cache, "
+            f"and the hub is not reachable from here: on a machine with internet run `hf download {name}` "
+            f"(or copy the folder here and pass its path)"
+        )
     saved = os.environ.get("HF_HUB_OFFLINE")
     if cached:
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from saebench import kernels
 
 
-def decode_fixed(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
+def decode_fixed(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
     """values, indices: [batch k]; W_dec: [n d] -> [batch d]."""
     if kernels.active_for(W_dec):
         batch, k = indices.shape
@@ -26,11 +28,19 @@ def decode_fixed(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tenso
     return out if b_dec is None else out + b_dec
 
 
-def decode_ragged(values: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
+def decode_ragged(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+) -> torch.Tensor:
     """values, indices: [nnz]; offsets: [batch+1] (CSR row starts, last = nnz) -> [batch d]."""
     if kernels.active_for(W_dec):
         return kernels.SparseDecode.apply(values, indices, offsets, W_dec, b_dec)
-    out = F.embedding_bag(indices, W_dec, offsets[:-1], per_sample_weights=values.to(W_dec.dtype), mode="sum", include_last_offset=False)
+    out = F.embedding_bag(
+        indices, W_dec, offsets[:-1], per_sample_weights=values.to(W_dec.dtype), mode="sum", include_last_offset=False
+    )
     return out if b_dec is None else out + b_dec
 
 
@@ -39,8 +49,15 @@ def sparse_encoder_backward(W_enc: torch.Tensor) -> bool:
     return kernels.active_for(W_enc) and torch.is_grad_enabled()
 
 
-def pre_acts_at(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, indices: torch.Tensor,
-                offsets: torch.Tensor | None, pre: torch.Tensor) -> torch.Tensor:
+def pre_acts_at(
+    x: torch.Tensor,
+    b_dec: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor | None,
+    pre: torch.Tensor,
+) -> torch.Tensor:
     """pre-activations at the given entries, with a backward that touches only those entries.
 
     x: [batch d]; W_enc: [d n]; pre: [batch n] (detached); indices: [batch k] (offsets None) or

@@ -92,14 +92,27 @@ def _check(model, sae: SAE, hook: str, features: dict[int, float], mode: str, po
     if hook not in model.hook_dict:
         raise HookError(f"model has no hook {hook!r}")
     if sae.cfg.hook is not None and sae.cfg.hook != hook:
-        raise HookError(f"the SAE was trained on {sae.cfg.hook}, not {hook}: pass hook={sae.cfg.hook!r} or leave hook out")
+        raise HookError(
+            f"the SAE was trained on {sae.cfg.hook}, not {hook}: pass hook={sae.cfg.hook!r} or leave hook out"
+        )
     bad = [i for i in features if not 0 <= int(i) < sae.cfg.n_latents]
     if bad:
-        raise ConfigError(f"feature index {bad[0]} is out of range: the SAE has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})")
+        raise ConfigError(
+            f"feature index {bad[0]} is out of range: the SAE has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})"
+        )
 
 
 @contextmanager
-def steer(model, sae: SAE, features: dict[int, float], hook: str | None = None, mode: str = "add", positions: str = "all", unit: bool = False, prompt_len: int | None = None):
+def steer(
+    model,
+    sae: SAE,
+    features: dict[int, float],
+    hook: str | None = None,
+    mode: str = "add",
+    positions: str = "all",
+    unit: bool = False,
+    prompt_len: int | None = None,
+):
     """Install a steering hook for the duration of the block; removed on exit, also on error."""
     hook = hook or sae.cfg.hook
     if hook is None:
@@ -116,8 +129,16 @@ def steer(model, sae: SAE, features: dict[int, float], hook: str | None = None, 
 
 
 @torch.no_grad()
-def generate(model, prompt: str | torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
-             seed: int = 0, steering: Steering | list[Steering] | None = None, return_tokens: bool = False):
+def generate(
+    model,
+    prompt: str | torch.Tensor,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    steering: Steering | list[Steering] | None = None,
+    return_tokens: bool = False,
+):
     """Sample a continuation without a KV cache (the hook sees every position each step).
 
     temperature 0 is greedy. Returns the generated text (or the full token tensor [1 pos]).
@@ -125,8 +146,10 @@ def generate(model, prompt: str | torch.Tensor, max_new_tokens: int = 32, temper
     tokens = prompt_tokens(model, prompt)
     n_ctx = model.cfg.n_ctx
     if tokens.shape[1] + max_new_tokens > n_ctx:
-        raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {n_ctx}")
-    for s in ([steering] if isinstance(steering, Steering) else steering or []):
+        raise ConfigError(
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {n_ctx}"
+        )
+    for s in [steering] if isinstance(steering, Steering) else steering or []:
         s.prompt_len = tokens.shape[1]
     gen = torch.Generator().manual_seed(seed)
     start = tokens.shape[1]
@@ -171,9 +194,21 @@ def _concept_tokens(model, sae: SAE, features: dict[int, float], n_lens_tokens: 
 
 
 @torch.no_grad()
-def steering_sweep(model, sae: SAE, feature: int | dict[int, float], scales: list[float], prompt: str, hook: str | None = None, mode: str = "add",
-                   max_new_tokens: int = 24, temperature: float = 0.0, seed: int = 0, n_lens_tokens: int = 10, positions: str = "all",
-                   progress: Callable[[int, int], None] | None = None) -> list[dict]:
+def steering_sweep(
+    model,
+    sae: SAE,
+    feature: int | dict[int, float],
+    scales: list[float],
+    prompt: str,
+    hook: str | None = None,
+    mode: str = "add",
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    seed: int = 0,
+    n_lens_tokens: int = 10,
+    positions: str = "all",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
     """Per scale: the text, concept presence and fluency.
 
     feature: one feature (strength = scale) or {feature: strength} (strengths x scale).
@@ -185,7 +220,9 @@ def steering_sweep(model, sae: SAE, feature: int | dict[int, float], scales: lis
     lens = _concept_tokens(model, sae, features, n_lens_tokens)
     rows = []
     for n, scale in enumerate(scales):
-        with steer(model, sae, {f: v * scale for f, v in features.items()}, hook=hook, mode=mode, positions=positions) as s:
+        with steer(
+            model, sae, {f: v * scale for f, v in features.items()}, hook=hook, mode=mode, positions=positions
+        ) as s:
             tokens = generate(model, prompt, max_new_tokens, temperature, seed=seed, steering=s, return_tokens=True)
             start = s.prompt_len
             steered = model(tokens).float().log_softmax(-1)
@@ -193,7 +230,14 @@ def steering_sweep(model, sae: SAE, feature: int | dict[int, float], scales: lis
         gen_pos = torch.arange(start - 1, tokens.shape[1] - 1, device=tokens.device)
         concept = float(steered[0, gen_pos][:, lens].logsumexp(-1).mean() - math.log(len(lens)))
         nll = -clean[0, gen_pos].gather(-1, tokens[0, start:, None]).squeeze(-1)
-        rows.append({"scale": scale, "text": model.tokenizer.decode(tokens[0, start:]), "concept": concept, "fluency_ppl": float(nll.mean().exp())})
+        rows.append(
+            {
+                "scale": scale,
+                "text": model.tokenizer.decode(tokens[0, start:]),
+                "concept": concept,
+                "fluency_ppl": float(nll.mean().exp()),
+            }
+        )
         if progress is not None:
             progress(n + 1, len(scales))
     return rows
@@ -230,14 +274,33 @@ class SteeringComparison:
         import pandas as pd
 
         d, s = self.default, self.steered
-        return pd.DataFrame({"position": range(len(d.pieces)), "default": d.pieces, "default_logprob": d.logprobs,
-                             "steered": s.pieces, "steered_logprob": s.logprobs, "steered_clean_logprob": s.clean_logprobs})
+        return pd.DataFrame(
+            {
+                "position": range(len(d.pieces)),
+                "default": d.pieces,
+                "default_logprob": d.logprobs,
+                "steered": s.pieces,
+                "steered_logprob": s.logprobs,
+                "steered_clean_logprob": s.clean_logprobs,
+            }
+        )
 
 
 @torch.no_grad()
-def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, hook: str | None = None, mode: str = "add",
-                     positions: str = "all", unit: bool = False, max_new_tokens: int = 32, temperature: float = 0.0,
-                     top_k: int | None = None, seed: int = 0) -> SteeringComparison:
+def compare_steering(
+    model,
+    sae: SAE,
+    features: dict[int, float],
+    prompt: str,
+    hook: str | None = None,
+    mode: str = "add",
+    positions: str = "all",
+    unit: bool = False,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> SteeringComparison:
     """Generate with and without the steering edit from the same seed; per generated token its
     log-prob under the generating model and under the unsteered model."""
 
@@ -253,7 +316,9 @@ def compare_steering(model, sae: SAE, features: dict[int, float], prompt: str, h
 
     start_tokens = prompt_tokens(model, prompt)
     start = start_tokens.shape[1]
-    default = continuation(generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True), None)
+    default = continuation(
+        generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, return_tokens=True), None
+    )
     with steer(model, sae, features, hook=hook, mode=mode, positions=positions, unit=unit) as s:
         tokens = generate(model, start_tokens, max_new_tokens, temperature, top_k, seed, steering=s, return_tokens=True)
         own = model(tokens).float().log_softmax(-1)
@@ -265,8 +330,16 @@ NEUTRAL_PROMPT = "From my experience,"
 
 
 @torch.no_grad()
-def input_score(model, sae: SAE, feature: int, contexts, hook: str | None = None, n_examples: int = 100, n_lens_tokens: int = 20,
-                min_examples: int = 10) -> float | None:
+def input_score(
+    model,
+    sae: SAE,
+    feature: int,
+    contexts,
+    hook: str | None = None,
+    n_examples: int = 100,
+    n_lens_tokens: int = 20,
+    min_examples: int = 10,
+) -> float | None:
     """Arad, Mueller & Belinkov (2025): over the feature's top-activating contexts (up to
     n_examples), the share whose max-activating token is among its n_lens_tokens logit-lens
     tokens. None when fewer than min_examples contexts activate it."""
@@ -296,8 +369,15 @@ def rank_prob_score(probs: torch.Tensor, tokens: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def output_score(model, sae: SAE, feature: int, prompt: str = NEUTRAL_PROMPT, hook: str | None = None, amp_factor: float = 10.0,
-                 n_lens_tokens: int = 20) -> float:
+def output_score(
+    model,
+    sae: SAE,
+    feature: int,
+    prompt: str = NEUTRAL_PROMPT,
+    hook: str | None = None,
+    amp_factor: float = 10.0,
+    n_lens_tokens: int = 20,
+) -> float:
     """Arad, Mueller & Belinkov (2025): at the last token of a neutral prompt, the feature's code is
     raised by amp_factor x the largest code of any feature there (decode + the SAE error, which is
     adding that much of W_dec[feature]); score = (1 - min_rank / |V|) * max_prob of its logit-lens
@@ -319,7 +399,9 @@ def output_score(model, sae: SAE, feature: int, prompt: str = NEUTRAL_PROMPT, ho
 
 
 @torch.no_grad()
-def lens_mass_gain(model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10) -> float:
+def lens_mass_gain(
+    model, sae: SAE, feature: int, scale: float, prompt: str = "", hook: str | None = None, n_lens_tokens: int = 10
+) -> float:
     """Probability mass the next-token distribution gains on the feature's logit-lens tokens when
     the feature is added (at `scale`, every position) to the prompt (a saebench variant, not the paper's)."""
     tokens = prompt_tokens(model, prompt)
@@ -330,17 +412,48 @@ def lens_mass_gain(model, sae: SAE, feature: int, scale: float, prompt: str = ""
     return float(steered - clean)
 
 
-def rank_by_output_score(model, sae: SAE, features: list[int], prompt: str = NEUTRAL_PROMPT, hook: str | None = None, amp_factor: float = 10.0,
-                         n_lens_tokens: int = 20, progress: Callable[[int, int], None] | None = None):
+def rank_by_output_score(
+    model,
+    sae: SAE,
+    features: list[int],
+    prompt: str = NEUTRAL_PROMPT,
+    hook: str | None = None,
+    amp_factor: float = 10.0,
+    n_lens_tokens: int = 20,
+    progress: Callable[[int, int], None] | None = None,
+):
     """Candidate features for steering, best output score first: -> table of feature, output_score."""
     import pandas as pd
 
     rows = []
     for n, f in enumerate(features):
-        rows.append({"feature": int(f), "output_score": output_score(model, sae, int(f), prompt, hook, amp_factor, n_lens_tokens)})
+        rows.append(
+            {
+                "feature": int(f),
+                "output_score": output_score(model, sae, int(f), prompt, hook, amp_factor, n_lens_tokens),
+            }
+        )
         if progress is not None:
             progress(n + 1, len(features))
-    return pd.DataFrame(rows, columns=["feature", "output_score"]).sort_values("output_score", ascending=False, ignore_index=True)
+    return pd.DataFrame(rows, columns=["feature", "output_score"]).sort_values(
+        "output_score", ascending=False, ignore_index=True
+    )
 
 
-__all__ = ["prompt_tokens", "Generation", "Steering", "SteeringComparison", "compare_steering", "generate", "rank_by_output_score", "NEUTRAL_PROMPT", "input_score", "lens_mass_gain", "output_score", "rank_prob_score", "steer", "steering_sweep", "SAEBenchError"]
+__all__ = [
+    "prompt_tokens",
+    "Generation",
+    "Steering",
+    "SteeringComparison",
+    "compare_steering",
+    "generate",
+    "rank_by_output_score",
+    "NEUTRAL_PROMPT",
+    "input_score",
+    "lens_mass_gain",
+    "output_score",
+    "rank_prob_score",
+    "steer",
+    "steering_sweep",
+    "SAEBenchError",
+]

@@ -122,7 +122,9 @@ def _rounded(values, digits: int = 6) -> list:
     return [None if v != v else round(float(v), digits) for v in values]
 
 
-def write_store(path: str | Path, results: FeatureResults, contexts: torch.Tensor, vocab: list[str], meta: dict) -> Path:
+def write_store(
+    path: str | Path, results: FeatureResults, contexts: torch.Tensor, vocab: list[str], meta: dict
+) -> Path:
     """Build the store for one SAE at `path` atomically, keeping the labels of the store it
     replaces. contexts: [n_ctx ctx] the analysed split's token contexts (examples refer to them
     by index); vocab: each token id's text."""
@@ -136,7 +138,9 @@ def write_store(path: str | Path, results: FeatureResults, contexts: torch.Tenso
         with con:
             _fill(con, results, contexts, vocab, meta)
             con.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", _old_labels(path))
-            con.execute("UPDATE search SET label = (SELECT label FROM labels WHERE feature = search.rowid) WHERE rowid IN (SELECT feature FROM labels)")
+            con.execute(
+                "UPDATE search SET label = (SELECT label FROM labels WHERE feature = search.rowid) WHERE rowid IN (SELECT feature FROM labels)"
+            )
             con.execute("INSERT INTO meta VALUES ('complete', 'true')")
         con.execute("PRAGMA journal_mode=WAL")
         con.close()
@@ -173,10 +177,19 @@ def _checkpoint_old(path: Path) -> None:
 def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vocab: list[str], meta: dict) -> None:
     n, ctx = len(r.n_fires), contexts.shape[1]
     edges = histogram_edges()
-    meta = {**meta, "schema_version": SCHEMA_VERSION, "n_features": n, "n_tokens": r.n_tokens, "context_size": ctx,
-            "histogram_edges": edges, "quantiles": list(QUANTILES), "coactivation_tokens": r.coact_tokens,
-            "coactivation_statistic": f"Jaccard index of firing sets over the first {r.coact_tokens} analysed tokens",
-            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **r.notes}
+    meta = {
+        **meta,
+        "schema_version": SCHEMA_VERSION,
+        "n_features": n,
+        "n_tokens": r.n_tokens,
+        "context_size": ctx,
+        "histogram_edges": edges,
+        "quantiles": list(QUANTILES),
+        "coactivation_tokens": r.coact_tokens,
+        "coactivation_statistic": f"Jaccard index of firing sets over the first {r.coact_tokens} analysed tokens",
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **r.notes,
+    }
     con.executemany("INSERT INTO meta VALUES (?, ?)", [(k, _json(v)) for k, v in meta.items()])
     con.executemany("INSERT INTO vocab VALUES (?, ?)", list(enumerate(vocab)))
 
@@ -184,7 +197,10 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
     per_feature_tokens: list[list[int]] = [[] for _ in range(n)]
     snippets: list[list[str]] = [[] for _ in range(n)]
     all_tokens = contexts.numpy()
-    for kind, slots, interval, irank in [("top", r.top, None, None), ("interval", r.sample, r.sample_interval, r.sample_interval_rank)]:
+    for kind, slots, interval, irank in [
+        ("top", r.top, None, None),
+        ("interval", r.sample, r.sample_interval, r.sample_interval_rank),
+    ]:
         show = slots.token >= 0
         if kind == "interval":
             show &= irank < meta["per_interval"]
@@ -198,7 +214,9 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
         ranks = s_idx.numpy() if kind == "top" else irank[f_idx, s_idx].numpy()
         ints = np.zeros(len(ranks), dtype=np.int64) if kind == "top" else interval[f_idx, s_idx].numpy()
         values = slots.value[f_idx, s_idx].numpy()
-        for j, (f, c, p, v, rank, iv) in enumerate(zip(f_idx.tolist(), ctx_id.tolist(), pos.tolist(), values.tolist(), ranks.tolist(), ints.tolist())):
+        for j, (f, c, p, v, rank, iv) in enumerate(
+            zip(f_idx.tolist(), ctx_id.tolist(), pos.tolist(), values.tolist(), ranks.tolist(), ints.tolist())
+        ):
             lo, hi = bounds[j], bounds[j + 1]
             examples.append((f, kind, iv, rank, v, c, p, cols16[lo:hi].tobytes(), vals32[lo:hi].tobytes()))
         used_ctx.update(np.unique(ctx_id).tolist())
@@ -210,7 +228,9 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
                 window = all_tokens[c, max(0, p - SNIPPET_RADIUS) : p + SNIPPET_RADIUS + 1]
                 snippets[f].append("".join(vocab[t] for t in window.tolist()))
     con.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", examples)
-    con.executemany("INSERT INTO contexts VALUES (?, ?)", [(c, all_tokens[c].astype("<i4").tobytes()) for c in sorted(used_ctx)])
+    con.executemany(
+        "INSERT INTO contexts VALUES (?, ?)", [(c, all_tokens[c].astype("<i4").tobytes()) for c in sorted(used_ctx)]
+    )
 
     density = (r.n_fires.double() / max(r.n_tokens, 1)).tolist()
     pos_frac = (r.n_positive.double() / r.n_fires.clamp_min(1)).tolist()
@@ -231,22 +251,46 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
             lbot = [[int(t), round(float(v), 4)] for t, v in zip(lens[2][i], lens[3][i])]
         else:
             ltop = lbot = None
-        dec = [] if r.decoder is None else [[int(j), round(float(v), 5)] for j, v in zip(r.decoder[0][i], r.decoder[1][i])]
+        dec = (
+            []
+            if r.decoder is None
+            else [[int(j), round(float(v), 5)] for j, v in zip(r.decoder[0][i], r.decoder[1][i])]
+        )
         coact = [[int(j), round(float(v), 5)] for j, v in zip(r.coact[0][i], r.coact[1][i]) if j >= 0]
-        feature_rows.append((
-            i, int(r.n_fires[i]), density[i], float(r.mean[i]) if fired else None, float(r.mean_signed[i]) if fired else None,
-            float(r.std[i]) if fired else None, float(r.max[i]) if fired else None, float(r.min[i]) if fired else None,
-            pos_frac[i] if (fired and signed) else None, _json(_rounded(r.quantiles[i].tolist())),
-            _json(_rounded(r.interval_edges[i].tolist())) if fired else "[]", _json(hist),
-            _json([[t, c] for t, c in top_tokens]), _json(ltop) if ltop else None, _json(lbot) if lbot else None,
-            _json(dec), _json(coact),
-        ))
-        search_rows.append((
-            i, " ".join(vocab[t] for t, _ in top_tokens), " ".join(vocab[t] for t, _ in ltop) if ltop else "",
-            " | ".join(snippets[i]), "",
-        ))
+        feature_rows.append(
+            (
+                i,
+                int(r.n_fires[i]),
+                density[i],
+                float(r.mean[i]) if fired else None,
+                float(r.mean_signed[i]) if fired else None,
+                float(r.std[i]) if fired else None,
+                float(r.max[i]) if fired else None,
+                float(r.min[i]) if fired else None,
+                pos_frac[i] if (fired and signed) else None,
+                _json(_rounded(r.quantiles[i].tolist())),
+                _json(_rounded(r.interval_edges[i].tolist())) if fired else "[]",
+                _json(hist),
+                _json([[t, c] for t, c in top_tokens]),
+                _json(ltop) if ltop else None,
+                _json(lbot) if lbot else None,
+                _json(dec),
+                _json(coact),
+            )
+        )
+        search_rows.append(
+            (
+                i,
+                " ".join(vocab[t] for t, _ in top_tokens),
+                " ".join(vocab[t] for t, _ in ltop) if ltop else "",
+                " | ".join(snippets[i]),
+                "",
+            )
+        )
     con.executemany(f"INSERT INTO features VALUES ({', '.join('?' * 17)})", feature_rows)
-    con.executemany("INSERT INTO search(rowid, top_tokens, logit_tokens, snippets, label) VALUES (?, ?, ?, ?, ?)", search_rows)
+    con.executemany(
+        "INSERT INTO search(rowid, top_tokens, logit_tokens, snippets, label) VALUES (?, ?, ?, ?, ?)", search_rows
+    )
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -288,13 +332,17 @@ class FeatureStore:
             self._con = sqlite3.connect(f"file:{self.path.resolve()}?mode={mode}", uri=True, check_same_thread=False)
             rows = self._con.execute("SELECT key, value FROM meta").fetchall()
         except sqlite3.DatabaseError as e:
-            raise DataError(f"{self.path} is not a saebench feature store ({e}): rerun `saebench analyze` on its run") from None
+            raise DataError(
+                f"{self.path} is not a saebench feature store ({e}): rerun `saebench analyze` on its run"
+            ) from None
         self._lock = threading.Lock()
         self.meta = {k: json.loads(v) for k, v in rows}
         version = self.meta.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise DataError(f"{self.path} has feature-store schema {version}, this saebench reads {SCHEMA_VERSION}: "
-                            f"rerun `saebench analyze` on its run (labels are kept)")
+            raise DataError(
+                f"{self.path} has feature-store schema {version}, this saebench reads {SCHEMA_VERSION}: "
+                f"rerun `saebench analyze` on its run (labels are kept)"
+            )
         if self.meta.get("complete") is not True:
             raise DataError(f"{self.path} is an unfinished analysis: finish it with `saebench analyze RUN --resume`")
         self.n_features: int = self.meta["n_features"]
@@ -312,7 +360,7 @@ class FeatureStore:
     def close(self) -> None:
         self._con.close()
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -323,7 +371,9 @@ class FeatureStore:
 
     def _check_id(self, i) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < self.n_features:
-            raise DataError(f"feature {i!r} is out of range: this SAE has {self.n_features} features (0-{self.n_features - 1})")
+            raise DataError(
+                f"feature {i!r} is out of range: this SAE has {self.n_features} features (0-{self.n_features - 1})"
+            )
         return int(i)
 
     def pieces(self, token_ids: list[int]) -> list[str]:
@@ -335,29 +385,45 @@ class FeatureStore:
         i = self._check_id(i)
         (row,) = self._query("SELECT * FROM features WHERE id = ?", (i,))
         f = dict(zip(self._columns, row))
-        examples = self._query("SELECT kind, interval, rank, value, context, position, act_positions, act_values, tokens "
-                               "FROM examples JOIN contexts ON contexts.id = examples.context WHERE feature = ? "
-                               "ORDER BY kind DESC, interval, rank", (i,))
+        examples = self._query(
+            "SELECT kind, interval, rank, value, context, position, act_positions, act_values, tokens "
+            "FROM examples JOIN contexts ON contexts.id = examples.context WHERE feature = ? "
+            "ORDER BY kind DESC, interval, rank",
+            (i,),
+        )
         top, by_interval = [], {}
         for kind, interval, _rank, value, context, position, apos, avals, tokens in examples:
             ex = self._example(tokens, position, value, context, apos, avals)
             (top if kind == "top" else by_interval.setdefault(interval, [])).append(ex)
         edges, m = json.loads(f["interval_edges"]), self.meta["n_intervals"]
-        intervals = [IntervalExamples(edges[j], edges[j + 1], j / m, (j + 1) / m, by_interval.get(j, [])) for j in range(len(edges) - 1)]
+        intervals = [
+            IntervalExamples(edges[j], edges[j + 1], j / m, (j + 1) / m, by_interval.get(j, []))
+            for j in range(len(edges) - 1)
+        ]
         hist = json.loads(f["histogram"])
         label, note = self._label_note(i)
         lens = None
         if f["logit_top"] is not None:
             lens = tuple([(self._vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom"))
         return FeatureCard(
-            id=i, density=f["density"], n_fires=f["n_fires"], mean_activation=f["mean"] or 0.0, max_activation=f["max"] or 0.0,
-            min_activation=f["min"] or 0.0, std_activation=f["std"] or 0.0,
+            id=i,
+            density=f["density"],
+            n_fires=f["n_fires"],
+            mean_activation=f["mean"] or 0.0,
+            max_activation=f["max"] or 0.0,
+            min_activation=f["min"] or 0.0,
+            std_activation=f["std"] or 0.0,
             quantiles={q: v for q, v in zip(self.meta["quantiles"], json.loads(f["quantiles"]))},
-            histogram=self._histogram(hist), top_examples=top, quantile_examples=intervals, logit_lens=lens,
+            histogram=self._histogram(hist),
+            top_examples=top,
+            quantile_examples=intervals,
+            logit_lens=lens,
             decoder_neighbours=[(j, v) for j, v in json.loads(f["decoder_neighbours"])],
             coactivation_neighbours=[(j, v) for j, v in json.loads(f["coact_neighbours"])],
             top_tokens=[(self._vocab[t], c) for t, c in json.loads(f["top_tokens"])],
-            label=label, note=note, mean_signed=f["mean_signed"] if self.meta.get("signed") else None,
+            label=label,
+            note=note,
+            mean_signed=f["mean_signed"] if self.meta.get("signed") else None,
             positive_fraction=f["positive_fraction"],
         )
 
@@ -379,15 +445,27 @@ class FeatureStore:
         """One row per feature: id, density, n_fires, mean, max, median, top token, top logit token, label."""
         import pandas as pd
 
-        rows = self._query("SELECT f.id, f.density, f.n_fires, f.mean, f.max, f.quantiles, f.top_tokens, f.logit_top, "
-                           "COALESCE(l.label, '') FROM features f LEFT JOIN labels l ON l.feature = f.id ORDER BY f.id")
+        rows = self._query(
+            "SELECT f.id, f.density, f.n_fires, f.mean, f.max, f.quantiles, f.top_tokens, f.logit_top, "
+            "COALESCE(l.label, '') FROM features f LEFT JOIN labels l ON l.feature = f.id ORDER BY f.id"
+        )
         median_at = self.meta["quantiles"].index(0.5)
         out = []
         for i, density, n_fires, mean, mx, qs, top_tokens, logit_top, label in rows:
             tt, lt = json.loads(top_tokens), json.loads(logit_top) if logit_top else []
-            out.append({"feature": i, "density": density, "n_fires": n_fires, "mean": mean, "max": mx,
-                        "median": json.loads(qs)[median_at], "top_token": self._vocab[tt[0][0]] if tt else "",
-                        "logit_token": self._vocab[lt[0][0]] if lt else "", "label": label})
+            out.append(
+                {
+                    "feature": i,
+                    "density": density,
+                    "n_fires": n_fires,
+                    "mean": mean,
+                    "max": mx,
+                    "median": json.loads(qs)[median_at],
+                    "top_token": self._vocab[tt[0][0]] if tt else "",
+                    "logit_token": self._vocab[lt[0][0]] if lt else "",
+                    "label": label,
+                }
+            )
         return pd.DataFrame(out)
 
     def search(self, text: str, limit: int = 20):
@@ -399,9 +477,12 @@ class FeatureStore:
         if not terms:
             return pd.DataFrame(columns=["feature", "label", "density", "max", "score"])
         query = " ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        rows = self._query("SELECT s.rowid, COALESCE(l.label, ''), f.density, f.max, bm25(search) AS score FROM search s "
-                           "JOIN features f ON f.id = s.rowid LEFT JOIN labels l ON l.feature = s.rowid "
-                           "WHERE search MATCH ? ORDER BY score LIMIT ?", (query, int(limit)))
+        rows = self._query(
+            "SELECT s.rowid, COALESCE(l.label, ''), f.density, f.max, bm25(search) AS score FROM search s "
+            "JOIN features f ON f.id = s.rowid LEFT JOIN labels l ON l.feature = s.rowid "
+            "WHERE search MATCH ? ORDER BY score LIMIT ?",
+            (query, int(limit)),
+        )
         return pd.DataFrame(rows, columns=["feature", "label", "density", "max", "score"])
 
     def _label_note(self, i: int) -> tuple[str, str]:
@@ -416,12 +497,17 @@ class FeatureStore:
         """Save a user label (and note) for feature i; a re-analysis keeps it."""
         i = self._check_id(i)
         if not self.writable:
-            raise DataError("this store is open read-only: open it with sb.FeatureStore(path, writable=True) to save labels")
+            raise DataError(
+                "this store is open read-only: open it with sb.FeatureStore(path, writable=True) to save labels"
+            )
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._lock, self._con:
-            self._con.execute("INSERT INTO labels(feature, label, note, updated) VALUES (?, ?, COALESCE(?, ''), ?) "
-                              "ON CONFLICT(feature) DO UPDATE SET label = excluded.label, "
-                              "note = COALESCE(?, labels.note), updated = excluded.updated", (i, label, note, now, note))
+            self._con.execute(
+                "INSERT INTO labels(feature, label, note, updated) VALUES (?, ?, COALESCE(?, ''), ?) "
+                "ON CONFLICT(feature) DO UPDATE SET label = excluded.label, "
+                "note = COALESCE(?, labels.note), updated = excluded.updated",
+                (i, label, note, now, note),
+            )
             self._con.execute("UPDATE search SET label = ? WHERE rowid = ?", (label, i))
 
     # -- live -------------------------------------------------------------------------------------
@@ -466,5 +552,7 @@ class FeatureStore:
         out = []
         for p, t in enumerate(ids):
             feats = [] if t in special else [(int(j), float(z[p, j])) for v, j in zip(vals[p], idx[p]) if v > 0]
-            out.append(TokenFeatures(p, t, self._vocab[t] if t < len(self._vocab) else tok.decode([t]), t in special, feats))
+            out.append(
+                TokenFeatures(p, t, self._vocab[t] if t < len(self._vocab) else tok.decode([t]), t in special, feats)
+            )
         return PromptFeatures(out, truncated)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
-
 DIRECTIONS_SEED = 104_729
 
 
@@ -71,7 +70,7 @@ class PlantedFeatures:
         self.parent[self.n_roots :] = torch.arange(self.n_parents).repeat_interleave(c)
         # Zipf over the roots in a random order, so trees are not all the most frequent features
         rank = torch.randperm(len(roots), generator=gen).double() + 1
-        weight = rank ** -cfg.zipf_exponent
+        weight = rank**-cfg.zipf_exponent
         per_fire = torch.ones(len(roots), dtype=torch.float64)
         per_fire[: self.n_parents] += cfg.child_prob  # a parent's firing brings a child with it
         root_p = weight / (weight * per_fire).sum() * cfg.true_l0
@@ -87,9 +86,13 @@ class PlantedFeatures:
         """-> (x [n d], codes [n n_true])."""
         cfg = self.cfg
         t = self.thresholds  # [n_roots]: root i fires when its latent normal exceeds t_i
-        if cfg.correlation > 0:  # given the group factor u, roots fire independently w.p. Phi((sqrt(rho) u - t) / sqrt(1 - rho))
+        if (
+            cfg.correlation > 0
+        ):  # given the group factor u, roots fire independently w.p. Phi((sqrt(rho) u - t) / sqrt(1 - rho))
             shared = torch.randn(n, int(self.group.max()) + 1, generator=gen)
-            p_root = torch.special.ndtr((math.sqrt(cfg.correlation) * shared[:, self.group] - t) / math.sqrt(1 - cfg.correlation))
+            p_root = torch.special.ndtr(
+                (math.sqrt(cfg.correlation) * shared[:, self.group] - t) / math.sqrt(1 - cfg.correlation)
+            )
         else:
             p_root = self.probs[: self.n_roots]
         on = torch.empty(n, cfg.n_true, dtype=torch.bool)
@@ -148,11 +151,22 @@ def recovery_metrics(W_dec: torch.Tensor, directions: torch.Tensor, threshold: f
     dec = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     best = (directions @ dec.T).abs().max(dim=1).values.double()
     pairs = min(len(directions), len(W_dec))
-    return {"mcc": float(sim.sum() / pairs), "mmcs": float(best.mean()), "recovered": float((best > threshold).float().mean())}
+    return {
+        "mcc": float(sim.sum() / pairs),
+        "mmcs": float(best.mean()),
+        "recovered": float((best > threshold).float().mean()),
+    }
 
 
-def absorption(acts: torch.Tensor, codes: torch.Tensor, parent: torch.Tensor, latent: torch.Tensor,
-               sim: torch.Tensor, min_cos: float = 0.5, min_count: int = 20) -> dict:
+def absorption(
+    acts: torch.Tensor,
+    codes: torch.Tensor,
+    parent: torch.Tensor,
+    latent: torch.Tensor,
+    sim: torch.Tensor,
+    min_cos: float = 0.5,
+    min_count: int = 20,
+) -> dict:
     """How often a parent's latent goes silent because one of its children fires.
 
     acts: [n n_latents] the SAE's latents on held-out data; codes: [n n_true] true activations;
@@ -190,8 +204,14 @@ def run_synthetic_bench(*args, **kwargs) -> list[dict]:
     return list(iter_synthetic_bench(*args, **kwargs))
 
 
-def score_sae(encode, W_dec: torch.Tensor, planted: PlantedFeatures, held_out: torch.Tensor, codes: torch.Tensor,
-              block: int = 4096) -> dict:
+def score_sae(
+    encode,
+    W_dec: torch.Tensor,
+    planted: PlantedFeatures,
+    held_out: torch.Tensor,
+    codes: torch.Tensor,
+    block: int = 4096,
+) -> dict:
     """Every recovery metric for one trained SAE. encode: [b d] -> [b n_latents] dense latents."""
     latent, sim = match_latents(W_dec, planted.directions)
     with torch.no_grad():
@@ -201,16 +221,26 @@ def score_sae(encode, W_dec: torch.Tensor, planted: PlantedFeatures, held_out: t
     return {
         **recovery_metrics(W_dec, planted.directions),
         **absorption(acts, codes, planted.parent, latent, sim),
-        "l0": round(l0, 2), "true_l0": round(true_l0, 2), "l0_error": round((l0 - true_l0) / true_l0, 3),
+        "l0": round(l0, 2),
+        "true_l0": round(true_l0, 2),
+        "l0_error": round((l0 - true_l0) / true_l0, 3),
         "dead_fraction": float((acts != 0).sum(0).eq(0).float().mean()),
     }
 
 
 def iter_synthetic_bench(
     activations: tuple[str, ...] = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"),
-    data: SyntheticConfig = SyntheticConfig(), n_latents: int | None = None, k: int | None = None,
-    n_tokens: int = 8_000_000, batch_size: int = 4096, lr: float | None = None, matryoshka: bool = False, seed: int = 0,
-    held_out_tokens: int = 16_384, train_overrides: dict | None = None, sae_overrides: dict | None = None,
+    data: SyntheticConfig = SyntheticConfig(),
+    n_latents: int | None = None,
+    k: int | None = None,
+    n_tokens: int = 8_000_000,
+    batch_size: int = 4096,
+    lr: float | None = None,
+    matryoshka: bool = False,
+    seed: int = 0,
+    held_out_tokens: int = 16_384,
+    train_overrides: dict | None = None,
+    sae_overrides: dict | None = None,
 ) -> Iterator[dict]:
     """run_synthetic_bench, yielding each family's row as soon as it is trained (lr None = the trainer's default).
 
@@ -225,14 +255,28 @@ def iter_synthetic_bench(
     held_out, codes = planted.sample(held_out_tokens, torch.Generator().manual_seed(seed + 99))
     for activation in activations:
         prefixes = [n_latents // 8, n_latents // 4, n_latents // 2, n_latents] if matryoshka else None
-        cfg = SAEConfig(**{"d_in": data.d, "n_latents": n_latents, "activation": activation, "k": k, "matryoshka": prefixes,
-                           "dead_tokens": 200_000, **(sae_overrides or {})})
-        train = TrainConfig(n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed, log_every=10**9, **(train_overrides or {}))
+        cfg = SAEConfig(
+            **{
+                "d_in": data.d,
+                "n_latents": n_latents,
+                "activation": activation,
+                "k": k,
+                "matryoshka": prefixes,
+                "dead_tokens": 200_000,
+                **(sae_overrides or {}),
+            }
+        )
+        train = TrainConfig(
+            n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed, log_every=10**9, **(train_overrides or {})
+        )
         sae, report = train_sae(cfg, planted.stream(batch_size, seed), train, show_progress=False)
         sae.eval()
         yield {
-            "activation": activation, "matryoshka": bool(prefixes), "n_latents": n_latents, "k": k,
+            "activation": activation,
+            "matryoshka": bool(prefixes),
+            "n_latents": n_latents,
+            "k": k,
             **score_sae(sae.encode, sae.W_dec.detach().cpu(), planted, held_out, codes),
-            "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4), "train_tokens_per_s": report.get("tokens_per_s"),
+            "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4),
+            "train_tokens_per_s": report.get("tokens_per_s"),
         }
-

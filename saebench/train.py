@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from saebench import distributed as dist
+from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.distributed import LOCAL, Reducer
 from saebench.errors import ConfigError, DataError
 from saebench.sae import SAE, SAEConfig
 from saebench.sae.config import BATCH_ACTIVATIONS
 from saebench.sae.losses import random_prefixes, sae_loss
-from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.sae.sparsify import min_kept
 
 
@@ -90,7 +90,9 @@ class BatchSource:
     def __init__(self, acts: torch.Tensor | Callable[[int], Iterator], batch_size: int, seed: int):
         world = dist.world()
         if batch_size % world:
-            raise ConfigError(f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}")
+            raise ConfigError(
+                f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}"
+            )
         self.acts, self.global_batch, self.seed = acts, batch_size, seed
         self.batch_size = batch_size // world
         if isinstance(acts, torch.Tensor):
@@ -107,7 +109,9 @@ class BatchSource:
                 perm = torch.randperm(len(self.acts), generator=gen)
                 n_full = len(perm) - len(perm) % self.global_batch
                 mine = slice(dist.rank() * self.batch_size, (dist.rank() + 1) * self.batch_size)
-                it = ({"": self.acts[perm[i : i + self.global_batch][mine]]} for i in range(0, n_full, self.global_batch))
+                it = (
+                    {"": self.acts[perm[i : i + self.global_batch][mine]]} for i in range(0, n_full, self.global_batch)
+                )
             else:
                 it = self._rebatch(self.acts(epoch))
             got_any = False
@@ -166,7 +170,9 @@ class SAETrainer:
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: torch.Tensor, reduce: Reducer = LOCAL):
         self.cfg, self.sae_cfg, self.reduce = cfg, sae_cfg, reduce
         if sample.shape[-1] != sae_cfg.d_in:
-            raise DataError(f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: set sae.d_in={sample.shape[-1]}")
+            raise DataError(
+                f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: set sae.d_in={sample.shape[-1]}"
+            )
         _check_finite(sample, "the initialisation sample")
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
@@ -182,18 +188,24 @@ class SAETrainer:
         self.lr = cfg.resolved_lr(sae_cfg.n_latents)
         self.fused = cfg.fused_step if cfg.fused_step is not None else self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas, fused=self.fused or None)
-        self.bad_step = torch.full((2,), -1, dtype=torch.long, device=self.device)  # first step with a bad (batch, loss)
+        self.bad_step = torch.full(
+            (2,), -1, dtype=torch.long, device=self.device
+        )  # first step with a bad (batch, loss)
         self.total_steps = max(1, cfg.n_tokens // cfg.batch_size)
         self.step_count = 0
         self.tokens_since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device)
         self.fire_freq = torch.zeros(sae_cfg.n_latents, device=self.device)  # EMA of fires per token
         self.threshold_set = torch.zeros((), dtype=torch.bool, device=self.device)  # a threshold was ever recorded
-        self.prefix_gen = torch.Generator().manual_seed(cfg.seed + 11)  # Matryoshka prefix draws, the same on every rank
+        self.prefix_gen = torch.Generator().manual_seed(
+            cfg.seed + 11
+        )  # Matryoshka prefix draws, the same on every rank
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.cfg.resolved_warmup(self.total_steps)))
         decay_start = int(self.total_steps * (1 - self.cfg.decay_fraction))
-        decay = 1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
+        decay = (
+            1.0 if step < decay_start else max(0.0, (self.total_steps - step) / max(1, self.total_steps - decay_start))
+        )
         return self.lr * warm * decay
 
     def step(self, x: torch.Tensor, sync: bool = True) -> dict:
@@ -213,10 +225,14 @@ class SAETrainer:
             prefixes = random_prefixes(self.sae_cfg, self.prefix_gen) if self.sae_cfg.matryoshka_random else None
             out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes)
         if not self.fused and not torch.isfinite(out.loss):
-            raise DataError(f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations")
+            raise DataError(
+                f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations"
+            )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        self.reduce.sum_grads_(list(self.sae.parameters()))  # each rank's loss is its share: the sum is the global gradient
+        self.reduce.sum_grads_(
+            list(self.sae.parameters())
+        )  # each rank's loss is its share: the sum is the global gradient
         self.sae.remove_parallel_grad()
         params = [p for p in self.sae.parameters() if p.grad is not None]
         if self.fused:
@@ -236,12 +252,20 @@ class SAETrainer:
         if not sync:
             return {}
         self.raise_if_bad()
-        sums = self.reduce.sum(torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach(), out.selection.l0().sum()]).float())
+        sums = self.reduce.sum(
+            torch.stack([out.loss.detach(), out.mse.detach(), out.aux.detach(), out.selection.l0().sum()]).float()
+        )
         loss, fvu, aux, l0_sum = sums.tolist()
         return {
-            "step": self.step_count, "tokens": self.step_count * self.cfg.batch_size, "loss": loss,
-            "fvu": fvu, "aux": aux, "l0": l0_sum / (len(x) * self.reduce.world), "lr": self.lr_at(self.step_count - 1),
-            "dead_fraction": float(dead.float().mean()), "grad_norm": float(grad_norm),
+            "step": self.step_count,
+            "tokens": self.step_count * self.cfg.batch_size,
+            "loss": loss,
+            "fvu": fvu,
+            "aux": aux,
+            "l0": l0_sum / (len(x) * self.reduce.world),
+            "lr": self.lr_at(self.step_count - 1),
+            "dead_fraction": float(dead.float().mean()),
+            "grad_norm": float(grad_norm),
         }
 
     def raise_if_bad(self) -> None:
@@ -261,9 +285,13 @@ class SAETrainer:
     @torch.no_grad()
     def _update_stats(self, sel, batch: int) -> None:
         n = self.sae_cfg.n_latents
-        fired = torch.zeros(n, device=self.device).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float())
+        fired = torch.zeros(n, device=self.device).index_add_(
+            0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float()
+        )
         fired, batch = self.reduce.sum(fired), batch * self.reduce.world
-        self.tokens_since_fired = torch.where(fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch)
+        self.tokens_since_fired = torch.where(
+            fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch
+        )
         self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
         if self.sae_cfg.uses_threshold:  # written with torch.where: no host sync
             per_feature = self.sae_cfg.activation == "feature_choice"
@@ -285,7 +313,12 @@ class SAETrainer:
         for pid, st in opt["state"].items():
             for key, value in st.items():
                 tensors[f"opt.{pid}.{key}"] = value.clone() if isinstance(value, torch.Tensor) else torch.tensor(value)
-        meta = {"step": self.step_count, "scale": self.scale, "threshold_set": bool(self.threshold_set), "param_groups": opt["param_groups"]}
+        meta = {
+            "step": self.step_count,
+            "scale": self.scale,
+            "threshold_set": bool(self.threshold_set),
+            "param_groups": opt["param_groups"],
+        }
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -323,15 +356,22 @@ def _nonfinite(where: str) -> DataError:
 CHECKPOINT = "state-{step:08d}.safetensors"
 
 
-def save_checkpoint(trainer: SAETrainer, folder: Path, batches_consumed: int, rng_states: torch.Tensor | None = None,
-                    distribute: str = "data") -> None:
+def save_checkpoint(
+    trainer: SAETrainer,
+    folder: Path,
+    batches_consumed: int,
+    rng_states: torch.Tensor | None = None,
+    distribute: str = "data",
+) -> None:
     """One file per step: tensors, with the trainer's meta in the safetensors metadata.
     rng_states: [world state], every rank's torch RNG (default: this process's)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors, meta = trainer.state()
     tensors["rng.torch"] = rng_states if rng_states is not None else torch.get_rng_state()[None]
     meta = {**meta, "batches_consumed": batches_consumed, "world": len(tensors["rng.torch"]), "distribute": distribute}
-    atomic_save_file(tensors, folder / CHECKPOINT.format(step=trainer.step_count), metadata={"saebench_state": json.dumps(meta)})
+    atomic_save_file(
+        tensors, folder / CHECKPOINT.format(step=trainer.step_count), metadata={"saebench_state": json.dumps(meta)}
+    )
 
 
 def checkpoint_steps(folder: Path) -> set[int]:
@@ -350,7 +390,9 @@ def load_checkpoint(trainer: SAETrainer, folder: Path, step: int) -> int:
         meta = json.loads(f.metadata()["saebench_state"])
     world = meta.get("world", 1)
     if world != dist.world():
-        raise DataError(f"{path} was written by {world} process(es) and this job has {dist.world()}: resume with --nproc_per_node {world}")
+        raise DataError(
+            f"{path} was written by {world} process(es) and this job has {dist.world()}: resume with --nproc_per_node {world}"
+        )
     tensors = load_file(str(path))
     rng = tensors.pop("rng.torch")
     torch.set_rng_state((rng[dist.rank()] if rng.dim() == 2 else rng).clone())
@@ -361,26 +403,40 @@ def load_checkpoint(trainer: SAETrainer, folder: Path, step: int) -> int:
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drop rows a killed run logged after its last checkpoint, so a resumed log has no repeats."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        rows = [
+            line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step
+        ]
         atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
 def train_sae(
-    sae_cfg: SAEConfig, acts: torch.Tensor | Callable[[int], Iterator], cfg: TrainConfig = TrainConfig(),
-    run_dir: str | Path | None = None, resume: bool = False, stop_after_steps: int | None = None, show_progress: bool = True,
+    sae_cfg: SAEConfig,
+    acts: torch.Tensor | Callable[[int], Iterator],
+    cfg: TrainConfig = TrainConfig(),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    show_progress: bool = True,
 ) -> tuple[SAE, dict]:
     """Train one SAE. With run_dir: metrics.jsonl, checkpoints/ and sae/ are written there.
 
     stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
     Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
     """
-    saes, reports = train_saes({"sae": sae_cfg}, acts, cfg, run_dir, resume, stop_after_steps, show_progress, _flat=True)
+    saes, reports = train_saes(
+        {"sae": sae_cfg}, acts, cfg, run_dir, resume, stop_after_steps, show_progress, _flat=True
+    )
     return saes["sae"], reports["sae"]
 
 
 def train_saes(
-    sae_cfgs: dict[str, SAEConfig], acts: torch.Tensor | Callable[[int], Iterator], cfg: TrainConfig = TrainConfig(),
-    run_dir: str | Path | None = None, resume: bool = False, stop_after_steps: int | None = None, show_progress: bool = True,
+    sae_cfgs: dict[str, SAEConfig],
+    acts: torch.Tensor | Callable[[int], Iterator],
+    cfg: TrainConfig = TrainConfig(),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    show_progress: bool = True,
     _flat: bool = False,
 ) -> tuple[dict[str, SAE], dict[str, dict]]:
     """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
@@ -399,18 +455,26 @@ def train_saes(
     reduce = Reducer(world > 1 and not by_hook)
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
     sample = _init_sample(source, cfg)
-    trainers = {name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name]), reduce) for name in names if owners[name] == rank}
+    trainers = {
+        name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name]), reduce)
+        for name in names
+        if owners[name] == rank
+    }
     writes = by_hook or dist.is_main()  # this rank writes its trainers' folders
     base = Path(run_dir) if run_dir is not None else None
     dirs = {name: (base if _flat else base / name) for name in names} if base else {}
     total_steps = max(1, cfg.n_tokens // cfg.batch_size)
     consumed = 0  # global batches = steps done
-    restarted = base is not None and dist.restarted()  # torchrun's elastic restart: resume, or start over before any checkpoint
+    restarted = (
+        base is not None and dist.restarted()
+    )  # torchrun's elastic restart: resume, or start over before any checkpoint
     if base and (resume or restarted):
         # the newest step that every SAE checkpointed (a kill can fall between two SAEs' writes)
         common = set.intersection(*(checkpoint_steps(d / "checkpoints") for d in dirs.values()))
         if not common and not restarted:
-            raise DataError(f"nothing to resume in {base}: no checkpoint common to every SAE (drop --resume to start fresh)")
+            raise DataError(
+                f"nothing to resume in {base}: no checkpoint common to every SAE (drop --resume to start fresh)"
+            )
         consumed = max(common, default=0)
         for name, trainer in trainers.items():
             if consumed:
@@ -418,7 +482,9 @@ def train_saes(
         resume = True
     for name in names:
         if base and not resume and (dirs[name] / "metrics.jsonl").exists():
-            raise DataError(f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name")
+            raise DataError(
+                f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name"
+            )
     dist.barrier()  # every rank has checked and read before any rank writes
     if base and resume and writes:
         for name in trainers:
@@ -430,7 +496,13 @@ def train_saes(
     wandb_run = _wandb(cfg, sae_cfgs) if cfg.wandb_project and dist.is_main() else None
     last: dict[str, dict] = {name: {} for name in trainers}
     started, start_step = time.perf_counter(), consumed
-    bar = tqdm(total=total_steps, initial=start_step, desc="train sae", unit="step", disable=not (show_progress and dist.is_main()))
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train sae",
+        unit="step",
+        disable=not (show_progress and dist.is_main()),
+    )
 
     def checkpoint() -> None:
         rng = dist.all_gather_cat(torch.get_rng_state()[None])  # [world state]
@@ -464,7 +536,9 @@ def train_saes(
             if log and trainers:
                 rate = round((step - start_step) * cfg.batch_size / max(1e-9, time.perf_counter() - started))
                 first = next(iter(last.values()))
-                bar.set_postfix(fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.3f}")
+                bar.set_postfix(
+                    fvu=f"{first['fvu']:.3f}", l0=f"{first['l0']:.1f}", dead=f"{first['dead_fraction']:.3f}"
+                )
                 for name, row in last.items():
                     row["tokens_per_s"] = rate
                     if name in files:
@@ -489,7 +563,10 @@ def train_saes(
     for name, trainer in trainers.items():
         saes[name] = trainer.export()
         if name in mine and finished:
-            saes[name].save(mine[name] / "sae", extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count})
+            saes[name].save(
+                mine[name] / "sae",
+                extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count},
+            )
         reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale}
     dist.barrier()  # every SAE is saved before any rank returns
     return saes, reports
@@ -518,4 +595,6 @@ def _wandb(cfg: TrainConfig, sae_cfgs: dict[str, SAEConfig]):
         import wandb
     except ImportError:
         raise DataError("train.wandb_project is set but wandb is not installed: pip install wandb") from None
-    return wandb.init(project=cfg.wandb_project, config={"saes": {n: asdict(c) for n, c in sae_cfgs.items()}, "train": asdict(cfg)})
+    return wandb.init(
+        project=cfg.wandb_project, config={"saes": {n: asdict(c) for n, c in sae_cfgs.items()}, "train": asdict(cfg)}
+    )

@@ -35,8 +35,18 @@ def sae_cfg(activation: str, hook: str | None = None) -> SAEConfig:
 
 
 def train_cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"n_tokens": STEPS * BATCH, "batch_size": BATCH, "init_tokens": 2 * BATCH, "log_every": 4,
-                          "checkpoint_every": 0, "lr": 3e-3, "seed": 0, **kw})
+    return TrainConfig(
+        **{
+            "n_tokens": STEPS * BATCH,
+            "batch_size": BATCH,
+            "init_tokens": 2 * BATCH,
+            "log_every": 4,
+            "checkpoint_every": 0,
+            "lr": 3e-3,
+            "seed": 0,
+            **kw,
+        }
+    )
 
 
 def hook_stream(rank: int, world: int):
@@ -71,24 +81,43 @@ def main(case: str, out: str, activation: str = "topk") -> None:
             save_file(weights(saes["sae"]), str(out_dir / "data-stream.safetensors"))
     elif case == "hooks":  # SAE on hook a -> rank 0, on hook b -> rank 1; each rank runs "the model" on its share
         cfgs = {h: sae_cfg(activation, h) for h in HOOKS}
-        saes, _ = train_saes(cfgs, hook_stream(rank, world), train_cfg(distribute="hooks"), run_dir=out_dir / "run", show_progress=False)
+        saes, _ = train_saes(
+            cfgs, hook_stream(rank, world), train_cfg(distribute="hooks"), run_dir=out_dir / "run", show_progress=False
+        )
         for name, sae in saes.items():
             save_file(weights(sae), str(out_dir / f"hooks-{name}-rank{rank}.safetensors"))
     elif case in ("resume-part", "resume-rest", "resume-whole"):
         run = out_dir / ("whole" if case == "resume-whole" else "parts")
         cfg = train_cfg(checkpoint_every=5)
         stop = 5 if case == "resume-part" else None
-        sae, _ = train_sae(sae_cfg(activation), data(), cfg, run_dir=run, resume=case == "resume-rest", stop_after_steps=stop, show_progress=False)
+        sae, _ = train_sae(
+            sae_cfg(activation),
+            data(),
+            cfg,
+            run_dir=run,
+            resume=case == "resume-rest",
+            stop_after_steps=stop,
+            show_progress=False,
+        )
         if rank == 0 and case != "resume-part":
             save_file(weights(sae), str(out_dir / f"{case}.safetensors"))
     elif case == "crash-once":  # rank 1 dies after the step-5 checkpoint; torchrun's restart resumes
         run = out_dir / "crash"
         if dist.restarted():
-            sae, _ = train_sae(sae_cfg(activation), data(), train_cfg(checkpoint_every=5), run_dir=run, show_progress=False)
+            sae, _ = train_sae(
+                sae_cfg(activation), data(), train_cfg(checkpoint_every=5), run_dir=run, show_progress=False
+            )
             if rank == 0:
                 save_file(weights(sae), str(out_dir / "crash-once.safetensors"))
         else:
-            train_sae(sae_cfg(activation), data(), train_cfg(checkpoint_every=5), run_dir=run, stop_after_steps=7, show_progress=False)
+            train_sae(
+                sae_cfg(activation),
+                data(),
+                train_cfg(checkpoint_every=5),
+                run_dir=run,
+                stop_after_steps=7,
+                show_progress=False,
+            )
             if rank == 1:
                 raise RuntimeError("rank 1 died")
             dist.barrier()  # waits for rank 1, which never comes: torchrun stops this rank

@@ -9,15 +9,23 @@ import torch
 import yaml
 
 import saebench as sb
-from saebench.analysis import (AnalysisConfig, N_BINS, coactivation_neighbours, fire_hash, histogram_bin,
-                               quantiles_from_histogram)
+from saebench.analysis import (
+    N_BINS,
+    AnalysisConfig,
+    coactivation_neighbours,
+    fire_hash,
+    histogram_bin,
+    quantiles_from_histogram,
+)
 from saebench.circuits import _ln
 from saebench.config import RunConfig, to_dict
 from saebench.errors import DataError
 from saebench.harvest import Harvester
 
 HOOK = "blocks.0.hook_resid_post"
-CFG = AnalysisConfig(n_examples=5, n_samples=12, n_intervals=4, per_interval=2, coact_tokens=3000, batch_size=8, n_neighbours=6)
+CFG = AnalysisConfig(
+    n_examples=5, n_samples=12, n_intervals=4, per_interval=2, coact_tokens=3000, batch_size=8, n_neighbours=6
+)
 
 
 def make_run(root, activation="topk", n_latents=128, k=6, hooks=(HOOK,), name="t", model="tiny", d_in=192):
@@ -28,7 +36,9 @@ def make_run(root, activation="topk", n_latents=128, k=6, hooks=(HOOK,), name="t
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(rc)))
     for n, hook in enumerate(hooks):
-        sae = sb.SAE(sb.SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, k=k, hook=hook, model=model), seed=n)
+        sae = sb.SAE(
+            sb.SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, k=k, hook=hook, model=model), seed=n
+        )
         if activation in ("batchtopk", "feature_choice"):
             with torch.no_grad():
                 sae.threshold.fill_(1.5)
@@ -229,7 +239,10 @@ def test_store_refuses_bad_input_with_clear_errors(analysed, tmp_path):
         store.set_label(1, "x")
     with pytest.raises(DataError, match="run `saebench analyze"):
         sb.FeatureStore(tmp_path)
-    for key, value, message in [("schema_version", "0", "schema 0, this saebench reads 1"), ("complete", "false", "unfinished analysis")]:
+    for key, value, message in [
+        ("schema_version", "0", "schema 0, this saebench reads 1"),
+        ("complete", "false", "unfinished analysis"),
+    ]:
         copy = tmp_path / f"{key}.sqlite"
         copy.write_bytes((run / "features.sqlite").read_bytes())
         with sqlite3.connect(copy) as con:

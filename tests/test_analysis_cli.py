@@ -8,11 +8,11 @@ import sys
 import time
 
 import pytest
+from test_analysis import make_run
+from test_cli import one_error_line, run_cli
 
 import saebench as sb
 from saebench.errors import DataError
-from test_analysis import make_run
-from test_cli import one_error_line, run_cli
 
 ARGS = ["--tokens", "6000", "--batch-size", "4", "--examples", "5", "--checkpoint-tokens", "200"]
 VOLATILE_META = ("written", "seconds", "run", "sae")
@@ -21,7 +21,10 @@ VOLATILE_META = ("written", "seconds", "run", "sae")
 def dump(path):
     """Every row of every table, the meta rows that name paths or times left out."""
     with sqlite3.connect(path) as con:
-        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'search_%'")]
+        tables = [
+            t
+            for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'search_%'")
+        ]
         out = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
     out["meta"] = [row for row in out["meta"] if row[0] not in VOLATILE_META]
     return out
@@ -34,8 +37,13 @@ def test_killed_analysis_resumes_to_the_same_store(tmp_path):
     assert run_cli("analyze", str(whole), *ARGS, cwd=tmp_path).returncode == 0
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "saebench.cli", "analyze", str(killed), *ARGS], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saebench.cli", "analyze", str(killed), *ARGS],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = killed / ".analysis" / "state.safetensors"
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:

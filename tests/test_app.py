@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
+from test_analysis import make_run
 
 import saebench as sb
 from saebench.analysis import AnalysisConfig
 from saebench.app_launcher import RUNS_ENV
 from saebench.pipeline import eval_from_config
-from test_analysis import make_run
 
 APP = Path(__file__).resolve().parents[1] / "app"
 
@@ -25,9 +25,15 @@ def app_runs(tmp_path_factory):
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["eval"].update(n_tokens=2000, n_contexts=4)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "fvu": 1 / (s + 1), "l0": 6.0}) + "\n" for s in range(5)))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "fvu": 1 / (s + 1), "l0": 6.0}) + "\n" for s in range(5))
+    )
     eval_from_config(run)
-    sb.analyze(run, AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2), show_progress=False)
+    sb.analyze(
+        run,
+        AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2),
+        show_progress=False,
+    )
     bare, _ = make_run(root, name="bare")  # trained, never analysed
     return run, bare
 
@@ -52,7 +58,9 @@ def test_home_shows_eval_and_the_feature_table(app_runs, monkeypatch):
     result = json.loads((run / "eval.json").read_text())
     table = at.dataframe[0].value
     assert table.set_index("metric")["sae"]["fvu"] == pytest.approx(result["sae"]["fvu"])
-    assert table.set_index("metric")["random SAE"]["ce_recovered"] == pytest.approx(result["random_baseline"]["ce_recovered"])
+    assert table.set_index("metric")["random SAE"]["ce_recovered"] == pytest.approx(
+        result["random_baseline"]["ce_recovered"]
+    )
     features = at.dataframe[1].value
     want = sb.FeatureStore(run).table()
     assert features["feature"].tolist() == want["feature"].tolist()
@@ -102,11 +110,14 @@ def test_feature_page_search_and_navigation(app_runs, monkeypatch):
     assert at.title[0].value.startswith("Feature 17")
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"feature": 999}, "feature 999 is out of range: this SAE has 128 features (0-127)"),
-    ({"feature": "abc"}, "is not a number"),
-    ({"run": 7}, "There is no run 7"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"feature": 999}, "feature 999 is out of range: this SAE has 128 features (0-127)"),
+        ({"feature": "abc"}, "is not a number"),
+        ({"run": 7}, "There is no run 7"),
+    ],
+)
 def test_feature_page_bad_input_is_a_message(app_runs, monkeypatch, params, message):
     run, _ = app_runs
     at = page("pages/1_Feature.py", [run], monkeypatch, **params)
@@ -162,18 +173,40 @@ def test_prompt_page_empty_and_too_long_prompts(app_runs, monkeypatch):
 
 @pytest.fixture(scope="module")
 def upstream_run(tmp_path_factory):
-    run, _ = make_run(tmp_path_factory.mktemp("upstream"), hooks=("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"), name="upstream")
+    run, _ = make_run(
+        tmp_path_factory.mktemp("upstream"), hooks=("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"), name="upstream"
+    )
     return run
 
 
 def test_steer_page_shows_what_compare_steering_computes(app_runs, monkeypatch, tiny):
     run, _ = app_runs
     prompt, feats = "And God said", {3: 5.0, 7: -2.0}
-    at = page("pages/3_Steer.py", [run], monkeypatch, prompt=prompt, features="3:5,7:-2", mult=2, mode="add", positions="generated",
-              temp=0.7, seed=4, tokens=6)
+    at = page(
+        "pages/3_Steer.py",
+        [run],
+        monkeypatch,
+        prompt=prompt,
+        features="3:5,7:-2",
+        mult=2,
+        mode="add",
+        positions="generated",
+        temp=0.7,
+        seed=4,
+        tokens=6,
+    )
     sae = sb.SAE.load(run / "sae")
-    want = sb.compare_steering(tiny, sae, {f: 2 * v for f, v in feats.items()}, prompt, mode="add", positions="generated",
-                               max_new_tokens=6, temperature=0.7, seed=4)
+    want = sb.compare_steering(
+        tiny,
+        sae,
+        {f: 2 * v for f, v in feats.items()},
+        prompt,
+        mode="add",
+        positions="generated",
+        max_new_tokens=6,
+        temperature=0.7,
+        seed=4,
+    )
     table = at.dataframe[0].value
     assert table["steered"].tolist() == want.steered.pieces and table["default"].tolist() == want.default.pieces
     assert table["steered_logprob"].tolist() == pytest.approx(want.steered.logprobs, abs=1e-5)
@@ -207,7 +240,9 @@ def test_steer_page_adds_features_and_reports_errors(app_runs, monkeypatch):
     assert "9:" in str(at.query_params["features"])
     at = page("pages/3_Steer.py", [run], monkeypatch, prompt="word " * 120, features="9:1", tokens=32)
     assert any("exceeds the model's context" in e.value for e in at.error)
-    at = page("pages/3_Steer.py", [bare], monkeypatch, prompt="The", features="2:4", tokens=3)  # steering needs no analysis
+    at = page(
+        "pages/3_Steer.py", [bare], monkeypatch, prompt="The", features="2:4", tokens=3
+    )  # steering needs no analysis
     assert any(f"saebench analyze {bare}" in i.value for i in at.info) and len(at.dataframe) == 1
 
 
@@ -215,9 +250,14 @@ def test_trace_page_shows_what_trace_attention_computes(app_runs, upstream_run, 
     run, _ = app_runs
     prompt = "The cat sat on the mat. The cat sat on the mat."
     at = page("pages/4_Trace.py", [upstream_run, run], monkeypatch, prompt=prompt, layer=1, head=2, q=9)
-    saes = {h: sb.SAE.load(p) for h, p in (("blocks.0.attn.hook_z", upstream_run / "blocks.0.attn.hook_z" / "sae"),
-                                            ("blocks.0.hook_mlp_out", upstream_run / "blocks.0.hook_mlp_out" / "sae"),
-                                            ("blocks.0.hook_resid_post", run / "sae"))}
+    saes = {
+        h: sb.SAE.load(p)
+        for h, p in (
+            ("blocks.0.attn.hook_z", upstream_run / "blocks.0.attn.hook_z" / "sae"),
+            ("blocks.0.hook_mlp_out", upstream_run / "blocks.0.hook_mlp_out" / "sae"),
+            ("blocks.0.hook_resid_post", run / "sae"),
+        )
+    }
     r = sb.trace_attention(tiny, prompt, 1, 2, 9, saes=saes, logit_tokens="top")
     assert at.metric[0].value == f"9 → {r.key_pos}" and at.metric[2].value == f"{r.score:.3f}"
     pairs = at.dataframe[0].value
@@ -225,8 +265,10 @@ def test_trace_page_shows_what_trace_attention_computes(app_runs, upstream_run, 
     assert pairs["query_component"].tolist() == want["query_component"].tolist()
     assert pairs["score"].tolist() == pytest.approx(want["score"].tolist(), abs=1e-5)
     feature_rows = pairs[pairs.query_component.str.contains(":f")]
-    assert len(feature_rows) and all(f"run=1&hook=blocks.0.hook_resid_post&feature={c.rsplit(':f', 1)[1]}" in u
-                                     for c, u in zip(feature_rows.query_component, feature_rows["query page"]))
+    assert len(feature_rows) and all(
+        f"run=1&hook=blocks.0.hook_resid_post&feature={c.rsplit(':f', 1)[1]}" in u
+        for c, u in zip(feature_rows.query_component, feature_rows["query page"])
+    )
     logit = at.dataframe[3].value
     assert logit["component"].tolist() == r.logit_table(20)["component"].tolist()
     z_rows = logit[logit.component.str.startswith("blocks.0.attn.hook_z:f")]
@@ -240,7 +282,9 @@ def test_trace_page_head_finder_picks_the_best_induction_head(app_runs, monkeypa
     rc = sb.load_config(run / "config.yaml")
     import dataclasses
 
-    contexts = sb.load_contexts(dataclasses.replace(rc.data, split="test", max_documents=200), tiny.tokenizer, show_progress=False)
+    contexts = sb.load_contexts(
+        dataclasses.replace(rc.data, split="test", max_documents=200), tiny.tokenizer, show_progress=False
+    )
     best = divmod(int(sb.head_scores(tiny, contexts)["induction"].argmax()), tiny.cfg.n_heads)
     assert (at.selectbox(key="layer").value, at.selectbox(key="head").value) == best
     at.selectbox(key="layer").select(0).run()
@@ -272,7 +316,9 @@ def test_steer_page_strength_zero_is_the_default_and_fifty_is_not(app_runs, monk
 def test_steer_page_unknown_feature_is_a_message(app_runs, monkeypatch):
     run, _ = app_runs
     at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", features="99999:3", tokens=4)
-    assert any("feature 99999 is out of range: this SAE has 128 features" in e.value for e in at.error), [e.value for e in at.error]
+    assert any("feature 99999 is out of range: this SAE has 128 features" in e.value for e in at.error), [
+        e.value for e in at.error
+    ]
     at = page("pages/3_Steer.py", [run], monkeypatch, prompt="The", features="x:y", tokens=4)
     assert any("is not FEATURE:STRENGTH" in w.value for w in at.warning)
 
@@ -302,7 +348,9 @@ def test_trace_page_summarizes_the_induction_circuit_as_the_library_does(app_run
     at.button(key="induction").click().run()
     assert not at.exception, [e.value for e in at.exception]
     rc = sb.load_config(run / "config.yaml")
-    contexts = sb.load_contexts(dataclasses.replace(rc.data, split="test", max_documents=300), tiny.tokenizer, show_progress=False)
+    contexts = sb.load_contexts(
+        dataclasses.replace(rc.data, split="test", max_documents=300), tiny.tokenizer, show_progress=False
+    )
     saes = {sae.cfg.hook: sae for sae in map(sb.SAE.load, run_sae_dirs(run))}
     want = summarize_induction(tiny, saes, 1, 2, contexts.tokens, span=32, n_prompts=8)
     metrics = {m.label: m.value for m in at.metric}

@@ -14,10 +14,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from test_analysis import make_run
 
 import saebench as sb
 from saebench.analysis import AnalysisConfig
-from test_analysis import make_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -48,10 +48,18 @@ def listening_addresses(port: int) -> set[str]:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     run, _ = make_run(root, name="browsed")
-    sb.analyze(run, AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2), show_progress=False)
+    sb.analyze(
+        run,
+        AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2),
+        show_progress=False,
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "saebench.cli", "app", str(run), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saebench.cli", "app", str(run), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
@@ -76,8 +84,15 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-extensions", "--window-size=1400,1800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-extensions",
+        "--window-size=1400,1800",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     yield driver
@@ -91,7 +106,9 @@ def open_page(driver, url: str, expect: str, shot: str, timeout: float = 90) -> 
 
     driver.get(url)
     WebDriverWait(driver, timeout).until(lambda d: expect in d.find_element(By.TAG_NAME, "body").text)
-    WebDriverWait(driver, timeout).until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    WebDriverWait(driver, timeout).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+    )
     # widgets' code loads lazily: placeholders stand in until it has
     WebDriverWait(driver, timeout).until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid*="keleton"]'))
     time.sleep(1.0)  # plotly draws after the script ends
@@ -124,7 +141,9 @@ def test_every_page_renders_in_chromium(server, browser):
     spans = browser.find_elements(By.CSS_SELECTOR, "span[title]")
     titles = {s.get_attribute("title") for s in spans}
     top = card.top_examples[0].value  # on hover, as the store keeps example codes: float16
-    assert any(abs(float(t) - top) <= 1e-3 * abs(top) for t in titles if t.replace(".", "").replace("-", "").isdigit()), (top, titles)
+    assert any(
+        abs(float(t) - top) <= 1e-3 * abs(top) for t in titles if t.replace(".", "").replace("-", "").isdigit()
+    ), (top, titles)
     assert browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")  # the histogram is drawn
     assert browser.find_elements(By.CSS_SELECTOR, 'input[aria-label="label"]')  # the label editor
     neighbour = card.decoder_neighbours[0][0]
@@ -133,16 +152,30 @@ def test_every_page_renders_in_chromium(server, browser):
     WebDriverWait(browser, 60).until(lambda d: f"Feature {neighbour}" in d.find_element(By.TAG_NAME, "h1").text)
     assert f"feature={neighbour}" in browser.current_url
 
-    text = open_page(browser, f"{url}/Prompt?run=0&prompt={quote('And God said, Let there be light')}", "All features on", "prompt")
+    text = open_page(
+        browser, f"{url}/Prompt?run=0&prompt={quote('And God said, Let there be light')}", "All features on", "prompt"
+    )
     assert "light" in text
 
-    text = open_page(browser, f"{url}/Steer?run=0&features=4:{card.max_activation:.3g}&tokens=12&prompt={quote('In the beginning')}",
-                     "perplexity under the unsteered model", "steer")
+    text = open_page(
+        browser,
+        f"{url}/Steer?run=0&features=4:{card.max_activation:.3g}&tokens=12&prompt={quote('In the beginning')}",
+        "perplexity under the unsteered model",
+        "steer",
+    )
     assert "default" in text and "steered" in text
-    texts = [e for e in browser.find_elements(By.CSS_SELECTOR, "div") if e.find_elements(By.XPATH, './span[starts-with(@title, "log p = ")]')]
+    texts = [
+        e
+        for e in browser.find_elements(By.CSS_SELECTOR, "div")
+        if e.find_elements(By.XPATH, './span[starts-with(@title, "log p = ")]')
+    ]
     assert len(texts) == 2  # the default and the steered continuation
     assert all(len(t.find_elements(By.XPATH, './span[starts-with(@title, "log p = ")]')) == 12 for t in texts)
 
-    text = open_page(browser, f"{url}/Trace?run=0&layer=1&head=2&prompt={quote('The cat sat on the mat. The cat sat on the mat.')}",
-                     "pre-softmax score", "trace")
+    text = open_page(
+        browser,
+        f"{url}/Trace?run=0&layer=1&head=2&prompt={quote('The cat sat on the mat. The cat sat on the mat.')}",
+        "pre-softmax score",
+        "trace",
+    )
     assert "Top QK pairs" in text and len(browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 3

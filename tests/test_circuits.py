@@ -8,9 +8,13 @@ PROMPT = "And God said, Let there be light: and there was light. And God saw the
 
 
 def quick_sae(model, hook, n_latents=256, k=8, tokens=60_000):
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=200, context_size=64), model.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=200, context_size=64), model.tokenizer, show_progress=False
+    )
     h = sb.Harvester(model, [hook])
-    acts = torch.cat([b[hook] for b in sb.stream_activations(h, ctx, batch_tokens=1024, buffer_tokens=4096, n_tokens=tokens)])
+    acts = torch.cat(
+        [b[hook] for b in sb.stream_activations(h, ctx, batch_tokens=1024, buffer_tokens=4096, n_tokens=tokens)]
+    )
     cfg = sb.SAEConfig(d_in=acts.shape[-1], n_latents=n_latents, k=k, hook=hook, model="tiny")
     return sb.train_sae(cfg, acts, sb.TrainConfig(n_tokens=60_000, batch_size=1024, lr=3e-3), show_progress=False)[0]
 
@@ -26,10 +30,14 @@ def rel_err(a, b):
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-@pytest.mark.parametrize("upstream", [(), ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"), ("blocks.1.hook_resid_pre",)])
+@pytest.mark.parametrize(
+    "upstream", [(), ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"), ("blocks.1.hook_resid_pre",)]
+)
 def test_decompositions_sum_to_the_model(tiny, saes, upstream):
     ups = {h: saes[h] for h in upstream}
-    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    tokens = torch.tensor(
+        [[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
+    )
     logits, cache = tiny.run_with_cache(tokens)
     for p in (0, 5, tokens.shape[1] - 1):
         comps = residual_components(tiny, cache, 1, p, ups)
@@ -42,23 +50,37 @@ def test_decompositions_sum_to_the_model(tiny, saes, upstream):
         assert r.score == pytest.approx(float(cache["blocks.1.attn.hook_attn_scores"][0, head, r.query_pos, r.key_pos]))
         head_out = cache["blocks.1.attn.hook_z"][0, r.query_pos, head] @ tiny.W_O[1, head]
         assert rel_err(r.ov_by_key.sum((0, 1)), head_out) < 1e-4
-        assert r.logit_contrib.detach().sum().item() == pytest.approx(float(logits[0, -1, 5] - logits[0, -1, 9]), rel=1e-4, abs=1e-4)
+        assert r.logit_contrib.detach().sum().item() == pytest.approx(
+            float(logits[0, -1, 5] - logits[0, -1, 9]), rel=1e-4, abs=1e-4
+        )
         assert r.query_marginals().sum().item() == pytest.approx(r.score, rel=1e-4, abs=1e-4)
 
 
 def test_downstream_projection_matches_encoder(tiny, saes):
-    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    tokens = torch.tensor(
+        [[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
+    )
     _, cache = tiny.run_with_cache(tokens)
     z_sae = saes["blocks.1.attn.hook_z"]
     head, feat = 3, 7
-    r = trace_attention(tiny, tokens, layer=1, head=head, saes={"blocks.0.hook_mlp_out": saes["blocks.0.hook_mlp_out"]}, downstream=z_sae, downstream_feature=feat)
+    r = trace_attention(
+        tiny,
+        tokens,
+        layer=1,
+        head=head,
+        saes={"blocks.0.hook_mlp_out": saes["blocks.0.hook_mlp_out"]},
+        downstream=z_sae,
+        downstream_feature=feat,
+    )
     d = tiny.cfg.d_head
     z_q = cache["blocks.1.attn.hook_z"][0, r.query_pos, head]
     want = z_q @ z_sae.W_enc[head * d : (head + 1) * d, feat]
     assert r.ov_projection.sum().item() == pytest.approx(float(want), rel=1e-4, abs=1e-5)
     resid_sae = quick_sae(tiny, "blocks.1.hook_resid_post", n_latents=128)
     r2 = trace_attention(tiny, tokens, layer=1, head=head, downstream=resid_sae, downstream_feature=3)
-    assert r2.ov_projection.sum().item() == pytest.approx(float(r2.ov_by_key.sum((0, 1)) @ resid_sae.W_enc[:, 3]), rel=1e-4, abs=1e-5)
+    assert r2.ov_projection.sum().item() == pytest.approx(
+        float(r2.ov_by_key.sum((0, 1)) @ resid_sae.W_enc[:, 3]), rel=1e-4, abs=1e-5
+    )
 
 
 def test_tables_and_figures(tiny, saes):
@@ -79,7 +101,9 @@ def test_errors(tiny, saes):
     with pytest.raises(sb.HookError, match="trained on blocks.0.hook_mlp_out"):
         trace_attention(tiny, PROMPT, layer=1, head=0, saes={"blocks.0.hook_attn_out": saes["blocks.0.hook_mlp_out"]})
     with pytest.raises(sb.ConfigError, match="downstream_feature must lie in"):
-        trace_attention(tiny, PROMPT, layer=1, head=0, downstream=saes["blocks.1.attn.hook_z"], downstream_feature=10_000)
+        trace_attention(
+            tiny, PROMPT, layer=1, head=0, downstream=saes["blocks.1.attn.hook_z"], downstream_feature=10_000
+        )
 
 
 def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
@@ -127,9 +151,19 @@ def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
 
 
 def test_trace_explains_the_top_prediction_and_keeps_the_pattern(tiny, saes):
-    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]])
+    tokens = torch.tensor(
+        [[tiny.tokenizer.bos_token_id] + tiny.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]]
+    )
     logits, cache = tiny.run_with_cache(tokens)
-    r = trace_attention(tiny, tokens, layer=1, head=2, query_pos=6, saes={"blocks.0.hook_mlp_out": saes["blocks.0.hook_mlp_out"]}, logit_tokens="top")
+    r = trace_attention(
+        tiny,
+        tokens,
+        layer=1,
+        head=2,
+        query_pos=6,
+        saes={"blocks.0.hook_mlp_out": saes["blocks.0.hook_mlp_out"]},
+        logit_tokens="top",
+    )
     top = int(logits[0, 6].argmax())
     assert r.logit_target == f"logit({tiny.tokenizer.decode([top])!r})"
     assert r.logit_contrib.sum().item() == pytest.approx(float(logits[0, 6, top]), rel=1e-4, abs=1e-4)

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
 
 
 def one_error_line(result):
@@ -43,7 +45,10 @@ def test_harvest_writes_cache(config, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("harvest.hooks=[blocks.0.hook_resid_pots]", "no hook 'blocks.0.hook_resid_pots'; closest: blocks.0.hook_resid_post"),
+        (
+            "harvest.hooks=[blocks.0.hook_resid_pots]",
+            "no hook 'blocks.0.hook_resid_pots'; closest: blocks.0.hook_resid_post",
+        ),
         ("harvest.n_tokns=5", "unknown config key 'harvest.n_tokns'; did you mean 'n_tokens'?"),
         ("data.path=./missing.txt", "dataset file not found: ./missing.txt"),
         ("dtype=float8", "unknown dtype 'float8'"),
@@ -78,8 +83,13 @@ def test_killed_harvest_resumes_to_the_same_files(config, tmp_path):
     ref = run_cli("harvest", str(config), *big, "--set", "name=ref", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "saebench.cli", "harvest", str(config), *big, "--set", "name=killed"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saebench.cli", "harvest", str(config), *big, "--set", "name=killed"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     manifest = tmp_path / "runs/killed/activations/manifest.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3):
@@ -96,9 +106,26 @@ def test_killed_harvest_resumes_to_the_same_files(config, tmp_path):
     assert files(tmp_path / "runs/killed/activations") == files(tmp_path / "runs/ref/activations")
 
 
-TRAIN = ["--set", "sae.expansion=2", "--set", "sae.k=8", "--set", "train.n_tokens=6144", "--set", "train.batch_size=512",
-         "--set", "train.checkpoint_every=4", "--set", "train.log_every=2", "--set", "harvest.buffer_tokens=2048",
-         "--set", "eval.n_tokens=2000", "--set", "eval.n_contexts=4"]
+TRAIN = [
+    "--set",
+    "sae.expansion=2",
+    "--set",
+    "sae.k=8",
+    "--set",
+    "train.n_tokens=6144",
+    "--set",
+    "train.batch_size=512",
+    "--set",
+    "train.checkpoint_every=4",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "harvest.buffer_tokens=2048",
+    "--set",
+    "eval.n_tokens=2000",
+    "--set",
+    "eval.n_contexts=4",
+]
 
 
 def test_train_eval_and_exact_resume_from_the_cli(config, tmp_path):
@@ -144,7 +171,9 @@ def test_two_hooks_train_in_one_pass_and_evaluate(config, tmp_path):
 
 def test_steer_from_the_cli(config, tmp_path):
     assert run_cli("train", str(config), *TRAIN, cwd=tmp_path).returncode == 0
-    result = run_cli("steer", "runs/t", "--feature", "3=30", "--prompt", "And God", "--max-new-tokens", "6", cwd=tmp_path)
+    result = run_cli(
+        "steer", "runs/t", "--feature", "3=30", "--prompt", "And God", "--max-new-tokens", "6", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["features"] == {"3": 30.0} and out["steered"] != out["unsteered"]
@@ -156,14 +185,35 @@ def test_steer_from_the_cli(config, tmp_path):
 
 def test_trace_from_the_cli(config, tmp_path):
     assert run_cli("train", str(config), *TRAIN, cwd=tmp_path).returncode == 0  # an SAE on blocks.0.hook_resid_post
-    result = run_cli("trace", "runs/t", "--prompt", "And God said, Let there be light", "--layer", "1", "--head", "2", "--logit", "5,9", cwd=tmp_path)
+    result = run_cli(
+        "trace",
+        "runs/t",
+        "--prompt",
+        "And God said, Let there be light",
+        "--layer",
+        "1",
+        "--head",
+        "2",
+        "--logit",
+        "5,9",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "layer 1 head 2" in result.stdout and "blocks.0.hook_resid_post:f" in result.stdout
-    assert "head 7 is out of range" in one_error_line(run_cli("trace", "--prompt", "x", "--layer", "1", "--head", "7", cwd=tmp_path))
+    assert "head 7 is out of range" in one_error_line(
+        run_cli("trace", "--prompt", "x", "--layer", "1", "--head", "7", cwd=tmp_path)
+    )
 
 
 def test_output_cut_short_by_its_reader_is_no_traceback(tmp_path):
-    r = subprocess.run(f"{sys.executable} -m saebench.cli hooks tiny | head -1", shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        f"{sys.executable} -m saebench.cli hooks tiny | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.stdout.count("\n") == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
 
 
@@ -172,8 +222,14 @@ def test_an_unknown_hub_name_fails_at_once_when_offline(tmp_path, env):
     import time
 
     start = time.time()
-    r = subprocess.run([sys.executable, "-m", "saebench.cli", "hooks", "no-such-org/no-such-model"], capture_output=True, text=True,
-                       cwd=tmp_path, env={**os.environ, **env}, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "saebench.cli", "hooks", "no-such-org/no-such-model"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     line = one_error_line(r)
     assert "the hub is not reachable from here" in line and "hf download no-such-org/no-such-model" in line
     assert time.time() - start < 15  # no network retries (they took ~23 s)

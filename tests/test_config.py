@@ -8,7 +8,9 @@ from saebench.errors import ConfigError
 
 def test_yaml_maps_to_dataclasses(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("name: x\ndata:\n  context_size: 64\nharvest:\n  hooks: blocks.0.hook_resid_post\n  n_tokens: 1e4\n")
+    path.write_text(
+        "name: x\ndata:\n  context_size: 64\nharvest:\n  hooks: blocks.0.hook_resid_post\n  n_tokens: 1e4\n"
+    )
     cfg = load_config(path, ["harvest.batch_size=8", "data.split=test"])
     assert isinstance(cfg, RunConfig)
     assert cfg.data.context_size == 64 and cfg.data.split == "test"

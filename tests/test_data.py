@@ -58,7 +58,10 @@ def test_local_files_through_datasets(tmp_path, tok):
     (tmp_path / "a.txt").write_text("first line\nsecond line\n")
     (tmp_path / "b.jsonl").write_text('{"body": "json text one"}\n{"body": "json text two"}\n')
     assert list(iter_texts(DataConfig(path=str(tmp_path / "a.txt")))) == ["first line", "second line"]
-    assert list(iter_texts(DataConfig(path=str(tmp_path / "b.jsonl"), text_field="body"))) == ["json text one", "json text two"]
+    assert list(iter_texts(DataConfig(path=str(tmp_path / "b.jsonl"), text_field="body"))) == [
+        "json text one",
+        "json text two",
+    ]
     with pytest.raises(DataError, match="no field 'text'"):
         list(iter_texts(DataConfig(path=str(tmp_path / "b.jsonl"))))
     with pytest.raises(DataError, match="dataset file not found"):

@@ -8,18 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_job
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_job
 from saebench import distributed as dist
 from saebench.distributed import LOCAL, Reducer, global_kth_largest
 from saebench.train import train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is needed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is needed",
+)
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -72,7 +74,9 @@ def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, activa
 def test_data_parallel_streams_gather_the_init_sample_and_match(tmp_path):
     """Each rank's stream yields its own rows (as each rank's harvester does); the result is the one-process run."""
     job("data-stream", str(tmp_path), "batchtopk")
-    want, _ = train_sae(dist_job.sae_cfg("batchtopk", "a"), dist_job.hook_stream(0, 1), dist_job.train_cfg(), show_progress=False)
+    want, _ = train_sae(
+        dist_job.sae_cfg("batchtopk", "a"), dist_job.hook_stream(0, 1), dist_job.train_cfg(), show_progress=False
+    )
     assert_same_weights(load_file(str(tmp_path / "data-stream.safetensors")), dist_job.weights(want))
 
 
@@ -82,7 +86,9 @@ def test_hooks_mode_trains_one_sae_per_rank_equal_to_each_alone(tmp_path):
     for rank, hook in enumerate(dist_job.HOOKS):
         files = sorted(p.name for p in tmp_path.glob(f"hooks-{hook}-rank*.safetensors"))
         assert files == [f"hooks-{hook}-rank{rank}.safetensors"]  # dealt round-robin, returned by its owner only
-        want, _ = train_sae(dist_job.sae_cfg("topk", hook), dist_job.hook_stream(0, 1), dist_job.train_cfg(), show_progress=False)
+        want, _ = train_sae(
+            dist_job.sae_cfg("topk", hook), dist_job.hook_stream(0, 1), dist_job.train_cfg(), show_progress=False
+        )
         assert_same_weights(load_file(str(tmp_path / files[0])), dist_job.weights(want))
         run = tmp_path / "run" / hook
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -97,7 +103,10 @@ def test_resume_under_two_processes_is_exact(tmp_path):
     assert not (parts / "sae").exists()
     job("resume-rest", str(tmp_path))
     job("resume-whole", str(tmp_path))
-    rest, whole = load_file(str(tmp_path / "resume-rest.safetensors")), load_file(str(tmp_path / "resume-whole.safetensors"))
+    rest, whole = (
+        load_file(str(tmp_path / "resume-rest.safetensors")),
+        load_file(str(tmp_path / "resume-whole.safetensors")),
+    )
     for key in whole:
         assert torch.equal(rest[key], whole[key]), key
     steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
@@ -109,7 +118,10 @@ def test_a_dead_rank_stops_the_job_and_the_elastic_restart_resumes_from_the_last
     r = job("crash-once", str(tmp_path), restarts=1)
     assert "rank 1 died" in r.stderr
     job("resume-whole", str(tmp_path))
-    got, want = load_file(str(tmp_path / "crash-once.safetensors")), load_file(str(tmp_path / "resume-whole.safetensors"))
+    got, want = (
+        load_file(str(tmp_path / "crash-once.safetensors")),
+        load_file(str(tmp_path / "resume-whole.safetensors")),
+    )
     for key in want:
         assert torch.equal(got[key], want[key]), key
     steps = [json.loads(line)["step"] for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
@@ -120,14 +132,29 @@ def test_a_dead_rank_stops_the_job_and_the_elastic_restart_resumes_from_the_last
 def test_resume_with_another_process_count_is_refused(tmp_path):
     job("resume-part", str(tmp_path))
     with pytest.raises(Exception, match="resume with --nproc_per_node 2"):
-        train_sae(dist_job.sae_cfg("topk"), dist_job.data(), dist_job.train_cfg(checkpoint_every=5), run_dir=tmp_path / "parts",
-                  resume=True, show_progress=False)
+        train_sae(
+            dist_job.sae_cfg("topk"),
+            dist_job.data(),
+            dist_job.train_cfg(checkpoint_every=5),
+            run_dir=tmp_path / "parts",
+            resume=True,
+            show_progress=False,
+        )
 
 
 @pytest.mark.slow
 def test_parallel_harvest_writes_the_one_process_cache(tmp_path, tiny):
     config = ROOT / "configs" / "tiny.yaml"
-    sets = ["--set", "harvest.n_tokens=3000", "--set", "harvest.shard_contexts=5", "--set", "harvest.batch_size=4", "--set", "data.split=test"]
+    sets = [
+        "--set",
+        "harvest.n_tokens=3000",
+        "--set",
+        "harvest.shard_contexts=5",
+        "--set",
+        "harvest.batch_size=4",
+        "--set",
+        "data.split=test",
+    ]
     torchrun("-m", "saebench", "harvest", str(config), *sets, "--set", f"harvest.cache_dir={tmp_path / 'two'}")
     from saebench.cli import main
 
@@ -147,8 +174,18 @@ def test_torchrun_cli_train_then_eval_matches_one_process(tmp_path, tiny):
     from saebench.cli import main
 
     config = ROOT / "configs" / "tiny.yaml"
-    sets = ["--set", "train.n_tokens=409600", "--set", "train.checkpoint_every=0", "--set", "eval.n_tokens=20000",
-            "--set", "eval.n_contexts=8", "--set", f"runs_dir={tmp_path}"]
+    sets = [
+        "--set",
+        "train.n_tokens=409600",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "eval.n_tokens=20000",
+        "--set",
+        "eval.n_contexts=8",
+        "--set",
+        f"runs_dir={tmp_path}",
+    ]
     torchrun("-m", "saebench", "train", str(config), *sets, "--set", "name=two", timeout=600)
     assert main(["train", str(config), *sets, "--set", "name=one"]) == 0
     fvu = {}

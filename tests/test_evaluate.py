@@ -26,7 +26,9 @@ def test_core_metrics_by_hand():
     assert m["dead_fraction"] == pytest.approx(1 / 3) and m["dense_fraction"] == pytest.approx(2 / 3)
     assert m["density_histogram"]["never"] == 1 and sum(m["density_histogram"]["counts"]) == 2
     # per token: rss (0.25, 0), tss about the batch mean (0.8125, 0.8125)
-    assert m["fvu_batched"] == pytest.approx(0.25 / 1.625) and m["fvu_per_token"] == pytest.approx((0.25 / 0.8125 + 0) / 2)
+    assert m["fvu_batched"] == pytest.approx(0.25 / 1.625) and m["fvu_per_token"] == pytest.approx(
+        (0.25 / 0.8125 + 0) / 2
+    )
     assert m["cossim"] == pytest.approx((1 / math.sqrt(1.25) + 1) / 2)
     assert m["relative_reconstruction_bias"] == pytest.approx(1.0)  # E||x_hat||^2 = E[x_hat.x] = 2.5
     sae = identity_sae()
@@ -75,7 +77,9 @@ def test_random_baseline_at_matched_scale_is_the_least_squares_floor():
             other.W_enc.mul_(factor)
         assert fvu(other) > fvu(base)
     part = (base.decode(base.encode(x)) - base.b_dec).detach().double()  # least squares: the normal equation holds
-    assert float((part * part).sum()) == pytest.approx(float((part * (x - base.b_dec).detach().double()).sum()), rel=1e-4)
+    assert float((part * part).sum()) == pytest.approx(
+        float((part * (x - base.b_dec).detach().double()).sum()), rel=1e-4
+    )
 
 
 def test_random_baseline_keeps_shape_and_b_dec():
@@ -95,7 +99,9 @@ def test_spliced_losses_perfect_sae_recovers_everything(tiny):
         eye = torch.eye(d)
         sae.W_dec.copy_(torch.cat([eye, -eye]))
         sae.W_enc.copy_(torch.cat([eye, -eye]).T * torch.tensor([1.0] * d + [0.0] * d))
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False
+    )
     ctx = sb.TokenContexts(ctx.tokens[:8], ctx.special_mask[:8])
     out = spliced_losses(tiny, sae, "blocks.0.hook_resid_post", ctx)
     assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-4)
@@ -104,7 +110,9 @@ def test_spliced_losses_perfect_sae_recovers_everything(tiny):
 
 
 def test_spliced_losses_average_only_predictions_between_non_special_tokens(tiny):
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False
+    )
     ctx = sb.TokenContexts(ctx.tokens[:4].clone(), ctx.special_mask[:4].clone())
     ctx.special_mask[1, 10] = True  # as if a pad / EOS sat there: predictions into and out of it do not count
     assert ctx.special_mask[:, 0].all()  # BOS

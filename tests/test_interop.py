@@ -15,7 +15,17 @@ PEER_PYTHON = Path(__file__).resolve().parent.parent / ".cache" / "dashboard-ven
 
 def trained_like(activation, matryoshka=None):
     torch.manual_seed(0)
-    sae = sb.SAE(sb.SAEConfig(d_in=12, n_latents=40, k=5, activation=activation, matryoshka=matryoshka, hook="blocks.0.hook_resid_post", model="tiny"))
+    sae = sb.SAE(
+        sb.SAEConfig(
+            d_in=12,
+            n_latents=40,
+            k=5,
+            activation=activation,
+            matryoshka=matryoshka,
+            hook="blocks.0.hook_resid_post",
+            model="tiny",
+        )
+    )
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_()
@@ -23,7 +33,10 @@ def trained_like(activation, matryoshka=None):
     return sae.eval()
 
 
-@pytest.mark.parametrize("activation, matryoshka", [("topk", None), ("batchtopk", None), ("feature_choice", None), ("batchtopk", [10, 20, 40])])
+@pytest.mark.parametrize(
+    "activation, matryoshka",
+    [("topk", None), ("batchtopk", None), ("feature_choice", None), ("batchtopk", [10, 20, 40])],
+)
 def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     sae = trained_like(activation, matryoshka)
     save_saelens(sae, tmp_path)
@@ -38,9 +51,29 @@ def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
 
 def test_reads_a_saelens_jumprelu_without_b_dec_on_input(tmp_path):
     torch.manual_seed(1)
-    W_enc, b_enc, W_dec, b_dec, thr = torch.randn(6, 9), torch.randn(9), torch.randn(9, 6), torch.randn(6), torch.rand(9)
-    save_file({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr}, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": 6, "d_sae": 9, "apply_b_dec_to_input": False, "normalize_activations": "none", "metadata": {"hook_name": "h"}}))
+    W_enc, b_enc, W_dec, b_dec, thr = (
+        torch.randn(6, 9),
+        torch.randn(9),
+        torch.randn(9, 6),
+        torch.randn(6),
+        torch.rand(9),
+    )
+    save_file(
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr},
+        str(tmp_path / "sae_weights.safetensors"),
+    )
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "architecture": "jumprelu",
+                "d_in": 6,
+                "d_sae": 9,
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "metadata": {"hook_name": "h"},
+            }
+        )
+    )
     sae = load_saelens(tmp_path)
     x = torch.randn(7, 6)
     pre = x @ W_enc + b_enc  # SAELens' JumpReLU by hand
@@ -64,16 +97,29 @@ def write_saelens(folder: Path, tensors: dict[str, torch.Tensor], **cfg) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "sae_weights.safetensors"))
     d_sae, d_in = tensors["W_dec"].shape
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": True, "normalize_activations": "none", **cfg}))
+    (folder / "cfg.json").write_text(
+        json.dumps({"d_in": d_in, "d_sae": d_sae, "apply_b_dec_to_input": True, "normalize_activations": "none", **cfg})
+    )
     return folder
 
 
 def test_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path):
     torch.manual_seed(2)
     n = torch.empty(9).uniform_(0.2, 3.0)
-    W_enc, b_enc, W_dec, b_dec = torch.randn(6, 9), torch.randn(9) * 0.3, torch.nn.functional.normalize(torch.randn(9, 6), dim=-1) * n[:, None], torch.randn(6)
-    write_saelens(tmp_path, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, architecture="topk", k=2,
-                  rescale_acts_by_decoder_norm=True, metadata={"sae_lens_version": "6.54.12", "hook_name": "h"})
+    W_enc, b_enc, W_dec, b_dec = (
+        torch.randn(6, 9),
+        torch.randn(9) * 0.3,
+        torch.nn.functional.normalize(torch.randn(9, 6), dim=-1) * n[:, None],
+        torch.randn(6),
+    )
+    write_saelens(
+        tmp_path,
+        {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec},
+        architecture="topk",
+        k=2,
+        rescale_acts_by_decoder_norm=True,
+        metadata={"sae_lens_version": "6.54.12", "hook_name": "h"},
+    )
     sae = load_saelens(tmp_path)
     x = torch.randn(20, 6)
     pre = (x - b_dec) @ W_enc + b_enc
@@ -89,19 +135,53 @@ def test_rescale_acts_by_decoder_norm_is_folded_exactly(tmp_path):
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(9), atol=1e-6)
 
 
-@pytest.mark.parametrize("cfg", [{"metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.attn.hook_z", "hook_head_index": 2}},
-                                 {"hook_point": "blocks.0.attn.hook_z", "hook_point_head_index": 0}])  # pre-6.0 names
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.attn.hook_z", "hook_head_index": 2}},
+        {"hook_point": "blocks.0.attn.hook_z", "hook_point_head_index": 0},
+    ],
+)  # pre-6.0 names
 def test_per_head_saes_are_refused(tmp_path, cfg):
-    write_saelens(tmp_path, {k: torch.zeros(s) for k, s in [("W_enc", (4, 5)), ("b_enc", (5,)), ("W_dec", (5, 4)), ("b_dec", (4,))]}, architecture="topk", k=2, **cfg)
+    write_saelens(
+        tmp_path,
+        {k: torch.zeros(s) for k, s in [("W_enc", (4, 5)), ("b_enc", (5,)), ("W_dec", (5, 4)), ("b_dec", (4,))]},
+        architecture="topk",
+        k=2,
+        **cfg,
+    )
     with pytest.raises(sb.DataError, match=r"hook_head_index=[02] \(an SAE on one attention head\)"):
         load_saelens(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs, note", [({"fold_ln": True, "center_writing_weights": True, "dtype": "float32"}, "fold_ln=True, center_writing_weights=True"),
-                                          ({"center_writing_weights": False}, None), ({}, None)])
+@pytest.mark.parametrize(
+    "kwargs, note",
+    [
+        (
+            {"fold_ln": True, "center_writing_weights": True, "dtype": "float32"},
+            "fold_ln=True, center_writing_weights=True",
+        ),
+        ({"center_writing_weights": False}, None),
+        ({}, None),
+    ],
+)
 def test_processed_model_kwargs_are_reported(tmp_path, capsys, kwargs, note):
-    write_saelens(tmp_path, {"W_enc": torch.randn(4, 5), "b_enc": torch.zeros(5), "W_dec": torch.randn(5, 4), "b_dec": torch.zeros(4), "threshold": torch.zeros(5)},
-                  architecture="jumprelu", metadata={"sae_lens_version": "6.54.12", "hook_name": "blocks.1.hook_resid_post", "model_from_pretrained_kwargs": kwargs})
+    write_saelens(
+        tmp_path,
+        {
+            "W_enc": torch.randn(4, 5),
+            "b_enc": torch.zeros(5),
+            "W_dec": torch.randn(5, 4),
+            "b_dec": torch.zeros(4),
+            "threshold": torch.zeros(5),
+        },
+        architecture="jumprelu",
+        metadata={
+            "sae_lens_version": "6.54.12",
+            "hook_name": "blocks.1.hook_resid_post",
+            "model_from_pretrained_kwargs": kwargs,
+        },
+    )
     sae = load_saelens(tmp_path)
     err = capsys.readouterr().err
     if note is None:
@@ -120,9 +200,15 @@ def test_saved_config_is_a_saelens_6_config(tmp_path):
     assert z["metadata"]["sae_lens_version"] == resid["metadata"]["sae_lens_version"] == SAELENS_VERSION
     assert (z["metadata"]["hook_name"], z["metadata"]["model_name"]) == ("blocks.0.attn.hook_z", "tiny")
     assert (z["reshape_activations"], resid["reshape_activations"]) == ("hook_z", "none")
-    back = load_saelens(tmp_path / "z")  # reshape_activations hook_z is accepted; saebench's hook_z activations are flat
+    back = load_saelens(
+        tmp_path / "z"
+    )  # reshape_activations hook_z is accepted; saebench's hook_z activations are flat
     x = torch.randn(8, 12)
-    assert back.cfg.hook == "blocks.0.attn.hook_z" and "note" not in back.meta and torch.equal(back.encode(x), sae.encode(x))
+    assert (
+        back.cfg.hook == "blocks.0.attn.hook_z"
+        and "note" not in back.meta
+        and torch.equal(back.encode(x), sae.encode(x))
+    )
 
 
 # -- against SAELens itself, in its own venv ----------------------------------------------------------
@@ -190,8 +276,11 @@ run(inference, root / "from" / "batchtopk")
 print(json.dumps(report))
 """
 
-TO_SAELENS = {"topk": ("topk", "blocks.0.hook_resid_post", "TopKSAE"), "batchtopk": ("batchtopk", "blocks.0.hook_resid_post", "JumpReLUSAE"),
-              "hook_z": ("topk", "blocks.0.attn.hook_z", "TopKSAE")}
+TO_SAELENS = {
+    "topk": ("topk", "blocks.0.hook_resid_post", "TopKSAE"),
+    "batchtopk": ("batchtopk", "blocks.0.hook_resid_post", "JumpReLUSAE"),
+    "hook_z": ("topk", "blocks.0.attn.hook_z", "TopKSAE"),
+}
 FROM_SAELENS = ["topk", "topk_rescale", "topk_rescale_hook_z", "jumprelu_no_b_dec_in", "batchtopk"]
 HEADS = 3  # d_in 12 = 3 heads x 4
 
@@ -212,7 +301,12 @@ def peer(tmp_path_factory) -> SimpleNamespace:
             sae.W_enc.add_(torch.randn_like(sae.W_enc) * 0.3)  # untie from W_dec
         save_saelens(sae, root / "to" / name)
         saes[name] = sae
-    run = subprocess.run([str(PEER_PYTHON), "-W", "ignore", "-c", PEER_SCRIPT, str(root), str(HEADS)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [str(PEER_PYTHON), "-W", "ignore", "-c", PEER_SCRIPT, str(root), str(HEADS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return SimpleNamespace(root=root, x=x, saes=saes, report=json.loads(run.stdout.strip().splitlines()[-1]))
 
@@ -225,7 +319,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", list(TO_SAELENS))
 def test_saelens_loads_saebench_saes(peer, name):
     _, hook, cls = TO_SAELENS[name]
-    assert peer.report[name] == {"class": cls, "hook_name": hook, "model_name": "tiny", "hook_z": name == "hook_z", "version": SAELENS_VERSION}
+    assert peer.report[name] == {
+        "class": cls,
+        "hook_name": hook,
+        "model_name": "tiny",
+        "hook_z": name == "hook_z",
+        "version": SAELENS_VERSION,
+    }
     out, sae = load_file(str(peer.root / "to" / name / "out.safetensors")), peer.saes[name]
     z = sae.encode(peer.x)
     assert (z != 0).any()
@@ -238,10 +338,16 @@ def test_saelens_loads_saebench_saes(peer, name):
 def test_saebench_loads_saelens_saes(peer, name):
     sae = load_saelens(peer.root / "from" / name)
     out = load_file(str(peer.root / "from" / name / "out.safetensors"))
-    assert (sae.cfg.hook, sae.cfg.model) == ("blocks.0.attn.hook_z" if "hook_z" in name else "blocks.0.hook_resid_post", "gpt2")
+    assert (sae.cfg.hook, sae.cfg.model) == (
+        "blocks.0.attn.hook_z" if "hook_z" in name else "blocks.0.hook_resid_post",
+        "gpt2",
+    )
     assert "note" not in sae.meta  # {"center_writing_weights": False} is SAELens' own default: an unprocessed model
     assert (out["z"] != 0).any()
     close(sae.encode(peer.x), out["z"])
     close(sae.decode(out["z"]), out["x_hat"])
     if name == "batchtopk":
-        assert peer.report["batchtopk_inference_class"] == "JumpReLUSAE" and (sae.cfg.activation, sae.cfg.k) == ("batchtopk", 5)
+        assert peer.report["batchtopk_inference_class"] == "JumpReLUSAE" and (sae.cfg.activation, sae.cfg.k) == (
+            "batchtopk",
+            5,
+        )

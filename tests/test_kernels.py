@@ -268,7 +268,12 @@ def test_decode_over_two_to_the_31_elements():
     out.float().sum().backward()
     touched = W.grad[indices.unique()].float()
     assert touched.abs().sum() > 0 and W.grad[n // 2].abs().sum() == 0
-    torch.testing.assert_close(W.grad[n - 1].float(), (values.float()[:, 0] + values.float()[:, 4]).sum() * torch.ones(d, device=dev), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        W.grad[n - 1].float(),
+        (values.float()[:, 0] + values.float()[:, 4]).sum() * torch.ones(d, device=dev),
+        rtol=2e-2,
+        atol=2e-2,
+    )
 
 
 @pytest.mark.gpu
@@ -299,9 +304,11 @@ def test_out_of_range_latent_fails_a_device_assert(tmp_path):
     _device("cuda")
     import sys
 
-    code = ("import torch; from saebench import sparse\n"
-            "W = torch.randn(10, 64, device='cuda'); i = torch.tensor([[3, 12]], device='cuda')\n"
-            "sparse.decode_fixed(torch.ones(1, 2, device='cuda'), i, W); torch.cuda.synchronize()\n")
+    code = (
+        "import torch; from saebench import sparse\n"
+        "W = torch.randn(10, 64, device='cuda'); i = torch.tensor([[3, 12]], device='cuda')\n"
+        "sparse.decode_fixed(torch.ones(1, 2, device='cuda'), i, W); torch.cuda.synchronize()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and "assert" in result.stderr.lower(), result.stderr[-2000:]
 
@@ -326,7 +333,10 @@ def test_bucket_groups_entries_by_latent_in_token_order():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("g++") is None or not Path("/usr/local/cuda/include/cuda_runtime.h").exists(), reason="needs g++ and the CUDA headers")
+@pytest.mark.skipif(
+    shutil.which("g++") is None or not Path("/usr/local/cuda/include/cuda_runtime.h").exists(),
+    reason="needs g++ and the CUDA headers",
+)
 def test_torch_binding_compiles_against_torch_headers(tmp_path):
     """binding.cpp against the installed torch's headers (syntax and overloads, no GPU): what
     torch.utils.cpp_extension would compile on a CUDA machine. The CPU wheel leaves out one
@@ -339,16 +349,24 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     src = Path(kernels.KERNEL_DIR) / "binding.cpp"
-    flags = [f"-I{p}" for p in (str(tmp_path), *include_paths(), "/usr/local/cuda/include", sysconfig.get_paths()["include"])]
-    result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=saebench_check", *flags, str(src)],
-                            capture_output=True, text=True)
+    flags = [
+        f"-I{p}" for p in (str(tmp_path), *include_paths(), "/usr/local/cuda/include", sysconfig.get_paths()["include"])
+    ]
+    result = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=saebench_check", *flags, str(src)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernel_core_compiles_with_nvcc_alone(tmp_path):
     src = Path(__file__).resolve().parent.parent / "kernels" / "sparse_decoder.cu"
-    result = subprocess.run(["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "core.o")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "core.o")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "core.o").stat().st_size > 0

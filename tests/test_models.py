@@ -32,7 +32,9 @@ def test_tiny_model_card_reports_heldout_bpb():
 
 def test_tiny_is_a_working_language_model(tiny):
     """The bundled LM predicts held-out text far better than chance (uniform = ln 4096 = 8.3 nats)."""
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=100, context_size=64), tiny.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=100, context_size=64), tiny.tokenizer, show_progress=False
+    )
     loss = tiny(ctx.tokens[:16], return_type="loss")
     assert loss < 4.5
 

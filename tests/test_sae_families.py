@@ -36,7 +36,9 @@ def dense_reference(pre: torch.Tensor, activation: str, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("matryoshka, reduce", [(None, "sum"), ([8, 32, N], "sum"), ([8, 32, N], "mean")])
 def test_forward_and_gradients_match_dense_reference(activation, matryoshka, reduce):
     torch.manual_seed(0)
-    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, matryoshka_reduce=reduce, aux_coef=0.0)
+    cfg = sb.SAEConfig(
+        d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, matryoshka_reduce=reduce, aux_coef=0.0
+    )
     sae = sb.SAE(cfg, seed=1)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)

@@ -2,8 +2,18 @@ import pytest
 import torch
 
 import saebench as sb
-from saebench.steering import (compare_steering, generate, input_score, lens_mass_gain, logit_lens_tokens, output_score, rank_by_output_score,
-                               rank_prob_score, steer, steering_sweep)
+from saebench.steering import (
+    compare_steering,
+    generate,
+    input_score,
+    lens_mass_gain,
+    logit_lens_tokens,
+    output_score,
+    rank_by_output_score,
+    rank_prob_score,
+    steer,
+    steering_sweep,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -11,17 +21,26 @@ HOOK = "blocks.0.hook_resid_post"
 @pytest.fixture(scope="module")
 def sae(tiny):
     """A small SAE trained in the test on tiny's layer-0 residual stream."""
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300, context_size=64), tiny.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=300, context_size=64), tiny.tokenizer, show_progress=False
+    )
     h = sb.Harvester(tiny, [HOOK])
     acts = torch.cat([b[HOOK] for b in sb.stream_activations(h, ctx, batch_tokens=1024, buffer_tokens=4096, epochs=1)])
     cfg = sb.SAEConfig(d_in=tiny.cfg.d_model, n_latents=512, k=16, hook=HOOK, model="tiny")
-    trained, _ = sb.train_sae(cfg, acts, sb.TrainConfig(n_tokens=150_000, batch_size=1024, lr=3e-3), show_progress=False)
+    trained, _ = sb.train_sae(
+        cfg, acts, sb.TrainConfig(n_tokens=150_000, batch_size=1024, lr=3e-3), show_progress=False
+    )
     return trained
 
 
 @pytest.fixture(scope="module")
 def tokens(tiny):
-    return torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer("And God said, Let there be light", add_special_tokens=False)["input_ids"]])
+    return torch.tensor(
+        [
+            [tiny.tokenizer.bos_token_id]
+            + tiny.tokenizer("And God said, Let there be light", add_special_tokens=False)["input_ids"]
+        ]
+    )
 
 
 def hooks_attached(model):
@@ -118,7 +137,9 @@ def test_sweep_and_scores(tiny, sae):
 
 def test_compare_steering_scores_each_token_under_both_models(tiny, sae):
     prompt, feats = "And God said", {4: 20.0, 9: -5.0}
-    r = compare_steering(tiny, sae, feats, prompt, mode="add", positions="all", max_new_tokens=6, temperature=0.8, seed=3)
+    r = compare_steering(
+        tiny, sae, feats, prompt, mode="add", positions="all", max_new_tokens=6, temperature=0.8, seed=3
+    )
     assert r.default.text == generate(tiny, prompt, 6, 0.8, seed=3)
     with steer(tiny, sae, feats) as s:
         assert r.steered.text == generate(tiny, prompt, 6, 0.8, seed=3, steering=s)
@@ -141,12 +162,16 @@ def test_compare_steering_scores_each_token_under_both_models(tiny, sae):
     assert r.default.logprobs == pytest.approx(r.default.clean_logprobs)
     table = r.table()
     assert table.steered.tolist() == r.steered.pieces and len(table) == 6
-    assert r.default.perplexity == pytest.approx(float(torch.tensor(r.default.clean_logprobs).mean().neg().exp()), rel=1e-5)
+    assert r.default.perplexity == pytest.approx(
+        float(torch.tensor(r.default.clean_logprobs).mean().neg().exp()), rel=1e-5
+    )
 
 
 def test_sweep_of_several_features_scales_their_strengths(tiny, sae):
     done = []
-    rows = steering_sweep(tiny, sae, {4: 2.0, 9: 1.0}, [0.0, 5.0], "The", max_new_tokens=4, progress=lambda i, n: done.append((i, n)))
+    rows = steering_sweep(
+        tiny, sae, {4: 2.0, 9: 1.0}, [0.0, 5.0], "The", max_new_tokens=4, progress=lambda i, n: done.append((i, n))
+    )
     assert done == [(1, 2), (2, 2)]
     with steer(tiny, sae, {4: 10.0, 9: 5.0}) as s:
         assert rows[1]["text"] == generate(tiny, "The", 4, steering=s)
@@ -180,7 +205,9 @@ def test_output_score_as_the_paper_computes_it(tiny, sae):
     feature at the last token by 10 x that token's largest code, decode, add the SAE error back;
     then rank the logit-lens tokens by argsort of the next-token probabilities."""
     f = 4
-    tokens = torch.tensor([[tiny.tokenizer.bos_token_id] + tiny.tokenizer(sb.NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]])
+    tokens = torch.tensor(
+        [[tiny.tokenizer.bos_token_id] + tiny.tokenizer(sb.NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]]
+    )
 
     def amplify(act, hook):
         z = sae.encode(act)
@@ -199,7 +226,9 @@ def test_output_score_as_the_paper_computes_it(tiny, sae):
 
 
 def test_input_score_as_the_paper_computes_it(tiny, sae):
-    ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=80, context_size=32), tiny.tokenizer, show_progress=False)
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=80, context_size=32), tiny.tokenizer, show_progress=False
+    )
     ctx = sb.TokenContexts(ctx.tokens[:150], ctx.special_mask[:150])
     h = sb.Harvester(tiny, [HOOK], exclude_special=False)
     with torch.no_grad():

@@ -8,8 +8,19 @@ from scipy.stats import multivariate_normal, norm
 
 from saebench.synthetic import PlantedFeatures, SyntheticConfig, absorption, match_latents, recovery_metrics
 
-TREES = SyntheticConfig(d=32, n_true=96, true_l0=6, children=3, tree_fraction=0.5, child_prob=0.6, correlation=0.5,
-                        corr_group=4, magnitude="lognormal", magnitude_sigma=0.7, seed=3)
+TREES = SyntheticConfig(
+    d=32,
+    n_true=96,
+    true_l0=6,
+    children=3,
+    tree_fraction=0.5,
+    child_prob=0.6,
+    correlation=0.5,
+    corr_group=4,
+    magnitude="lognormal",
+    magnitude_sigma=0.7,
+    seed=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +115,14 @@ def test_absorption_by_hand():
     got = absorption(acts, codes, parent, latent, sim, min_count=10)
     assert got["absorption"] == pytest.approx(0.75 - 0.1)
     assert got["parents_matched"] == 1.0
-    unmatched = absorption(acts, codes, parent, latent, torch.tensor([0.3, 0.9, 0.0], dtype=torch.float64), min_count=10)
+    unmatched = absorption(
+        acts, codes, parent, latent, torch.tensor([0.3, 0.9, 0.0], dtype=torch.float64), min_count=10
+    )
     assert unmatched == {"absorption": None, "parents_matched": 0.0}
-    assert absorption(acts, codes, torch.tensor([-1, -1, -1]), latent, sim) == {"absorption": None, "parents_matched": None}
+    assert absorption(acts, codes, torch.tensor([-1, -1, -1]), latent, sim) == {
+        "absorption": None,
+        "parents_matched": None,
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1])

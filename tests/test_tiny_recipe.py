@@ -5,8 +5,16 @@ import torch
 
 import saebench as sb
 from saebench.circuits import induction_summary, repeated_random_tokens
-from saebench.zoo.tiny import (TinyConfig, chunked_copy_contexts, copy_task_rows_at, induction_report, repeated_random_contexts,
-                               scattered_copy_contexts, sinusoids, with_repeated_spans)
+from saebench.zoo.tiny import (
+    TinyConfig,
+    chunked_copy_contexts,
+    copy_task_rows_at,
+    induction_report,
+    repeated_random_contexts,
+    scattered_copy_contexts,
+    sinusoids,
+    with_repeated_spans,
+)
 
 
 def test_repeated_spans_copy_a_span_and_mask_only_the_unpredictable_labels():
@@ -59,7 +67,9 @@ def test_untiled_copy_layouts_train_only_on_tokens_induction_predicts(make):
     cfg = TinyConfig(span_len=(4, 9), context_size=40)
     vocab = 10**6  # no chance collisions, so "predicted by induction" is unambiguous
     tokens, labels = make(12, cfg, torch.Generator().manual_seed(2), vocab)
-    assert tokens.shape == labels.shape == (12, 40) and bool((tokens[:, 0] == 0).all()) and bool((tokens[:, 1:] > 0).all())
+    assert (
+        tokens.shape == labels.shape == (12, 40) and bool((tokens[:, 0] == 0).all()) and bool((tokens[:, 1:] > 0).all())
+    )
     n_labelled = 0
     for row in range(12):
         for p in range(40):
@@ -83,11 +93,28 @@ def test_chunked_copy_contexts_change_the_copy_distance_within_a_row():
 
 
 def test_copy_task_takes_the_whole_batch_then_a_share_with_a_growing_vocabulary():
-    cfg = TinyConfig(batch_size=32, copy_task_warm_steps=500, copy_task_warm_vocab=64, copy_task_grow_every=100, copy_task_vocab=4096,
-                     copy_task_solo_steps=1100, copy_task_share=0.125, copy_task_steps=6835)
+    cfg = TinyConfig(
+        batch_size=32,
+        copy_task_warm_steps=500,
+        copy_task_warm_vocab=64,
+        copy_task_grow_every=100,
+        copy_task_vocab=4096,
+        copy_task_solo_steps=1100,
+        copy_task_share=0.125,
+        copy_task_steps=6835,
+    )
     steps = (0, 499, 500, 999, 1000, 1099, 1100, 6834, 6835)
     assert [copy_task_rows_at(s, cfg) for s in steps] == [
-        (32, 64), (32, 64), (32, 128), (32, 2048), (32, 4096), (32, 4096), (4, 4096), (4, 4096), (0, 0)]
+        (32, 64),
+        (32, 64),
+        (32, 128),
+        (32, 2048),
+        (32, 4096),
+        (32, 4096),
+        (4, 4096),
+        (4, 4096),
+        (0, 0),
+    ]
     assert copy_task_rows_at(0, TinyConfig(copy_task_steps=0)) == (0, 0)
 
 
@@ -103,7 +130,9 @@ def test_induction_summary_matches_a_loop_over_positions():
     torch.manual_seed(0)
     span, n_seq = 5, 3
     tokens = repeated_random_tokens(n_seq, span, vocab_size=20, bos=7, seed=2)
-    assert tokens.shape == (n_seq, 1 + 2 * span) and bool((tokens[:, 0] == 7).all()) and bool((tokens[:, 1:] != 7).all())
+    assert (
+        tokens.shape == (n_seq, 1 + 2 * span) and bool((tokens[:, 0] == 7).all()) and bool((tokens[:, 1:] != 7).all())
+    )
     assert torch.equal(tokens[:, 1 : 1 + span], tokens[:, 1 + span :])
     patterns = [torch.rand(n_seq, 2, 11, 11).softmax(-1) for _ in range(2)]
     logits = torch.randn(n_seq, 11, 20)
@@ -136,7 +165,11 @@ def test_train_tiny_takes_recipe_options_and_refuses_unknown_ones(tmp_path):
     from test_cli import run_cli
 
     bad = run_cli("zoo", "train-tiny", "--out", str(tmp_path / "t"), "--set", "copy_task_stesp=10", cwd=tmp_path)
-    assert bad.returncode == 2 and "unknown config key 'tiny.copy_task_stesp'" in bad.stderr and "copy_task_steps" in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "unknown config key 'tiny.copy_task_stesp'" in bad.stderr
+        and "copy_task_steps" in bad.stderr
+    )
     assert not (tmp_path / "t").exists()
     from saebench.config import from_dict
 
@@ -150,4 +183,13 @@ def test_copy_task_vocabulary_warms_up_then_jumps_or_doubles():
     jump = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=4096, copy_task_grow_every=0)
     assert [copy_task_vocab_at(s, jump) for s in (0, 99, 100, 5000)] == [64, 64, 4096, 4096]
     grow = TinyConfig(copy_task_warm_steps=100, copy_task_warm_vocab=64, copy_task_vocab=1000, copy_task_grow_every=10)
-    assert [copy_task_vocab_at(s, grow) for s in (99, 100, 109, 110, 120, 130, 140, 10_000)] == [64, 128, 128, 256, 512, 1000, 1000, 1000]
+    assert [copy_task_vocab_at(s, grow) for s in (99, 100, 109, 110, 120, 130, 140, 10_000)] == [
+        64,
+        128,
+        128,
+        256,
+        512,
+        1000,
+        1000,
+        1000,
+    ]

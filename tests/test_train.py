@@ -26,14 +26,19 @@ def test_geometric_median_by_hand():
 def test_every_family_learns_planted_features(activation):
     p, x = planted()
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation, dead_tokens=20_000)
-    sae, report = train_sae(cfg, x, TrainConfig(n_tokens=400_000, batch_size=512, lr=4e-3, warmup_steps=20), show_progress=False)
+    sae, report = train_sae(
+        cfg, x, TrainConfig(n_tokens=400_000, batch_size=512, lr=4e-3, warmup_steps=20), show_progress=False
+    )
     metrics = sb.evaluate_sae(sae, x[:10_000])
     assert metrics["fvu"] < 0.35, metrics
     assert recovery_metrics(sae.W_dec.detach(), p.directions)["mcc"] > 0.8
     assert abs(metrics["l0"] - 3) < 1.5
 
 
-@pytest.mark.parametrize("activation,scale", [("topk", 0.3), ("abstopk", 0.3), ("batchtopk", 0.1), ("mutual_choice", 0.1), ("feature_choice", 0.1)])
+@pytest.mark.parametrize(
+    "activation,scale",
+    [("topk", 0.3), ("abstopk", 0.3), ("batchtopk", 0.1), ("mutual_choice", 0.1), ("feature_choice", 0.1)],
+)
 def test_encoder_starts_tied_at_the_family_default_scale(activation, scale, tmp_path):
     _, x = planted(4096)
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation)
@@ -78,7 +83,9 @@ def test_resume_after_a_crash_between_checkpoints(tmp_path):
     _, x = planted(20_000)
     cfgs = {w: sb.SAEConfig(d_in=16, n_latents=w, k=3, activation="topk", dead_tokens=5_000) for w in (32, 48)}
     cfgs = {f"w{w}": c for w, c in cfgs.items()}
-    tcfg = TrainConfig(n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5, init_tokens=512)
+    tcfg = TrainConfig(
+        n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5, init_tokens=512
+    )
     crash_at = [None]
 
     def source(epoch):
@@ -102,7 +109,9 @@ def test_resume_after_a_crash_between_checkpoints(tmp_path):
         a = load_file(str(tmp_path / f"whole/{name}/sae/sae.safetensors"))
         b = load_file(str(tmp_path / f"part/{name}/sae/sae.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()]
+        strip = lambda p: [
+            {k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()
+        ]
         assert strip(tmp_path / f"whole/{name}/metrics.jsonl") == strip(tmp_path / f"part/{name}/metrics.jsonl")
     assert sorted(p.name for p in ckpt.iterdir()) == ["state-00000060.safetensors"]
 
@@ -121,7 +130,9 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 def test_bad_inputs_fail_clearly():
     x = torch.randn(4096, 16)
     with pytest.raises(sb.DataError, match="width 16 but sae.d_in is 12"):
-        train_sae(sb.SAEConfig(d_in=12, n_latents=32, k=3), x, TrainConfig(n_tokens=1024, batch_size=256), show_progress=False)
+        train_sae(
+            sb.SAEConfig(d_in=12, n_latents=32, k=3), x, TrainConfig(n_tokens=1024, batch_size=256), show_progress=False
+        )
 
     def stream(epoch):
         for i in range(0, 4096, 256):
@@ -131,14 +142,21 @@ def test_bad_inputs_fail_clearly():
             yield batch
 
     with pytest.raises(sb.DataError, match="NaN or inf in the batch of step 4"):
-        train_sae(sb.SAEConfig(d_in=16, n_latents=32, k=3), stream, TrainConfig(n_tokens=40_000, batch_size=256, init_tokens=256), show_progress=False)
+        train_sae(
+            sb.SAEConfig(d_in=16, n_latents=32, k=3),
+            stream,
+            TrainConfig(n_tokens=40_000, batch_size=256, init_tokens=256),
+            show_progress=False,
+        )
 
 
 def test_saved_sae_round_trips_and_works_on_raw_inputs(tmp_path):
     _, x = planted(20_000)
     x = x * 40  # far from sqrt(d) norm: the input scale must be folded in at save
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation="batchtopk")
-    sae, report = train_sae(cfg, x, TrainConfig(n_tokens=100_000, batch_size=512, lr=4e-3), run_dir=tmp_path, show_progress=False)
+    sae, report = train_sae(
+        cfg, x, TrainConfig(n_tokens=100_000, batch_size=512, lr=4e-3), run_dir=tmp_path, show_progress=False
+    )
     assert report["input_scale"] != pytest.approx(1.0)
     loaded = sb.SAE.load(tmp_path / "sae")
     assert torch.equal(loaded.encode(x[:100]), sae.encode(x[:100]))
@@ -155,9 +173,11 @@ def test_several_saes_from_one_pass_equal_separate_runs(tmp_path):
         for i in range(0, len(x), 1000):
             yield {"h0": x[perm[i : i + 1000]], "h1": y[perm[i : i + 1000]]}
 
-    cfgs = {"narrow": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h0"),
-            "wide": sb.SAEConfig(d_in=16, n_latents=64, k=3, hook="h0", activation="batchtopk"),
-            "other_hook": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h1")}
+    cfgs = {
+        "narrow": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h0"),
+        "wide": sb.SAEConfig(d_in=16, n_latents=64, k=3, hook="h0", activation="batchtopk"),
+        "other_hook": sb.SAEConfig(d_in=16, n_latents=32, k=3, hook="h1"),
+    }
     tcfg = TrainConfig(n_tokens=30 * 256, batch_size=256, lr=3e-3, warmup_steps=5, init_tokens=1000)
     together, reports = sb.train_saes(cfgs, stream, tcfg, run_dir=tmp_path, show_progress=False)
     assert set(reports) == set(cfgs) and all(r["steps"] == 30 for r in reports.values())
@@ -175,7 +195,9 @@ def test_fused_step_matches_the_reference_step(activation):
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation)
     saes = []
     for fused in (False, True):
-        tcfg = TrainConfig(n_tokens=30 * 512, batch_size=512, lr=3e-3, warmup_steps=3, grad_clip=0.05, fused_step=fused, log_every=7)
+        tcfg = TrainConfig(
+            n_tokens=30 * 512, batch_size=512, lr=3e-3, warmup_steps=3, grad_clip=0.05, fused_step=fused, log_every=7
+        )
         trainer = SAETrainer(cfg, tcfg, x[:4096])
         assert trainer.fused is fused
         norms = [trainer.step(x[i * 512 : (i + 1) * 512])["grad_norm"] for i in range(12)]

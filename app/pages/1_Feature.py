@@ -13,11 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 import plotly.graph_objects as go
-import streamlit as st
-
 import state
-from saebench.errors import SAEBenchError
+import streamlit as st
 from widgets import highlighted_tokens
+
+from saebench.errors import SAEBenchError
 
 _, run_index, hook, store = state.feature_page("feature")
 
@@ -28,7 +28,9 @@ def go_to(feature: int) -> None:
 
 feature = state.int_param("feature", 0)
 search_col, prev_col, next_col, rand_col = st.columns([6, 1, 1, 1])
-query = search_col.text_input("search: a feature id, or words (top tokens, logit-lens tokens, examples, labels)", key="search")
+query = search_col.text_input(
+    "search: a feature id, or words (top tokens, logit-lens tokens, examples, labels)", key="search"
+)
 if prev_col.button("previous"):
     feature = max(0, feature - 1)
 if next_col.button("next"):
@@ -42,8 +44,13 @@ elif query.strip():
     if hits.empty:
         st.info(f"No feature matches {query!r}.")
     else:
-        st.markdown("  ".join(state.feature_link(run_index, hook, f) + (f" <i>{html.escape(lab)}</i>" if lab else "")
-                              for f, lab in zip(hits.feature, hits.label)), unsafe_allow_html=True)
+        st.markdown(
+            "  ".join(
+                state.feature_link(run_index, hook, f) + (f" <i>{html.escape(lab)}</i>" if lab else "")
+                for f, lab in zip(hits.feature, hits.label)
+            ),
+            unsafe_allow_html=True,
+        )
 go_to(feature)
 
 try:
@@ -62,13 +69,18 @@ median = card.quantiles.get(0.5)
 cols[4].metric("median |z|", "—" if median is None else f"{median:.3f}")
 
 steer_col, trace_col, _ = st.columns([1, 1, 4])
-steer_col.link_button("steer with it", f"./Steer?run={run_index}&hook={quote(hook)}&features={card.id}:{card.max_activation or 1:.3g}")
+steer_col.link_button(
+    "steer with it", f"./Steer?run={run_index}&hook={quote(hook)}&features={card.id}:{card.max_activation or 1:.3g}"
+)
 if card.top_examples:
     ex = card.top_examples[0]
     start = max(1 if store.meta["data"].get("prepend_bos", True) else 0, ex.position - 47)
     text = "".join(ex.pieces[start : ex.position + 1])
-    trace_col.link_button("trace it", f"./Trace?run={run_index}&prompt={quote(text)}",
-                          help="its top example, cut at the token where it fires most, opened in Trace with that token as the query")
+    trace_col.link_button(
+        "trace it",
+        f"./Trace?run={run_index}&prompt={quote(text)}",
+        help="its top example, cut at the token where it fires most, opened in Trace with that token as the query",
+    )
 
 with st.form("label"):
     label = st.text_input("label", value=card.label)
@@ -96,7 +108,9 @@ with left:
         show(ex, f"**{ex.value:.3f}** · context {ex.context}, position {ex.position}")
     st.subheader("Across the activation range")
     for iv in reversed(card.quantile_examples):
-        with st.expander(f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), {len(iv.examples)} examples"):
+        with st.expander(
+            f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), {len(iv.examples)} examples"
+        ):
             for ex in iv.examples:
                 show(ex, f"**{ex.value:.3f}**")
 with right:
@@ -111,15 +125,52 @@ with right:
     else:
         top, bottom = card.logit_lens
         st.subheader("Logit lens")
-        st.dataframe(pd.DataFrame({"promoted": [p for p, _ in top], "logit": [v for _, v in top],
-                                   "suppressed": [p for p, _ in bottom], "logit ": [v for _, v in bottom]}), hide_index=True)
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "promoted": [p for p, _ in top],
+                    "logit": [v for _, v in top],
+                    "suppressed": [p for p, _ in bottom],
+                    "logit ": [v for _, v in bottom],
+                }
+            ),
+            hide_index=True,
+        )
     st.subheader("Neighbours")
-    st.markdown("decoder cosine: " + ", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})" for j, c in card.decoder_neighbours),
-                unsafe_allow_html=True)
-    st.markdown("co-activation (Jaccard): " + (", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})"
-                                                          for j, c in card.coactivation_neighbours) or "none"), unsafe_allow_html=True)
+    st.markdown(
+        "decoder cosine: "
+        + ", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})" for j, c in card.decoder_neighbours),
+        unsafe_allow_html=True,
+    )
+    st.markdown(
+        "co-activation (Jaccard): "
+        + (
+            ", ".join(f"{state.feature_link(run_index, hook, j)} ({c:.2f})" for j, c in card.coactivation_neighbours)
+            or "none"
+        ),
+        unsafe_allow_html=True,
+    )
     st.caption(store.meta["coactivation_statistic"])
-    st.download_button("export card (JSON)", json.dumps(dataclasses.asdict(card)), file_name=f"feature_{card.id}.json", mime="application/json")
-    rows = [{"kind": "top", "value": ex.value, "context": ex.context, "position": ex.position, "token": ex.pieces[ex.position],
-             "text": "".join(ex.pieces)} for ex in card.top_examples]
-    st.download_button("export examples (CSV)", pd.DataFrame(rows).to_csv(index=False), file_name=f"feature_{card.id}.csv", mime="text/csv")
+    st.download_button(
+        "export card (JSON)",
+        json.dumps(dataclasses.asdict(card)),
+        file_name=f"feature_{card.id}.json",
+        mime="application/json",
+    )
+    rows = [
+        {
+            "kind": "top",
+            "value": ex.value,
+            "context": ex.context,
+            "position": ex.position,
+            "token": ex.pieces[ex.position],
+            "text": "".join(ex.pieces),
+        }
+        for ex in card.top_examples
+    ]
+    st.download_button(
+        "export examples (CSV)",
+        pd.DataFrame(rows).to_csv(index=False),
+        file_name=f"feature_{card.id}.csv",
+        mime="text/csv",
+    )

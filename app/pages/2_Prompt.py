@@ -7,9 +7,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
-import streamlit as st
-
 import state
+import streamlit as st
 
 _, run_index, hook, store = state.feature_page("prompt", live=True)
 
@@ -26,13 +25,25 @@ if result.truncated:
     st.warning(f"The text is longer than the model's context: only its first {len(result.tokens)} tokens are encoded.")
 
 
-rows = [{"position": t.position, "token": t.piece,
-         "features": "" if t.special else ", ".join(f"{f} ({v:.2f})" for f, v in t.features[:top])} for t in result.tokens]
+rows = [
+    {
+        "position": t.position,
+        "token": t.piece,
+        "features": "" if t.special else ", ".join(f"{f} ({v:.2f})" for f, v in t.features[:top]),
+    }
+    for t in result.tokens
+]
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 choices = [t.position for t in result.tokens if not t.special]
 position = st.selectbox("token", choices, format_func=lambda p: f"{p}: {result.tokens[p].piece!r}", key="token")
 chosen = result.tokens[position]
 st.subheader(f"All features on {chosen.piece!r} (position {position})")
-st.markdown("\n".join(f"- {state.feature_link(run_index, hook, f)} **{v:.3f}** {html.escape(store.label(f))}" for f, v in chosen.features) or "none",
-            unsafe_allow_html=True)
+st.markdown(
+    "\n".join(
+        f"- {state.feature_link(run_index, hook, f)} **{v:.3f}** {html.escape(store.label(f))}"
+        for f, v in chosen.features
+    )
+    or "none",
+    unsafe_allow_html=True,
+)

@@ -42,11 +42,15 @@ class SAEConfig:
         if self.matryoshka is not None:
             m = list(self.matryoshka)
             if not m or m != sorted(set(m)) or m[-1] != self.n_latents or m[0] < 1:
-                raise ConfigError(f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}")
+                raise ConfigError(
+                    f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}"
+                )
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):
-            raise ConfigError("sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) and a count >= 0")
+            raise ConfigError(
+                "sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) and a count >= 0"
+            )
 
     @property
     def uses_threshold(self) -> bool:

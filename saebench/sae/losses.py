@@ -21,7 +21,9 @@ class StepOutput:
     x_hat: torch.Tensor
 
 
-def normalised_mse(x: torch.Tensor, x_hat: torch.Tensor, reduce: Reducer = LOCAL, total_var: torch.Tensor | None = None) -> torch.Tensor:
+def normalised_mse(
+    x: torch.Tensor, x_hat: torch.Tensor, reduce: Reducer = LOCAL, total_var: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the batch. x, x_hat: [batch d].
 
     With `reduce` active the denominator is the global batch's, so the ranks' values sum to the
@@ -41,8 +43,15 @@ def variance_sum(x: torch.Tensor, reduce: Reducer = LOCAL) -> torch.Tensor:
     return reduce.sum((x - mean).pow(2).sum()).clamp_min(1e-12)
 
 
-def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, candidates: torch.Tensor,
-              reattach: bool = False, reduce: Reducer = LOCAL) -> torch.Tensor:
+def auxk_loss(
+    sae: SAE,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    pre: torch.Tensor,
+    candidates: torch.Tensor,
+    reattach: bool = False,
+    reduce: Reducer = LOCAL,
+) -> torch.Tensor:
     """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
 
     candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for abstopk.
@@ -90,8 +99,14 @@ def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
     return sorted(set(sizes.tolist())) + [n]
 
 
-def sae_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor | None = None, freq: torch.Tensor | None = None,
-             reduce: Reducer = LOCAL, prefixes: list[int] | None = None) -> StepOutput:
+def sae_loss(
+    sae: SAE,
+    x: torch.Tensor,
+    dead: torch.Tensor | None = None,
+    freq: torch.Tensor | None = None,
+    reduce: Reducer = LOCAL,
+    prefixes: list[int] | None = None,
+) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.

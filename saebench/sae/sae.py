@@ -10,18 +10,20 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from saebench import sparse
 from saebench.atomic import atomic_save_file, atomic_write_text
 from saebench.distributed import LOCAL, Reducer
 from saebench.errors import DataError
-from saebench.sae.config import SAEConfig
 from saebench.sae import sparsify
-from saebench import sparse
+from saebench.sae.config import SAEConfig
 
 
 class SAE(nn.Module):
     """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]."""
 
-    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    def __init__(
+        self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    ):
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
@@ -76,7 +78,7 @@ class SAE(nn.Module):
         """z: [... n] -> [... d_in]."""
         return z @ self.W_dec + self.b_dec
 
-    def decode_selection(self, sel: "sparsify.Selection", n_prefix: int | None = None) -> torch.Tensor:
+    def decode_selection(self, sel: sparsify.Selection, n_prefix: int | None = None) -> torch.Tensor:
         """Sparse decode of a selection, optionally only latents < n_prefix (Matryoshka). -> [batch d_in]."""
         if n_prefix is not None and n_prefix < self.cfg.n_latents:
             sel = sel.prefix(n_prefix)
@@ -126,14 +128,16 @@ class SAE(nn.Module):
         atomic_save_file(self.state_tensors(), folder / "sae.safetensors")
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "SAE":
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         from saebench.interop import is_saelens_folder, load_saelens
 
         folder = Path(folder)
         if is_saelens_folder(folder) and not (folder / "sae.safetensors").exists():
             return load_saelens(folder, device)
         if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
-            raise DataError(f"no SAE at {folder} (needs cfg.json and sae.safetensors, or SAELens' sae_weights.safetensors)")
+            raise DataError(
+                f"no SAE at {folder} (needs cfg.json and sae.safetensors, or SAELens' sae_weights.safetensors)"
+            )
         meta = json.loads((folder / "cfg.json").read_text())
         names = {f.name for f in dataclasses.fields(SAEConfig)}
         sae = cls(SAEConfig(**{k: v for k, v in meta.items() if k in names}), device=device)

@@ -43,11 +43,18 @@ class Selection:
     def dense(self, n: int) -> torch.Tensor:
         """-> z [batch n] (differentiable in values)."""
         z = torch.zeros(self.batch, n, dtype=self.values.dtype, device=self.values.device)
-        return z.index_put((self.rows().reshape(-1), self.indices.reshape(-1)), self.values.reshape(-1), accumulate=True)
+        return z.index_put(
+            (self.rows().reshape(-1), self.indices.reshape(-1)), self.values.reshape(-1), accumulate=True
+        )
 
-    def prefix(self, m: int) -> "Selection":
+    def prefix(self, m: int) -> Selection:
         """Only latents < m contribute (their layout stays, other values become 0)."""
-        return Selection(torch.where(self.indices < m, self.values, torch.zeros_like(self.values)), self.indices, self.offsets, self.batch)
+        return Selection(
+            torch.where(self.indices < m, self.values, torch.zeros_like(self.values)),
+            self.indices,
+            self.offsets,
+            self.batch,
+        )
 
     def l0(self) -> torch.Tensor:
         """Active (non-zero) latents per token: [batch]."""
@@ -141,7 +148,12 @@ def feature_choice(pre: torch.Tensor, k: int, exponent: float = 1.0, reduce: Red
 
 def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
     acts = pre.relu()
-    return _csr(((acts > thresholds) & (acts > 0)).reshape(-1).nonzero().squeeze(-1), acts.reshape(-1), pre.shape[0], pre.shape[1])
+    return _csr(
+        ((acts > thresholds) & (acts > 0)).reshape(-1).nonzero().squeeze(-1),
+        acts.reshape(-1),
+        pre.shape[0],
+        pre.shape[1],
+    )
 
 
 @torch.no_grad()

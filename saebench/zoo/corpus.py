@@ -12,8 +12,8 @@ import hashlib
 import re
 import shutil
 import subprocess
-import textwrap
 import sysconfig
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -45,30 +45,49 @@ class TinyConfig:
     span_len: tuple[int, int] = (8, 48)
     copy_task_warm_steps: int = 500  # first steps: the copy task draws from a small vocabulary
     copy_task_warm_vocab: int = 64
-    copy_task_steps: int = 6_835  # before this step (the whole default run), copy_task_share of each batch is the copy task
+    copy_task_steps: int = (
+        6_835  # before this step (the whole default run), copy_task_share of each batch is the copy task
+    )
     copy_task_vocab: int = 4096
-    copy_task_grow_every: int = 100  # > 0: after the warm-up the copy vocabulary doubles every this many steps, up to copy_task_vocab
+    copy_task_grow_every: int = (
+        100  # > 0: after the warm-up the copy vocabulary doubles every this many steps, up to copy_task_vocab
+    )
     copy_task_share: float = 0.125
-    copy_task_solo_steps: int = 1_100  # the whole batch is the copy task before this step too (at least through the warm-up)
+    copy_task_solo_steps: int = (
+        1_100  # the whole batch is the copy task before this step too (at least through the warm-up)
+    )
     copy_task_layout: str = "tiled"  # "tiled": [BOS r r r ...]; "chunked": [BOS a a b b ...], spans of random lengths; "scattered": random tokens with one span repeated later
     sinusoidal_positions: bool = True  # initialise the learned position embeddings as sinusoids
-    init_std: float = 0.06  # normal init of the weights; GPT-2's 0.02 leaves the copy task on its plateau for > 1000 steps
+    init_std: float = (
+        0.06  # normal init of the weights; GPT-2's 0.02 leaves the copy task on its plateau for > 1000 steps
+    )
     max_minutes: float | None = None  # stop early at this wall time; the schedule still ends at train_tokens
     seed: int = 0
     threads: int | None = None
 
     def __post_init__(self):
         if self.copy_task_layout not in COPY_TASK_LAYOUTS:
-            raise ConfigError(f"tiny.copy_task_layout: '{self.copy_task_layout}' is not one of {', '.join(COPY_TASK_LAYOUTS)}")
+            raise ConfigError(
+                f"tiny.copy_task_layout: '{self.copy_task_layout}' is not one of {', '.join(COPY_TASK_LAYOUTS)}"
+            )
 
 
 def _gpt2_config(cfg: TinyConfig, tokenizer):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.context_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=4 * cfg.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        n_positions=cfg.context_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=4 * cfg.n_embd,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
         initializer_range=cfg.init_std,
     )
 
@@ -96,7 +115,9 @@ def sinusoids(n_pos: int, d: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_pos, d)
 
 
-def with_repeated_spans(batch: torch.Tensor, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def with_repeated_spans(
+    batch: torch.Tensor, cfg: TinyConfig, gen: torch.Generator, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Copy a span of some contexts to a later place in the same context: tokens, labels [batch ctx].
 
     A random span's first copy, and each copy's first token, are unpredictable, so their labels are
@@ -120,7 +141,9 @@ def with_repeated_spans(batch: torch.Tensor, cfg: TinyConfig, gen: torch.Generat
     return tokens, labels
 
 
-def repeated_random_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def repeated_random_contexts(
+    n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[BOS r r r ...] with r a span of uniform random tokens, tiled to the context: tokens, labels [n ctx]."""
     ctx = cfg.context_size
     tokens = torch.zeros(n, ctx, dtype=torch.long)
@@ -134,7 +157,9 @@ def repeated_random_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, voca
     return tokens, labels
 
 
-def scattered_copy_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scattered_copy_contexts(
+    n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniform random tokens after BOS, one span copied to a random later place: tokens, labels [n ctx].
 
     Only the copy's tokens after its first are labelled: the offset differs per row, so no fixed
@@ -154,7 +179,9 @@ def scattered_copy_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab
     return tokens, labels
 
 
-def chunked_copy_contexts(n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_copy_contexts(
+    n: int, cfg: TinyConfig, gen: torch.Generator, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[BOS a a b b c c ...], each of a, b, c... uniform random tokens of its own length: tokens, labels [n ctx].
 
     The distance back to a token's first occurrence changes from chunk to chunk, so no head at a
@@ -194,7 +221,11 @@ def induction_report(model, vocab_size: int, bos: int, n_seq: int = 64, span: in
     }
 
 
-COPY_TASK_LAYOUTS = {"tiled": repeated_random_contexts, "chunked": chunked_copy_contexts, "scattered": scattered_copy_contexts}
+COPY_TASK_LAYOUTS = {
+    "tiled": repeated_random_contexts,
+    "chunked": chunked_copy_contexts,
+    "scattered": scattered_copy_contexts,
+}
 
 
 def copy_task_rows_at(step: int, cfg: TinyConfig) -> tuple[int, int]:
@@ -236,10 +267,16 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
     if cfg.sinusoidal_positions:
         with torch.no_grad():
             wpe = model.transformer.wpe.weight
-            wpe.copy_(sinusoids(*wpe.shape) * model.transformer.wte.weight.norm(dim=-1).mean() / math.sqrt(wpe.shape[1] / 2))
+            wpe.copy_(
+                sinusoids(*wpe.shape) * model.transformer.wte.weight.norm(dim=-1).mean() / math.sqrt(wpe.shape[1] / 2)
+            )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     total_steps = cfg.train_tokens // (cfg.batch_size * cfg.context_size)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(train), generator=gen)
@@ -253,7 +290,9 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         batch, labels = with_repeated_spans(train[idx], cfg, gen, len(tokenizer))
         n_copy, vocab = copy_task_rows_at(step, cfg)
         if n_copy:
-            batch[:n_copy], labels[:n_copy] = COPY_TASK_LAYOUTS[cfg.copy_task_layout](n_copy, cfg, gen, min(vocab, len(tokenizer)))
+            batch[:n_copy], labels[:n_copy] = COPY_TASK_LAYOUTS[cfg.copy_task_layout](
+                n_copy, cfg, gen, min(vocab, len(tokenizer))
+            )
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, cfg)
         loss = model(batch, labels=labels).loss
@@ -263,7 +302,10 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         opt.step()
         loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
         if step % 100 == 0:
-            induction = max(max(row) for row in induction_report(model, len(tokenizer), tokenizer.bos_token_id, n_seq=16)["induction_scores"])
+            induction = max(
+                max(row)
+                for row in induction_report(model, len(tokenizer), tokenizer.bos_token_id, n_seq=16)["induction_scores"]
+            )
         bar.set_postfix(loss=f"{loss_ema:.3f}", induction=f"{induction:.2f}")
         steps_done = step + 1
     model.eval()
@@ -293,7 +335,9 @@ def _samples(model, tokenizer, prompts=("In the beginning", "def main(", "A hack
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
-        gen = model.generate(ids, max_new_tokens=n_new, do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id)
+        gen = model.generate(
+            ids, max_new_tokens=n_new, do_sample=True, temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id
+        )
         out.append(tokenizer.decode(gen[0, 1:]))
     return out
 
@@ -320,7 +364,11 @@ def _write_folder(out_dir: Path, model, tokenizer, card: dict, samples: list[str
 def _induction_recipe_lines(c: dict) -> list[str]:
     lines = []
     if c["copy_task_steps"] > 0:
-        layout = {"tiled": "[BOS r r r ...]", "chunked": "[BOS a a b b ...]", "scattered": "random tokens with one span repeated later"}
+        layout = {
+            "tiled": "[BOS r r r ...]",
+            "chunked": "[BOS a a b b ...]",
+            "scattered": "random tokens with one span repeated later",
+        }
         lo, hi = c["span_len"]
         solo = max(c["copy_task_warm_steps"], c.get("copy_task_solo_steps", 0))
         vocab = f"ids below {c['copy_task_warm_vocab']} for the first {c['copy_task_warm_steps']:,} steps"
@@ -328,12 +376,16 @@ def _induction_recipe_lines(c: dict) -> list[str]:
             vocab += f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
         else:
             vocab += f", then ids below {c['copy_task_vocab']}"
-        lines += [f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, loss on the repeats only;",
-                  f"{vocab}) takes the whole batch for the first {solo:,} steps, then {c['copy_task_share']:.0%} of it",
-                  f"until step {c['copy_task_steps']:,}; the rest is text."]
+        lines += [
+            f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, loss on the repeats only;",
+            f"{vocab}) takes the whole batch for the first {solo:,} steps, then {c['copy_task_share']:.0%} of it",
+            f"until step {c['copy_task_steps']:,}; the rest is text.",
+        ]
     if c["repeat_share"] > 0:
-        lines += [f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context ({c['random_span_share']:.0%} of those",
-                  "spans replaced by random tokens first, whose first copy is not trained on)."]
+        lines += [
+            f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context ({c['random_span_share']:.0%} of those",
+            "spans replaced by random tokens first, whose first copy is not trained on).",
+        ]
     return lines
 
 
