@@ -30,7 +30,7 @@ import saebench as sb
 from saebench.analysis import AnalysisConfig, sparse_codes
 from saebench.config import load_config, to_dict
 from saebench.harvest import Harvester
-from saebench.pipeline import run_sae_dirs, whole_contexts
+from saebench.pipeline import whole_contexts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,9 +43,10 @@ def bench_run(run: Path, into: Path) -> tuple[Path, str]:
     """A copy of the run's config and SAE in `into` (or a random SAE of tiny.yaml's shape)."""
     dst = into / "bench"
     dst.mkdir(parents=True)
-    if (run / "config.yaml").exists() and run_sae_dirs(run):
+    homes = list(sb.Run(run).saes.values()) if (run / "config.yaml").exists() else []
+    if homes:
         shutil.copy(run / "config.yaml", dst / "config.yaml")
-        shutil.copytree(run_sae_dirs(run)[0], dst / "sae")
+        shutil.copytree(homes[0].sae_dir, dst / "sae")
         return dst, f"trained SAE of {run}"
     rc = load_config(ROOT / "configs" / "tiny.yaml")
     (dst / "config.yaml").write_text(yaml.safe_dump(to_dict(rc)))

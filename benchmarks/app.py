@@ -112,8 +112,8 @@ def bench(run: Path, label: str, repeats: int, live: bool) -> None:
     rc = sb.load_config(run / "config.yaml")
     model = sb.load_model(rc.model, rc.device, rc.torch_dtype)
     sae = sb.SAE.load(run / "sae")
-    store.attach(model=model, sae=sae)
-    lib = median_ms(lambda: store.features_firing_on(PROMPT, top=64), 20)
+    hook = store.meta["hook"]
+    lib = median_ms(lambda: sb.features_firing_on(model, sae, hook, PROMPT, top=64, vocab=store.vocab), 20)
     cold, warm = page_ms(run, "pages/2_Prompt.py", {"prompt": PROMPT}, repeats)
     emit(
         {

@@ -5,13 +5,11 @@ python examples/induction_circuit.py runs/tiny-attn
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
 import saebench as sb
 from saebench.induction import summarize_induction
-from saebench.pipeline import run_sae_dirs
 
 
 def main() -> None:
@@ -33,10 +31,7 @@ def main() -> None:
     prev = sb.head_scores(model, ctx)["prev_token"]
     print(f"previous-token scores on held-out text (layer x head):\n{prev.numpy().round(3)}")
 
-    saes = {}
-    for folder in run_sae_dirs(Path(args.run)):
-        sae = sb.SAE.load(folder)
-        saes[sae.cfg.hook] = sae
+    saes = sb.Run(args.run).load_saes(device="cpu")
     s = summarize_induction(model, saes, layer, head, ctx.tokens, span=args.span, n_prompts=args.prompts)
     print(
         f"\nL{layer}H{head} at {s.n_traces} second-copy tokens of {args.prompts} repeated held-out spans: "

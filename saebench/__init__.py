@@ -13,9 +13,12 @@ from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
 from saebench.evaluate import evaluate_sae
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
-from saebench.models import load_model
-from saebench.pipeline import analyze, harvest_from_config
-from saebench.sae import SAE, SAEConfig
+from saebench.interop import load_sae, load_saelens, save_saelens
+from saebench.models import load_model, prompt_tokens
+from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
+from saebench.probe import PromptFeatures, TokenFeatures, features_firing_on
+from saebench.runs import Run, SAEHome
+from saebench.sae import FAMILIES, SAE, Family, SAEConfig
 from saebench.steering import (
     NEUTRAL_PROMPT,
     Generation,
@@ -26,15 +29,23 @@ from saebench.steering import (
     input_score,
     lens_mass_gain,
     output_score,
-    prompt_tokens,
     rank_by_output_score,
     steer,
     steering_sweep,
 )
-from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples, PromptFeatures, TokenFeatures
+from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
+    "FAMILIES",
+    "Family",
+    "Run",
+    "SAEHome",
+    "eval_from_config",
+    "load_sae",
+    "load_saelens",
+    "save_saelens",
+    "train_from_config",
     "AnalysisConfig",
     "Example",
     "FeatureCard",
@@ -42,6 +53,7 @@ __all__ = [
     "IntervalExamples",
     "PromptFeatures",
     "TokenFeatures",
+    "features_firing_on",
     "analyze",
     "ActivationStore",
     "TraceResult",

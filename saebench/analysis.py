@@ -12,10 +12,17 @@ every statistic ranks |z| and the sign is kept beside it.
 from __future__ import annotations
 
 import math
+import shutil
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from saebench.atomic import atomic_save_file
+from saebench.errors import ConfigError, DataError
+from saebench.readers import read_safetensors, read_safetensors_metadata
 from saebench.sae import SAE
 
 # Fixed log-spaced histogram of |z|: bin 0 = [0, 1e-4), bins 1..180 = 20 per decade up to 1e5,
@@ -48,8 +55,6 @@ class AnalysisConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from saebench.errors import ConfigError
-
         for name in ("n_examples", "n_intervals", "per_interval", "n_samples", "batch_size", "n_neighbours", "n_logit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"analysis {name} must be at least 1, got {getattr(self, name)}")
@@ -489,3 +494,75 @@ def sparse_codes(sae: SAE, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     pre = sae.pre_acts(acts.to(sae.W_enc.dtype))
     sel = sae.select(pre, train=False)
     return sel.rows().reshape(-1), sel.indices.reshape(-1), sel.values.reshape(-1)
+
+
+def accumulate(
+    harvester,
+    saes: dict[str, tuple[SAE, str]],
+    contexts,
+    n_ctx: int,
+    n_tokens: int,
+    cfg: AnalysisConfig,
+    state_dir: Path,
+    fingerprint: str,
+    resume: bool = False,
+    restart: bool = False,
+    show_progress: bool = True,
+) -> tuple[dict[str, FeatureAccumulator], float, int]:
+    """The analysis pass: the first n_ctx contexts (n_tokens kept tokens) through the model and every SAE.
+
+    saes: name -> (SAE, its hook). The accumulators are checkpointed to state_dir every
+    cfg.checkpoint_tokens; `resume` continues an interrupted pass with the same `fingerprint` (its
+    settings) and ends with the same accumulators as an uninterrupted pass. -> (name -> accumulator,
+    seconds of this pass, tokens it read)."""
+    device = harvester.device
+    ctx = contexts.tokens.shape[1]
+    accs = {
+        name: FeatureAccumulator(sae.cfg.n_latents, ctx, cfg, sae.cfg.family.signed, device)
+        for name, (sae, _) in saes.items()
+    }
+    state_path = state_dir / "state.safetensors"
+    fix = f"pass --restart to start the analysis over (or delete {state_dir})"
+    start_ctx = tokens_done = 0
+    if state_path.exists():
+        meta = read_safetensors_metadata(state_path, fix)
+        if restart:
+            shutil.rmtree(state_dir)
+        elif not resume:
+            raise DataError(
+                f"an interrupted analysis ({meta.get('tokens_done', '?')} of {n_tokens} tokens) is in {state_dir}: "
+                f"pass --resume to continue it or --restart to start over"
+            )
+        elif meta.get("fingerprint") != fingerprint:
+            raise DataError(
+                f"the interrupted analysis in {state_dir} used other settings: rerun with the same ones, or pass --restart"
+            )
+        else:
+            tensors = read_safetensors(state_path, device, fix)
+            for k, acc in enumerate(accs.values()):
+                acc.load(tensors, f"sae{k}")
+            start_ctx, tokens_done = int(meta["contexts_done"]), int(meta["tokens_done"])
+
+    started, tokens_before = time.perf_counter(), tokens_done
+    bar = tqdm(
+        total=n_tokens, initial=tokens_done, desc="analyze", unit="tok", unit_scale=True, disable=not show_progress
+    )
+    since_checkpoint = 0
+    for i in range(start_ctx, n_ctx, cfg.batch_size):
+        j = min(i + cfg.batch_size, n_ctx)
+        acts, keep = harvester.device_activations(contexts.tokens[i:j], contexts.special_mask[i:j])
+        b, pos = keep.to(device).nonzero(as_tuple=True)
+        row_token = (b + i) * ctx + pos
+        for name, (sae, hook) in saes.items():
+            accs[name].update(*sparse_codes(sae, acts[hook]), row_token)
+        tokens_done += len(row_token)
+        since_checkpoint += len(row_token)
+        bar.update(len(row_token))
+        if since_checkpoint >= cfg.checkpoint_tokens and j < n_ctx:
+            state_dir.mkdir(exist_ok=True)
+            tensors = {k: v for n, acc in enumerate(accs.values()) for k, v in acc.state(f"sae{n}").items()}
+            meta = {"fingerprint": fingerprint, "contexts_done": str(j), "tokens_done": str(tokens_done)}
+            atomic_save_file(tensors, state_path, meta)
+            since_checkpoint = 0
+    bar.close()
+    return accs, time.perf_counter() - started, tokens_done - tokens_before

@@ -1,4 +1,4 @@
-"""`saebench app RUN ...`: checks the runs, then serves app/Home.py with streamlit on host:port."""
+"""`saebench app RUN ...`: checks the runs, then serves saebench/app/Home.py with streamlit on host:port."""
 
 from __future__ import annotations
 
@@ -7,24 +7,21 @@ import sys
 from pathlib import Path
 
 from saebench.errors import DataError
+from saebench.runs import Run
 
-APP_DIR = Path(__file__).resolve().parent.parent / "app"
+APP_DIR = Path(__file__).resolve().parent / "app"  # package data: Home.py, pages/, state.py
 RUNS_ENV = "SAEBENCH_APP_RUNS"
 
 
 def check_runs(runs: list[str]) -> list[Path]:
-    paths = [Path(r).resolve() for r in runs]
-    for path in paths:
-        if not (path / "config.yaml").exists():
-            raise DataError(f"{path} is not a run directory (no config.yaml): train one with `saebench train CONFIG`")
-    return paths
+    return [Run.open(Path(r).resolve()).path for r in runs]
 
 
 def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
     paths = check_runs(runs)
     if not (APP_DIR / "Home.py").exists():
         raise DataError(
-            f"the app is not installed at {APP_DIR}: install saebench from its source folder (pip install -e .)"
+            f"the app is missing from {APP_DIR}: reinstall saebench (pip install saebench, or pip install -e . in a checkout)"
         )
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(p) for p in paths)}
     cmd = [

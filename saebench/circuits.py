@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saebench.errors import ConfigError, HookError
+from saebench.models import prompt_tokens
 from saebench.sae import SAE
 
 
@@ -113,7 +114,7 @@ def _frozen_ln(model, cache, layer: int, pos: int, comps: Components, batch: int
 
 @dataclass
 class TraceResult:
-    """Everything `trace_attention` found; tables via pandas, figures via plotly."""
+    """Everything `trace_attention` (or `trace_attention_cached`) found; tables via pandas, figures via plotly."""
 
     layer: int
     head: int
@@ -253,25 +254,62 @@ def trace_attention(
     l < layer, or a residual SAE at layer's input). downstream/downstream_feature: project the OV
     terms on that feature's encoder row (resid-space SAEs, or blocks.{layer}.attn.hook_z SAEs).
     logit_tokens: a token id, (a, b) for the logit difference a - b, or "top" for the model's own
-    top prediction, for direct logit attribution at query_pos. check: assert the decompositions sum to the model's own numbers.
+    top prediction, for direct logit attribution at query_pos. check: assert the decompositions sum to the
+    model's own numbers. One forward pass, then `trace_attention_cached`.
     """
-    from saebench.steering import prompt_tokens
+    tokens = prompt_tokens(model, prompt)
+    logits, cache = model.run_with_cache(tokens)
+    return trace_attention_cached(
+        model,
+        cache,
+        tokens,
+        layer,
+        head,
+        query_pos,
+        key_pos,
+        saes=saes,
+        downstream=downstream,
+        downstream_feature=downstream_feature,
+        logits=logits,
+        logit_tokens=logit_tokens,
+        check=check,
+    )
 
+
+@torch.no_grad()
+def trace_attention_cached(
+    model,
+    cache,
+    tokens: torch.Tensor,
+    layer: int,
+    head: int,
+    query_pos: int = -1,
+    key_pos: int | None = None,
+    saes: dict[str, SAE] | None = None,
+    downstream: SAE | None = None,
+    downstream_feature: int | None = None,
+    logits: torch.Tensor | None = None,
+    logit_tokens: tuple[int, ...] | int | str | None = None,
+    check: bool = True,
+) -> TraceResult:
+    """`trace_attention` on a run already made: cache from `model.run_with_cache(tokens)`, tokens [1 pos],
+    logits [1 pos vocab] (that run's, needed only for logit_tokens). Since the model is causal, one run on a
+    prompt serves every query position of it."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers:
         raise ConfigError(f"layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
     if not 0 <= head < cfg.n_heads:
         raise ConfigError(f"head {head} is out of range: layer {layer} has heads 0..{cfg.n_heads - 1}")
+    if logit_tokens is not None and logits is None:
+        raise ConfigError("logit_tokens needs the run's logits: pass logits=... (model.run_with_cache returns them)")
     saes = saes or {}
     for hook, sae in saes.items():
         if hook not in model.hook_dict:
             raise HookError(f"model has no hook {hook!r}")
         if sae.cfg.hook is not None and sae.cfg.hook != hook:
             raise HookError(f"the SAE given for {hook} was trained on {sae.cfg.hook}")
-    tokens = prompt_tokens(model, prompt)
     n = tokens.shape[1]
     q = query_pos % n
-    logits, cache = model.run_with_cache(tokens)
     pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, head]
     k = int(pattern[q, : q + 1].argmax()) if key_pos is None else key_pos % n
     if k > q:
@@ -336,10 +374,12 @@ def trace_attention(
         projection,
         attention=pattern.detach(),
     )
-    if logit_tokens is not None:
+    if logit_tokens is not None and logits is not None:
         final = _frozen_ln(model, cache, cfg.n_layers, q, residual_components(model, cache, cfg.n_layers, q, saes), 0)
         if logit_tokens == "top":
             logit_tokens = int(logits[0, q].argmax())
+        if isinstance(logit_tokens, str):
+            raise ConfigError(f'logit_tokens is a token id, a pair (a, b) or "top", not {logit_tokens!r}')
         a, b = (logit_tokens, None) if isinstance(logit_tokens, int) else logit_tokens
         piece = lambda t: repr(model.tokenizer.decode([t]))
         result.logit_target = f"logit({piece(a)})" + (f" - logit({piece(b)})" if b is not None else "")
@@ -377,7 +417,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float = 1e-4)
 
 
 @torch.no_grad()
-def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24) -> dict[str, torch.Tensor]:
     """How each head attends, to find previous-token and induction heads: [n_layers n_heads] each.
 
     prev_token: mean attention from position i to i-1 on real text (contexts, positions >= 2);

@@ -6,12 +6,27 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from saebench.errors import SAEBenchError
+from saebench import kernels
+from saebench.analysis import AnalysisConfig
+from saebench.app_launcher import launch
+from saebench.circuits import trace_attention
+from saebench.config import apply_overrides, from_dict
+from saebench.errors import ConfigError, SAEBenchError
+from saebench.evaluate import EVAL_METRICS
+from saebench.models import load_model
+from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
+from saebench.runs import Run
+from saebench.sae import ACTIVATIONS
+from saebench.steering import generate, steer, steering_sweep
+from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
+from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
+
+ANALYSIS = AnalysisConfig()  # the defaults of `saebench analyze`
 
 
 def _harvest(args: argparse.Namespace) -> None:
-    from saebench.pipeline import harvest_from_config
 
     manifest = harvest_from_config(args.config, args.set, max_shards=args.max_shards)
     print(
@@ -27,38 +42,21 @@ def _harvest(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from saebench.pipeline import train_from_config
 
     _, report = train_from_config(args.config, args.set, resume=args.resume, stop_after_steps=args.stop_after_steps)
     print(json.dumps(report))
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from saebench.pipeline import eval_from_config
 
-    keys = (
-        "fvu",
-        "fvu_batched",
-        "fvu_per_token",
-        "cossim",
-        "relative_reconstruction_bias",
-        "l0",
-        "dead_fraction",
-        "dense_fraction",
-        "shrinkage",
-        "ce_recovered",
-        "kl_score",
-    )
     for hook, result in eval_from_config(args.run).items():
         print(f"{hook}\n{'metric':<30}{'sae':>12}{'random':>12}")
-        for key in keys:
+        for key in EVAL_METRICS:
             print(f"{key:<30}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
         print(f"written to {result['run']}/eval.json")
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from saebench.analysis import AnalysisConfig
-    from saebench.pipeline import analyze
 
     cfg = AnalysisConfig(
         n_tokens=args.tokens,
@@ -73,13 +71,11 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _app(args: argparse.Namespace) -> None:
-    from saebench.app_launcher import launch
 
     launch(args.run, host=args.host, port=args.port)
 
 
 def _bench_synthetic(args: argparse.Namespace) -> None:
-    from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
 
     data = SyntheticConfig(
         d=args.d,
@@ -102,27 +98,12 @@ def _bench_synthetic(args: argparse.Namespace) -> None:
 
 
 def _load_run_sae(run: str, hook: str | None):
-    from pathlib import Path
 
-    from saebench.config import load_config
-    from saebench.errors import DataError
-    from saebench.models import load_model
-    from saebench.sae import SAE
-
-    run_dir = Path(run)
-    sae_dirs = (
-        [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(p for p in run_dir.glob("*/sae") if p.is_dir())
-    )
-    if hook:
-        sae_dirs = [d for d in sae_dirs if d.parent.name == hook or (d == run_dir / "sae")]
-    if not (run_dir / "config.yaml").exists() or len(sae_dirs) != 1:
-        raise DataError(f"{run} holds no single trained SAE (pass --hook to pick one of a multi-hook run)")
-    cfg = load_config(run_dir / "config.yaml")
-    return load_model(cfg.model, cfg.device, cfg.torch_dtype), SAE.load(sae_dirs[0], cfg.device)
+    r = Run.open(run)
+    return r.load_model(), r.load_sae(hook)
 
 
 def _parse_features(items: list[str]) -> dict[int, float]:
-    from saebench.errors import ConfigError
 
     out = {}
     for item in items:
@@ -135,15 +116,12 @@ def _parse_features(items: list[str]) -> dict[int, float]:
 
 
 def _steer(args: argparse.Namespace) -> None:
-    from saebench.steering import generate, steer, steering_sweep
 
     model, sae = _load_run_sae(args.run, args.hook)
     features = _parse_features(args.feature)
     if args.sweep:
         (feature,) = features if len(features) == 1 else (None,)
         if feature is None:
-            from saebench.errors import ConfigError
-
             raise ConfigError("--sweep takes exactly one --feature")
         for row in steering_sweep(
             model,
@@ -169,25 +147,12 @@ def _steer(args: argparse.Namespace) -> None:
 
 
 def _trace(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
-    from saebench.circuits import trace_attention
-    from saebench.config import load_config
-    from saebench.errors import DataError
-    from saebench.models import load_model
-    from saebench.sae import SAE
-
-    saes = {}
-    model = None
-    for run in args.run:
-        run_dir = Path(run)
-        if not (run_dir / "config.yaml").exists():
-            raise DataError(f"{run} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
-        model = model or load_model(cfg.model, cfg.device, cfg.torch_dtype)
-        for sae_dir in [run_dir / "sae"] if (run_dir / "sae").exists() else sorted(run_dir.glob("*/sae")):
-            sae = SAE.load(sae_dir, cfg.device)
-            saes[sae.cfg.hook] = sae
+    saes, model = {}, None
+    for path in args.run:
+        run = Run.open(path)
+        model = model or run.load_model()
+        saes.update(run.load_saes())
     model = model or load_model(args.model)
     logit = tuple(int(t) for t in args.logit.split(",")) if args.logit else None
     r = trace_attention(
@@ -210,11 +175,6 @@ def _trace(args: argparse.Namespace) -> None:
 
 
 def _train_tiny(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from saebench.config import apply_overrides, from_dict
-    from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
-
     given = {
         "train_tokens": args.tokens,
         "max_minutes": args.minutes,
@@ -229,8 +189,6 @@ def _train_tiny(args: argparse.Namespace) -> None:
 
 
 def _kernels_build(args: argparse.Namespace) -> None:
-    from saebench import kernels
-    from saebench.errors import SAEBenchError
 
     reason = kernels.unavailable_reason()
     if reason is not None:
@@ -243,7 +201,6 @@ def _kernels_build(args: argparse.Namespace) -> None:
 
 
 def _hooks(args: argparse.Namespace) -> None:
-    from saebench.models import load_model
 
     model = load_model(args.model)
     for name in model.hook_dict:
@@ -282,13 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens", type=int, default=None, help="tokens to analyse (default: 2M, or the whole split if smaller)"
     )
-    p.add_argument("--split", default="test", help="data split of the run's dataset (default: the held-out test split)")
-    p.add_argument("--examples", type=int, default=20, help="top-activating examples kept per feature")
-    p.add_argument("--batch-size", type=int, default=64, help="contexts per model forward")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-feature uniform samples")
+    p.add_argument(
+        "--split", default=ANALYSIS.split, help="data split of the run's dataset (default: the held-out test split)"
+    )
+    p.add_argument("--examples", type=int, default=ANALYSIS.n_examples, help="top-activating examples kept per feature")
+    p.add_argument("--batch-size", type=int, default=ANALYSIS.batch_size, help="contexts per model forward")
+    p.add_argument("--seed", type=int, default=ANALYSIS.seed, help="seed of the per-feature uniform samples")
     p.add_argument("--resume", action="store_true", help="continue an interrupted analysis from its last checkpoint")
     p.add_argument("--restart", action="store_true", help="discard an interrupted analysis and start over")
-    p.add_argument("--checkpoint-tokens", type=int, default=500_000, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint-tokens", type=int, default=ANALYSIS.checkpoint_tokens, help=argparse.SUPPRESS)
     p.set_defaults(func=_analyze)
 
     p = sub.add_parser("app", help="open the web app on trained (and analysed) runs")
@@ -327,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")
-    p.add_argument("--activations", default="topk,abstopk,batchtopk,mutual_choice,feature_choice")
+    p.add_argument("--activations", default=",".join(ACTIVATIONS))
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--n-true", type=int, default=2048)
     p.add_argument("--true-l0", type=float, default=8.0)

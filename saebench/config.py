@@ -15,6 +15,8 @@ import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
+from saebench.sae import SAEConfig
+from saebench.train import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,44 +42,6 @@ class HarvestConfig:
 
 
 @dataclass
-class SAESection:
-    """The SAE of a run; d_in comes from the hook's width (if set here it must agree)."""
-
-    activation: str = "topk"
-    k: int = 32
-    n_latents: int | None = None  # default expansion * d_in
-    expansion: int = 16
-    matryoshka: list[int] | None = None
-    matryoshka_reduce: str = "sum"  # sum | mean over the prefixes
-    matryoshka_random: int = 0  # > 0: random prefix sizes per step (Nabeshima)
-    d_in: int | None = None
-    aux_coef: float = 1 / 32
-    k_aux: int | None = None
-    dead_tokens: int = 1_000_000
-    zipf_exponent: float = 1.0
-
-
-@dataclass
-class TrainSection:
-    n_tokens: int = 2_000_000
-    batch_size: int = 4096
-    lr: float | None = None
-    warmup_steps: int | None = None  # default min(100, 5% of the steps)
-    decay_fraction: float = 0.2
-    grad_clip: float = 1.0
-    enc_init_scale: float | None = (
-        None  # W_enc = enc_init_scale * W_dec^T; None: 0.3 for topk/abstopk, 0.1 for batch sparsifiers
-    )
-    source: str = "stream"  # stream (from the model, through a shuffling buffer) | cache (harvest first)
-    distribute: str = (
-        "data"  # under torchrun: data (every rank every SAE, gradients all-reduced) | hooks (SAEs dealt to ranks)
-    )
-    log_every: int = 50
-    checkpoint_every: int = 500
-    wandb_project: str | None = None
-
-
-@dataclass
 class EvalSection:
     n_tokens: int = 100_000  # held-out activations for the core metrics
     n_contexts: int = 64  # held-out contexts for CE / KL with the SAE spliced in
@@ -96,9 +60,17 @@ class RunConfig:
     runs_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    sae: SAESection = field(default_factory=SAESection)
-    train: TrainSection = field(default_factory=TrainSection)
+    sae: SAEConfig = field(default_factory=SAEConfig)  # d_in and n_latents from the hook (SAEConfig.resolve)
+    train: TrainConfig = field(default_factory=TrainConfig)  # its seed and device are the run's
     eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        defaults = TrainConfig()
+        for knob in ("seed", "device"):
+            given, run = getattr(self.train, knob), getattr(self, knob)
+            if given != getattr(defaults, knob) and given != run:
+                raise ConfigError(f"train.{knob} is the run's {knob}: set `{knob}: {given}` at the top level instead")
+            setattr(self.train, knob, run)
 
     @property
     def run_dir(self) -> Path:
@@ -132,6 +104,18 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{path}: unknown {value!r}; {hint}use one of {', '.join(map(str, options))}")
+        return value
+    if origin is tuple:
+        items = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{path}: expected a list of {len(items)}, got {value!r}")
+        return tuple(_coerce(t, v, f"{path}[{i}]") for i, (t, v) in enumerate(zip(items, value, strict=True)))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -178,7 +162,7 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConf
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     return from_dict(cls, apply_overrides(data, overrides))
 

@@ -9,7 +9,6 @@ harvester leaves out by default.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +107,7 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
 
 
 def looks_like_local_path(name: str) -> bool:
-    return (
-        name.startswith((".", "/", "~"))
-        or os.sep in name.rstrip(os.sep)
-        and Path(name).suffix in LOCAL_FORMATS
-        or Path(name).suffix in LOCAL_FORMATS
-    )
+    return name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_FORMATS
 
 
 def pack_texts(

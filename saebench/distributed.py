@@ -131,14 +131,6 @@ def all_min_int(value: int) -> int:
     return int(t)
 
 
-def all_gather_object(obj) -> list:
-    if not active():
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 
 from saebench.data import TokenContexts
 from saebench.errors import DataError
+from saebench.harvest import flatten_heads
 from saebench.sae import SAE, SAEConfig
+
+# the figures `saebench eval` prints and the app's Home shows, in this order
+EVAL_METRICS = tuple(
+    "fvu fvu_batched fvu_per_token cossim relative_reconstruction_bias l0 dead_fraction dense_fraction "
+    "shrinkage ce_recovered kl_score".split()
+)
 
 
 @torch.no_grad()
@@ -94,7 +101,8 @@ def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_si
 
 @torch.no_grad()
 def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345) -> SAE:
-    """Same shape and k, random unit directions (tied encoder), trained b_dec; per-token TopK.
+    """Same shape and k, random unit directions (tied encoder), trained b_dec; the family's per-token
+    baseline rule (TopK, or AbsTopK for a signed family).
 
     Matched scale: given acts [n d_in], the codes are scaled (through W_enc) by the least-squares
     factor g = sum <x - b_dec, z W_dec> / sum ||z W_dec||^2, the best single scale for these random
@@ -103,7 +111,7 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
     cfg = SAEConfig(
         d_in=sae.cfg.d_in,
         n_latents=sae.cfg.n_latents,
-        activation="abstopk" if sae.cfg.activation == "abstopk" else "topk",
+        activation=sae.cfg.family.baseline,
         k=sae.cfg.k,
     )
     base = SAE(cfg, device=sae.W_dec.device, seed=seed)
@@ -135,7 +143,7 @@ def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_si
 
         def patch(kind):
             def fn(act, hook):
-                flat = act.flatten(2) if act.dim() == 4 else act
+                flat = flatten_heads(act)
                 new = sae(flat) if kind == "sae" else torch.zeros_like(flat)
                 out = torch.where(keep[..., None], new.to(flat.dtype), flat)
                 return out.reshape(act.shape)

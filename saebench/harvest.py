@@ -16,10 +16,10 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from saebench import distributed as dist
@@ -27,6 +27,7 @@ from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.config import HarvestConfig, parse_dtype
 from saebench.data import DataConfig, TokenContexts
 from saebench.errors import DataError, HookError
+from saebench.readers import read_json, read_safetensors
 
 MANIFEST = "manifest.json"
 FORMAT = "saebench-activations/1"
@@ -49,6 +50,11 @@ def check_hooks(model, hooks: list[str]) -> None:
             raise HookError(f"model has no hook {hook!r}; {hint}")
 
 
+def flatten_heads(act: torch.Tensor) -> torch.Tensor:
+    """[batch pos head d_head] -> [batch pos (head d_head)]; other shapes unchanged."""
+    return act.flatten(2) if act.dim() == 4 else act
+
+
 class Harvester:
     """Runs the model on token contexts and returns the activations at `hooks`.
 
@@ -63,15 +69,14 @@ class Harvester:
         self.model, self.hooks = model, list(hooks)
         self.exclude_special, self.out_dtype = exclude_special, out_dtype
         self.device = next(model.parameters()).device
-        self.widths = self._probe_widths()
 
     @torch.no_grad()
-    def _forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens: [batch pos] -> {hook: [batch pos d]}."""
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens: [batch pos] -> {hook: [batch pos d]}, multi-head hooks flattened (`flatten_heads`)."""
         out: dict[str, torch.Tensor] = {}
 
         def save(name: str, act: torch.Tensor) -> None:
-            out[name] = act.flatten(2) if act.dim() == 4 else act
+            out[name] = flatten_heads(act)
             if len(out) == len(self.hooks):
                 raise _StopForward
 
@@ -86,16 +91,18 @@ class Harvester:
             raise HookError(f"hooks never fired in a forward pass: {sorted(missing)}")
         return out
 
-    def _probe_widths(self) -> dict[str, int]:
+    @cached_property
+    def widths(self) -> dict[str, int]:
+        """hook -> its activations' width, from one forward pass on 4 BOS tokens (on first use)."""
         bos = getattr(self.model.tokenizer, "bos_token_id", None) or 0
-        acts = self._forward(torch.full((1, 4), bos, dtype=torch.long))
+        acts = self.forward(torch.full((1, 4), bos, dtype=torch.long))
         return {h: a.shape[-1] for h, a in acts.items()}
 
     def device_activations(
         self, tokens: torch.Tensor, special_mask: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """tokens, special_mask: [batch pos] -> ({hook: [n d]} in the model's device and dtype, keep [batch pos])."""
-        acts = self._forward(tokens)
+        acts = self.forward(tokens)
         keep = ~special_mask if self.exclude_special else torch.ones_like(special_mask)
         keep_dev = keep.to(self.device)
         rows = {hook: check_finite(a[keep_dev], hook) for hook, a in acts.items()}
@@ -264,7 +271,7 @@ def harvest_to_disk(
     settings = _settings(model_name, harvester, cfg, data, contexts)
     manifest_path = cache_dir / MANIFEST
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path, f"delete {cache_dir} and rerun `saebench harvest CONFIG`")
         old = {k: manifest.get(k) for k in settings}
         if old != settings:
             diff = [k for k in settings if old[k] != settings[k]]
@@ -318,7 +325,7 @@ class ActivationStore:
             raise DataError(
                 f"no activation cache at {self.cache_dir} (missing {MANIFEST}); run `saebench harvest CONFIG` first"
             )
-        self.manifest = json.loads(path.read_text())
+        self.manifest = read_json(path, f"delete {self.cache_dir} and rerun `saebench harvest CONFIG`")
         hooks = list(self.manifest["hooks"])
         if hook is None:
             hook = hooks[0]
@@ -331,7 +338,8 @@ class ActivationStore:
         return sum(s["n"] for s in self.shards)
 
     def load_shard(self, i: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.cache_dir / hook_dirname(self.hook) / self.shards[i]["file"]))
+        path = self.cache_dir / hook_dirname(self.hook) / self.shards[i]["file"]
+        return read_safetensors(path, "cpu", f"delete {self.cache_dir} and rerun `saebench harvest CONFIG`")
 
     def load_all(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """acts: [n d]."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from saebench.circuits import parse_component, trace_attention
+from saebench.circuits import parse_component, trace_attention_cached
+from saebench.harvest import Harvester
 from saebench.sae import SAE
 
 
@@ -59,17 +60,18 @@ def trace_induction(
     control_offset: int = 3,
 ) -> list[InductionTrace]:
     """prompt: [1 1+2*span] from `repeated_prompt`. One InductionTrace per second-copy query position
-    whose control key lies after BOS."""
+    whose control key lies after BOS; one forward pass serves them all (the model is causal)."""
     span = (prompt.shape[1] - 1) // 2
     positions = query_positions or list(range(span + 1, 2 * span + 1))
+    _, cache = model.run_with_cache(prompt)
     out = []
     for q in positions:
         k = q - span + 1
         c = k - control_offset
         if c < 1:
             continue
-        hit = trace_attention(model, prompt[:, : q + 1], layer, head, query_pos=q, key_pos=k, saes=saes)
-        ctrl = trace_attention(model, prompt[:, : q + 1], layer, head, query_pos=q, key_pos=c, saes=saes)
+        hit = trace_attention_cached(model, cache, prompt, layer, head, query_pos=q, key_pos=k, saes=saes)
+        ctrl = trace_attention_cached(model, cache, prompt, layer, head, query_pos=q, key_pos=c, saes=saes)
         advantage = hit.score - ctrl.score
         key = _side_diffs(hit.k_names, hit.key_marginals(), ctrl.k_names, ctrl.key_marginals())
         query = _side_diffs(hit.q_names, hit.query_marginals(), ctrl.q_names, ctrl.query_marginals())
@@ -104,8 +106,6 @@ def share_by_group(
 @torch.no_grad()
 def hook_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
     """tokens [batch pos] -> {hook: [batch pos d]} at every position (hook_z flattened to (head d_head)), one forward pass."""
-    from saebench.harvest import Harvester
-
     rows, _ = Harvester(model, hooks, exclude_special=False).activations(
         tokens, torch.zeros_like(tokens, dtype=torch.bool)
     )

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from saebench.atomic import atomic_save_file, atomic_write_text
 from saebench.errors import DataError
+from saebench.readers import read_json, read_safetensors
 from saebench.sae import SAE, SAEConfig
 
 WEIGHTS = "sae_weights.safetensors"
@@ -41,15 +41,26 @@ def is_saelens_folder(folder: str | Path) -> bool:
     return (folder / "cfg.json").exists() and (folder / WEIGHTS).exists()
 
 
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """An SAE folder in either format: saebench's (cfg.json + sae.safetensors) or SAELens' (sae_weights.safetensors)."""
+    folder = Path(folder)
+    if is_saelens_folder(folder) and not (folder / "sae.safetensors").exists():
+        return load_saelens(folder, device)
+    if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
+        raise DataError(f"no SAE at {folder} (needs cfg.json and sae.safetensors, or SAELens' {WEIGHTS})")
+    return SAE.load(folder, device)
+
+
 def save_saelens(sae: SAE, folder: str | Path) -> None:
     cfg = sae.cfg
-    if cfg.activation == "abstopk":
+    if cfg.family.signed:
         raise DataError(
-            "saebench does not export AbsTopK SAEs to SAELens; keep this SAE in saebench's format (sae.save)"
+            f"saebench does not export AbsTopK SAEs or other signed families ({cfg.activation}) to SAELens; "
+            "keep this SAE in saebench's format (sae.save)"
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arch = "topk" if cfg.activation == "topk" else "jumprelu"
+    arch = "jumprelu" if cfg.family.batch_selection else "topk"
     hook_z = bool(cfg.hook and cfg.hook.endswith("hook_z"))
     meta: dict[str, Any] = {
         "architecture": arch,
@@ -104,7 +115,7 @@ def processing_note(meta: dict, hook: str | None) -> str | None:
 
 def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     folder = Path(folder)
-    meta = json.loads((folder / "cfg.json").read_text())
+    meta = read_json(folder / "cfg.json", "copy the SAELens folder again")
     arch = meta.get("architecture", "standard")
     if arch not in ("topk", "jumprelu"):
         raise DataError(f"{folder}: SAELens architecture {arch!r} is not supported (topk and jumprelu are)")
@@ -135,7 +146,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         hook=hook,
         model=_field(meta, "model_name"),
     )
-    w = load_file(str(folder / WEIGHTS))
+    w = read_safetensors(folder / WEIGHTS, "cpu", "copy the SAELens folder again")
     sae = SAE(cfg, device=device)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

@@ -1,4 +1,4 @@
-"""The sparse-decoder CUDA kernels of kernels/: build, load, and autograd Functions around them.
+"""The sparse-decoder CUDA kernels of saebench/csrc/: build, load, and autograd Functions around them.
 
 Built on first use with torch.utils.cpp_extension into ~/.cache/saebench/kernels/<hash> (or
 ahead with `saebench kernels build`). Where CUDA or a compiler is missing, or the build fails,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"  # the source checkout (installed editable)
+KERNEL_DIR = Path(__file__).resolve().parent / "csrc"  # package data: the CUDA and C++ sources
 SOURCES = ("binding.cpp", "sparse_decoder.cu")
 _state: dict = {}
 

@@ -10,13 +10,12 @@ import torch
 from saebench.errors import ModelError
 
 BUNDLED = ("tiny", "minilm")
+TINY_DIR = Path(__file__).parent / "zoo" / "tiny"
 
 
 def model_folder(name: str) -> Path | None:
     """The local folder behind a bundled name or a path; None for a hub name."""
     if name == "tiny":
-        from saebench.zoo.tiny import TINY_DIR
-
         if not (TINY_DIR / "model.safetensors").exists():
             raise ModelError(
                 f"the bundled tiny model is missing from {TINY_DIR}: reinstall saebench or run `saebench zoo train-tiny`"
@@ -113,3 +112,14 @@ def is_causal(model) -> bool:
         return False
     arch = getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", None) or ""
     return arch not in ENCODER_ARCHITECTURES
+
+
+def prompt_tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
+    """Text -> [1 pos] token ids on the model's device, BOS (or CLS) first; a tensor passes through."""
+    if isinstance(prompt, torch.Tensor):
+        return prompt if prompt.dim() == 2 else prompt[None]
+    tok = model.tokenizer
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+    device = next(model.parameters()).device
+    return torch.tensor([([bos] if bos is not None else []) + ids], device=device)

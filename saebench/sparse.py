@@ -3,7 +3,7 @@
 Two layouts:
   fixed  : values, indices [batch k]                  (topk, abstopk)
   ragged : values, indices [nnz] + offsets [batch+1]  (CSR; batchtopk, mutual and feature choice)
-On CUDA with the kernels of kernels/ built (saebench.kernels), both go through them; elsewhere
+On CUDA with the kernels of saebench/csrc/ built (saebench.kernels), both go through them; elsewhere
 the torch path runs: `F.embedding_bag` (mode="sum", per_sample_weights), whose backward gives
 dW_dec and dvalues, and for the encoder the dense pre-activations' own backward.
 """
@@ -74,12 +74,3 @@ def pre_acts_at(
     else:  # torch path: the same values, gathered with autograd
         out = ((x - b_dec)[rows] * W_enc.t()[flat]).sum(-1) + b_enc[flat]
     return out.reshape(indices.shape)
-
-
-def dense_to_ragged(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: [batch n] with zeros -> (values [nnz], indices [nnz], offsets [batch+1]); keeps z's autograd."""
-    rows, cols = z.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=z.shape[0])
-    offsets = torch.zeros(z.shape[0] + 1, dtype=torch.long, device=z.device)
-    offsets[1:] = counts.cumsum(0)
-    return z[rows, cols], cols, offsets

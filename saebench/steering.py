@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from saebench.errors import ConfigError, HookError, SAEBenchError
+from saebench.harvest import Harvester, flatten_heads
+from saebench.models import prompt_tokens
 from saebench.sae import SAE
 
 MODES = ("add", "clamp", "conditional", "ablate", "orthogonal")
@@ -80,7 +82,7 @@ class Steering:
         return torch.where(mask, out, x)
 
     def hook_fn(self, act: torch.Tensor, hook) -> torch.Tensor:
-        flat = act.flatten(-2) if act.dim() == 4 else act  # hook_z: [batch pos head d_head]
+        flat = flatten_heads(act)
         return self.edit(flat).reshape(act.shape)
 
 
@@ -167,17 +169,6 @@ def generate(
     if return_tokens:
         return tokens
     return model.tokenizer.decode(tokens[0, start:])
-
-
-def prompt_tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
-    """Text -> [1 pos] token ids on the model's device, BOS (or CLS) first; a tensor passes through."""
-    if isinstance(prompt, torch.Tensor):
-        return prompt if prompt.dim() == 2 else prompt[None]
-    tok = model.tokenizer
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
-    device = next(model.parameters()).device
-    return torch.tensor([([bos] if bos is not None else []) + ids], device=device)
 
 
 def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tensor:
@@ -343,14 +334,12 @@ def input_score(
     """Arad, Mueller & Belinkov (2025): over the feature's top-activating contexts (up to
     n_examples), the share whose max-activating token is among its n_lens_tokens logit-lens
     tokens. None when fewer than min_examples contexts activate it."""
-    from saebench.harvest import Harvester
-
     hook = hook or sae.cfg.hook
     harvester = Harvester(model, [hook], exclude_special=False)
     best = []
     for i in range(0, len(contexts), 32):
         toks = contexts.tokens[i : i + 32]
-        acts = harvester._forward(toks)[hook]
+        acts = harvester.forward(toks)[hook]
         z = sae.encode(acts)[..., feature].masked_fill(contexts.special_mask[i : i + 32].to(acts.device), 0)
         val, pos = z.max(-1)
         best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos)) if v > 0]
@@ -388,7 +377,7 @@ def output_score(
     lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
 
     def boost(act: torch.Tensor, hook) -> torch.Tensor:
-        flat = (act.flatten(-2) if act.dim() == 4 else act).clone()
+        flat = flatten_heads(act).clone()
         top = sae.encode(flat[:, -1].to(sae.W_dec.dtype)).max(-1).values  # [batch]
         flat[:, -1] += (amp_factor * top)[:, None].to(flat.dtype) * sae.W_dec[feature].to(flat.dtype)
         return flat.reshape(act.shape)
@@ -441,7 +430,6 @@ def rank_by_output_score(
 
 
 __all__ = [
-    "prompt_tokens",
     "Generation",
     "Steering",
     "SteeringComparison",

@@ -21,9 +21,9 @@ import torch
 from saebench.analysis import QUANTILES, FeatureResults, histogram_edges
 from saebench.atomic import atomic_write
 from saebench.errors import DataError
+from saebench.runs import Run
 
 SCHEMA_VERSION = 1
-STORE_NAME = "features.sqlite"
 N_SNIPPET_EXAMPLES = 5  # top examples whose +-5-token windows are indexed for search
 SNIPPET_RADIUS = 5
 
@@ -96,21 +96,6 @@ class FeatureCard:
     note: str = ""
     mean_signed: float | None = None  # abstopk: mean signed code over fires
     positive_fraction: float | None = None  # abstopk: share of fires with a positive code
-
-
-@dataclass
-class TokenFeatures:
-    position: int
-    token: int
-    piece: str
-    special: bool
-    features: list[tuple[int, float]]  # (feature, code), largest |code| first
-
-
-@dataclass
-class PromptFeatures:
-    tokens: list[TokenFeatures]
-    truncated: bool  # the prompt was cut to the model's context
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -296,8 +281,6 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
 # -- reading ----------------------------------------------------------------------------------------
 def find_store(path: str | Path, hook: str | None = None) -> Path:
     """A store file, or the run folder holding it (a multi-hook run needs `hook`)."""
-    from saebench.harvest import hook_dirname
-
     path = Path(path)
     if path.is_file() or path.suffix == ".sqlite":
         if not path.exists():
@@ -305,26 +288,22 @@ def find_store(path: str | Path, hook: str | None = None) -> Path:
         return path
     if not path.is_dir():
         raise DataError(f"{path} is neither a run folder nor a feature store")
-    if hook is None and (path / STORE_NAME).exists():
-        return path / STORE_NAME
-    found = sorted(path.glob(f"*/{STORE_NAME}"))
-    if hook is not None:
-        found = [p for p in found if p.parent.name == hook_dirname(hook)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
+    homes = [h for h in Run(path).saes.values() if h.store_path.exists() and hook in (None, h.hook, h.path.name)]
+    if len(homes) == 1:
+        return homes[0].store_path
+    if not homes:
         raise DataError(f"no feature store in {path}: run `saebench analyze {path}` first")
-    raise DataError(f"{path} holds stores for several hooks ({', '.join(p.parent.name for p in found)}): pass hook=...")
+    raise DataError(f"{path} holds stores for several hooks ({', '.join(h.hook for h in homes)}): pass hook=...")
 
 
 class FeatureStore:
     """Reads a feature store; writes only labels, and only when opened with `writable=True`.
 
     store = sb.FeatureStore("runs/tiny")
-    card = store.feature(123); store.search("light"); store.table(); store.features_firing_on("text")
+    card = store.feature(123); store.search("light"); store.table()
     """
 
-    def __init__(self, path: str | Path, writable: bool = False, hook: str | None = None, model=None, sae=None):
+    def __init__(self, path: str | Path, writable: bool = False, hook: str | None = None):
         self.path = find_store(path, hook)
         self.writable = writable
         mode = "rw" if writable else "ro"
@@ -348,8 +327,7 @@ class FeatureStore:
         self.n_features: int = self.meta["n_features"]
         self.context_size: int = self.meta["context_size"]
         self.edges: list[float] = self.meta["histogram_edges"]
-        self._vocab = [p for (p,) in self._query("SELECT piece FROM vocab ORDER BY id")]
-        self._model, self._sae, self._harvester = model, sae, None
+        self.vocab: list[str] = [p for (p,) in self._query("SELECT piece FROM vocab ORDER BY id")]
         self._columns = [d[0] for d in self._con.execute("SELECT * FROM features LIMIT 0").description]
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -378,7 +356,7 @@ class FeatureStore:
 
     def pieces(self, token_ids: list[int]) -> list[str]:
         """Each token id as text."""
-        return [self._vocab[t] for t in token_ids]
+        return [self.vocab[t] for t in token_ids]
 
     # -- one feature ------------------------------------------------------------------------------
     def feature(self, i: int) -> FeatureCard:
@@ -404,7 +382,7 @@ class FeatureStore:
         label, note = self._label_note(i)
         lens = None
         if f["logit_top"] is not None:
-            lens = tuple([(self._vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom"))
+            lens = tuple([(self.vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom"))
         return FeatureCard(
             id=i,
             density=f["density"],
@@ -420,7 +398,7 @@ class FeatureStore:
             logit_lens=lens,
             decoder_neighbours=[(j, v) for j, v in json.loads(f["decoder_neighbours"])],
             coactivation_neighbours=[(j, v) for j, v in json.loads(f["coact_neighbours"])],
-            top_tokens=[(self._vocab[t], c) for t, c in json.loads(f["top_tokens"])],
+            top_tokens=[(self.vocab[t], c) for t, c in json.loads(f["top_tokens"])],
             label=label,
             note=note,
             mean_signed=f["mean_signed"] if self.meta.get("signed") else None,
@@ -461,8 +439,8 @@ class FeatureStore:
                     "mean": mean,
                     "max": mx,
                     "median": json.loads(qs)[median_at],
-                    "top_token": self._vocab[tt[0][0]] if tt else "",
-                    "logit_token": self._vocab[lt[0][0]] if lt else "",
+                    "top_token": self.vocab[tt[0][0]] if tt else "",
+                    "logit_token": self.vocab[lt[0][0]] if lt else "",
                     "label": label,
                 }
             )
@@ -509,50 +487,3 @@ class FeatureStore:
                 (i, label, note, now, note),
             )
             self._con.execute("UPDATE search SET label = ? WHERE rowid = ?", (label, i))
-
-    # -- live -------------------------------------------------------------------------------------
-    def attach(self, model=None, sae=None) -> None:
-        """Use an already loaded model / SAE for `features_firing_on` instead of loading the run's."""
-        self._model, self._sae = model or self._model, sae or self._sae
-
-    def _live(self):
-        """(model, SAE, harvester at the store's hook), each loaded once."""
-        if self._sae is None:
-            from saebench.sae import SAE
-
-            self._sae = SAE.load(self.path.parent / "sae", self.meta.get("device", "cpu"))
-        if self._model is None:
-            from saebench.models import load_model
-
-            self._model = load_model(self.meta["model"], self.meta.get("device", "cpu"))
-        if self._harvester is None or self._harvester.model is not self._model:
-            from saebench.harvest import Harvester
-
-            self._harvester = Harvester(self._model, [self.meta["hook"]], exclude_special=False)
-        return self._model, self._sae, self._harvester
-
-    @torch.no_grad()
-    def features_firing_on(self, prompt: str, top: int = 10) -> PromptFeatures:
-        """Encode `prompt` (BOS first, cut to the model's context) and list per token its `top`
-        features by |code|. Special tokens (BOS) are listed with no features, as in the analysis."""
-        from saebench.steering import prompt_tokens
-
-        model, sae, harvester = self._live()
-        tok = model.tokenizer
-        ids = prompt_tokens(model, prompt)[0].tolist()
-        n_ctx = int(getattr(model.cfg, "n_ctx", len(ids)) or len(ids))
-        truncated = len(ids) > n_ctx
-        ids = ids[:n_ctx]
-        hook = self.meta["hook"]
-        acts = harvester._forward(torch.tensor([ids]))[hook][0]
-        z = sae.encode(acts.to(sae.W_enc.dtype))
-        special = set(tok.all_special_ids)
-        k = min(top, z.shape[-1])
-        vals, idx = z.abs().topk(k, dim=-1)
-        out = []
-        for p, t in enumerate(ids):
-            feats = [] if t in special else [(int(j), float(z[p, j])) for v, j in zip(vals[p], idx[p]) if v > 0]
-            out.append(
-                TokenFeatures(p, t, self._vocab[t] if t < len(self._vocab) else tok.decode([t]), t in special, feats)
-            )
-        return PromptFeatures(out, truncated)

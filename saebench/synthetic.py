@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from saebench.evaluate import evaluate_sae
+from saebench.sae import ACTIVATIONS, SAEConfig
+from saebench.train import TrainConfig, train_sae
+
 DIRECTIONS_SEED = 104_729
 
 
@@ -199,11 +203,6 @@ def absorption(
     return {"absorption": sum(scores) / len(scores) if scores else None, "parents_matched": matched / len(parents)}
 
 
-def run_synthetic_bench(*args, **kwargs) -> list[dict]:
-    """Train each family on the same planted features; one row of recovery metrics per family."""
-    return list(iter_synthetic_bench(*args, **kwargs))
-
-
 def score_sae(
     encode,
     W_dec: torch.Tensor,
@@ -229,7 +228,7 @@ def score_sae(
 
 
 def iter_synthetic_bench(
-    activations: tuple[str, ...] = ("topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"),
+    activations: tuple[str, ...] = ACTIVATIONS,
     data: SyntheticConfig = SyntheticConfig(),
     n_latents: int | None = None,
     k: int | None = None,
@@ -242,13 +241,10 @@ def iter_synthetic_bench(
     train_overrides: dict | None = None,
     sae_overrides: dict | None = None,
 ) -> Iterator[dict]:
-    """run_synthetic_bench, yielding each family's row as soon as it is trained (lr None = the trainer's default).
+    """Train each family on the same planted features, yielding its row of recovery metrics as soon as it is
+    trained (lr None = the trainer's default).
 
     train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
-    from saebench.evaluate import evaluate_sae
-    from saebench.sae import SAEConfig
-    from saebench.train import TrainConfig, train_sae
-
     planted = PlantedFeatures(data)
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)

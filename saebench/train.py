@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -24,14 +25,15 @@ from saebench import distributed as dist
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.distributed import LOCAL, Reducer
 from saebench.errors import ConfigError, DataError
-from saebench.sae import SAE, SAEConfig
-from saebench.sae.config import BATCH_ACTIVATIONS
+from saebench.sae import SAE, Family, SAEConfig
 from saebench.sae.losses import random_prefixes, sae_loss
 from saebench.sae.sparsify import min_kept
 
 
 @dataclass
 class TrainConfig:
+    """How to train (a run config's `train:` section; there its seed and device are the run's)."""
+
     n_tokens: int = 2_000_000
     batch_size: int = 4096  # tokens per step
     # None = 8e-4 / sqrt(n_latents / 2^14): the n-scaling of Gao et al. (2024), at 4x their constant,
@@ -42,10 +44,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in); folded into the weights at save
-    b_dec_init: str = "geometric_median"  # geometric_median | mean | zero
-    # W_enc = enc_init_scale * W_dec^T, for inputs of norm sqrt(d_in). None = by family, chosen on the
-    # defaults suite (docs/benchmarks.md, "Choosing the defaults"): 0.3 for topk / abstopk, 0.1 for
-    # the batch sparsifiers; unit scale trains far slower at the default lr
+    b_dec_init: Literal["geometric_median", "mean", "zero"] = "geometric_median"
+    # W_enc = enc_init_scale * W_dec^T, for inputs of norm sqrt(d_in). None = the family's (Family.enc_init_scale:
+    # 0.3 for topk / abstopk, 0.1 for the batch sparsifiers); unit scale trains far slower at the default lr
     enc_init_scale: float | None = None
     init_tokens: int = 16_384  # sample for b_dec and the scale
     log_every: int = 50
@@ -59,22 +60,40 @@ class TrainConfig:
     # under torchrun: "data" = every rank holds every SAE and trains on its share of each global
     # batch (gradients and batch statistics all-reduced); "hooks" = the SAEs are dealt out to ranks,
     # each rank runs the model on its share and sends each hook's rows to the SAE's owner
-    distribute: str = "data"
+    distribute: Literal["data", "hooks"] = "data"
+    # `saebench train`: batches streamed from the model through a shuffling buffer, or read from the
+    # on-disk cache that `saebench harvest` writes (harvested first when missing)
+    source: Literal["stream", "cache"] = "stream"
     wandb_project: str | None = None
 
     def resolved_lr(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 8e-4 / math.sqrt(n_latents / 2**14)
 
-    def resolved_enc_init_scale(self, activation: str) -> float:
-        if self.enc_init_scale is not None:
-            return self.enc_init_scale
-        return 0.1 if activation in BATCH_ACTIVATIONS else 0.3
+    def resolved_enc_init_scale(self, family: Family) -> float:
+        return self.enc_init_scale if self.enc_init_scale is not None else family.enc_init_scale
 
     def resolved_warmup(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(100, math.ceil(0.05 * total_steps))
 
 
 Batch = dict[str, torch.Tensor]  # hook -> [batch d]; a plain tensor source becomes {"": tensor}
+
+
+def local_batch_size(batch_size: int) -> int:
+    """Each rank's share of a global batch; ConfigError when it does not split over the ranks."""
+    world = dist.world()
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}"
+        )
+    return batch_size // world
+
+
+def refuse_overwrite(dirs: Iterable[Path]) -> None:
+    """DataError when a folder already holds a training run (its metrics.jsonl): nothing is overwritten."""
+    for d in dirs:
+        if (Path(d) / "metrics.jsonl").exists():
+            raise DataError(f"{d} already holds a training run: pass --resume to continue it, or choose another name")
 
 
 class BatchSource:
@@ -88,13 +107,8 @@ class BatchSource:
     """
 
     def __init__(self, acts: torch.Tensor | Callable[[int], Iterator], batch_size: int, seed: int):
-        world = dist.world()
-        if batch_size % world:
-            raise ConfigError(
-                f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}"
-            )
+        self.batch_size = local_batch_size(batch_size)
         self.acts, self.global_batch, self.seed = acts, batch_size, seed
-        self.batch_size = batch_size // world
         if isinstance(acts, torch.Tensor):
             if acts.dim() != 2:
                 raise DataError(f"activations must be [n_tokens d_in], got shape {tuple(acts.shape)}")
@@ -180,7 +194,7 @@ class SAETrainer:
         sample = sample.to(self.device, torch.float32)
         self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
         with torch.no_grad():
-            self.sae.W_enc.mul_(cfg.resolved_enc_init_scale(sae_cfg.activation))
+            self.sae.W_enc.mul_(cfg.resolved_enc_init_scale(sae_cfg.family))
             if cfg.b_dec_init == "geometric_median":
                 self.sae.b_dec.copy_(geometric_median(sample * self.scale))
             elif cfg.b_dec_init == "mean":
@@ -293,8 +307,9 @@ class SAETrainer:
             fired > 0, torch.zeros_like(self.tokens_since_fired), self.tokens_since_fired + batch
         )
         self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
-        if self.sae_cfg.uses_threshold:  # written with torch.where: no host sync
-            per_feature = self.sae_cfg.activation == "feature_choice"
+        family = self.sae_cfg.family
+        if family.batch_selection:  # written with torch.where: no host sync
+            per_feature = family.threshold == "per_feature"
             low = min_kept(sel, n, per_feature, self.reduce).float().expand(n)
             ok = torch.isfinite(low)
             d = self.sae_cfg.threshold_decay
@@ -423,9 +438,8 @@ def train_sae(
     stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
     Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
     """
-    saes, reports = train_saes(
-        {"sae": sae_cfg}, acts, cfg, run_dir, resume, stop_after_steps, show_progress, _flat=True
-    )
+    dirs = {"sae": Path(run_dir)} if run_dir is not None else None
+    saes, reports = train_saes({"sae": sae_cfg}, acts, cfg, None, resume, stop_after_steps, show_progress, dirs)
     return saes["sae"], reports["sae"]
 
 
@@ -437,11 +451,12 @@ def train_saes(
     resume: bool = False,
     stop_after_steps: int | None = None,
     show_progress: bool = True,
-    _flat: bool = False,
+    dirs: dict[str, Path] | None = None,
 ) -> tuple[dict[str, SAE], dict[str, dict]]:
     """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
 
-    A dict source gives each SAE the batch of its `hook`. Each SAE gets run_dir/<name>/.
+    A dict source gives each SAE the batch of its `hook`. Each SAE gets run_dir/<name>/, or the
+    folder `dirs` gives it (metrics.jsonl, checkpoints/, sae/).
     Under torchrun (cfg.distribute): in "data" mode every rank returns every SAE and rank 0 writes
     the run files; in "hooks" mode SAE i is trained and written by rank i % world, which returns it.
     Resuming reads the checkpoints on every rank (a filesystem every rank sees).
@@ -461,8 +476,9 @@ def train_saes(
         if owners[name] == rank
     }
     writes = by_hook or dist.is_main()  # this rank writes its trainers' folders
-    base = Path(run_dir) if run_dir is not None else None
-    dirs = {name: (base if _flat else base / name) for name in names} if base else {}
+    if dirs is None:
+        dirs = {name: Path(run_dir) / name for name in names} if run_dir is not None else {}
+    base = Path(run_dir) if run_dir is not None else next(iter(dirs.values()), None)
     total_steps = max(1, cfg.n_tokens // cfg.batch_size)
     consumed = 0  # global batches = steps done
     restarted = (
@@ -480,11 +496,8 @@ def train_saes(
             if consumed:
                 load_checkpoint(trainer, dirs[name] / "checkpoints", consumed)
         resume = True
-    for name in names:
-        if base and not resume and (dirs[name] / "metrics.jsonl").exists():
-            raise DataError(
-                f"{dirs[name]} already holds a training run: pass --resume to continue it, or choose another name"
-            )
+    if not resume:
+        refuse_overwrite(dirs.values())
     dist.barrier()  # every rank has checked and read before any rank writes
     if base and resume and writes:
         for name in trainers:

@@ -123,7 +123,7 @@ def test_rerunning_the_model_on_a_stored_example_reproduces_its_value(analysed, 
     store, sae = sb.FeatureStore(run), sb.SAE.load(run / "sae")
     for f in (0, 5, 17):
         for ex in store.feature(f).top_examples[:3] + store.feature(f).quantile_examples[0].examples[:1]:
-            acts = Harvester(tiny, [HOOK], exclude_special=False)._forward(torch.tensor([ex.tokens]))[HOOK][0]
+            acts = Harvester(tiny, [HOOK], exclude_special=False).forward(torch.tensor([ex.tokens]))[HOOK][0]
             with torch.no_grad():
                 assert float(sae.encode(acts)[ex.position, f]) == pytest.approx(ex.value, rel=1e-5, abs=1e-6)
 
@@ -253,17 +253,17 @@ def test_store_refuses_bad_input_with_clear_errors(analysed, tmp_path):
 
 def test_features_firing_on_a_prompt_equal_the_sae_encoding(analysed, tiny):
     run, _, sae, *_ = analysed
-    store = sb.FeatureStore(run, model=tiny)
-    got = store.features_firing_on("In the beginning God created", top=4)
+    store = sb.FeatureStore(run)
+    got = sb.features_firing_on(tiny, sae, HOOK, "In the beginning God created", top=4, vocab=store.vocab)
     ids = [t.token for t in got.tokens]
-    acts = Harvester(tiny, [HOOK], exclude_special=False)._forward(torch.tensor([ids]))[HOOK][0]
+    acts = Harvester(tiny, [HOOK], exclude_special=False).forward(torch.tensor([ids]))[HOOK][0]
     z = sae.encode(acts)
     assert got.tokens[0].special and got.tokens[0].features == [] and not got.truncated
     for t in got.tokens[1:]:
         want = z[t.position].abs().topk(4)
         assert [j for j, _ in t.features] == want.indices.tolist()
         assert [v for _, v in t.features] == pytest.approx(z[t.position, want.indices].tolist(), rel=1e-5)
-    assert store.features_firing_on("word " * 400).truncated
+    assert sb.features_firing_on(tiny, sae, HOOK, "word " * 400, vocab=store.vocab).truncated
 
 
 def test_reanalysis_keeps_labels(tmp_path, tiny):

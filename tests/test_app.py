@@ -15,7 +15,7 @@ from saebench.analysis import AnalysisConfig
 from saebench.app_launcher import RUNS_ENV
 from saebench.pipeline import eval_from_config
 
-APP = Path(__file__).resolve().parents[1] / "app"
+APP = Path(__file__).resolve().parents[1] / "saebench" / "app"
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,8 @@ def test_app_command_refuses_a_path_that_is_no_run(tmp_path):
 def test_prompt_page_lists_the_features_the_store_computes(app_runs, monkeypatch, tiny):
     run, _ = app_runs
     prompt = "And God said, Let there be light"
-    want = sb.FeatureStore(run, model=tiny).features_firing_on(prompt, top=64)
+    store = sb.FeatureStore(run)
+    want = sb.features_firing_on(tiny, sb.SAE.load(run / "sae"), store.meta["hook"], prompt, top=64, vocab=store.vocab)
     at = page("pages/2_Prompt.py", [run], monkeypatch, prompt=prompt)
     table = at.dataframe[0].value
     assert table["token"].tolist() == [t.piece for t in want.tokens]
@@ -340,7 +341,6 @@ def test_trace_page_pairs_sum_to_the_score_and_bad_input_is_a_message(app_runs, 
 
 def test_trace_page_summarizes_the_induction_circuit_as_the_library_does(app_runs, monkeypatch, tiny):
     from saebench.induction import summarize_induction
-    from saebench.pipeline import run_sae_dirs
 
     run, _ = app_runs
     at = page("pages/4_Trace.py", [run], monkeypatch, layer=1, head=2)
@@ -351,7 +351,7 @@ def test_trace_page_summarizes_the_induction_circuit_as_the_library_does(app_run
     contexts = sb.load_contexts(
         dataclasses.replace(rc.data, split="test", max_documents=300), tiny.tokenizer, show_progress=False
     )
-    saes = {sae.cfg.hook: sae for sae in map(sb.SAE.load, run_sae_dirs(run))}
+    saes = sb.Run(run).load_saes()
     want = summarize_induction(tiny, saes, 1, 2, contexts.tokens, span=32, n_prompts=8)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["second-copy tokens traced"] == str(want.n_traces)

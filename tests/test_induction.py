@@ -15,7 +15,6 @@ from saebench.induction import (
     token_profile,
     trace_induction,
 )
-from saebench.pipeline import run_sae_dirs
 
 HOOKS = ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out")
 
@@ -94,7 +93,7 @@ def test_tiny_has_an_induction_head_downstream_of_a_previous_token_head(tiny):
 
 @pytest.fixture(scope="module")
 def circuit(tiny):
-    saes = {sae.cfg.hook: sae for sae in map(sb.SAE.load, run_sae_dirs(TINY_ATTN))}
+    saes = sb.Run(TINY_ATTN).load_saes(device="cpu")
     assert set(saes) == set(HOOKS)
     layer, head = divmod(int(sb.induction_report(tiny)["induction"].argmax()), tiny.cfg.n_heads)
     ctx = sb.load_contexts(sb.DataConfig(split="test", max_documents=300), tiny.tokenizer, show_progress=False)

@@ -42,7 +42,7 @@ def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     save_saelens(sae, tmp_path)
     meta = json.loads((tmp_path / "cfg.json").read_text())
     assert meta["architecture"] == ("topk" if activation == "topk" else "jumprelu") and meta["d_sae"] == 40
-    back = sb.SAE.load(tmp_path)
+    back = sb.load_sae(tmp_path)
     x = torch.randn(30, 12) * 2
     assert torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back(x), sae(x))
@@ -88,9 +88,9 @@ def test_unsupported_cases_fail_clearly(tmp_path):
     save_file({"W_enc": torch.zeros(2, 3)}, str(tmp_path / "sae_weights.safetensors"))
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 2, "d_sae": 3}))
     with pytest.raises(sb.DataError, match="'gated' is not supported"):
-        sb.SAE.load(tmp_path)
+        sb.load_sae(tmp_path)
     with pytest.raises(sb.DataError, match="no SAE at"):
-        sb.SAE.load(tmp_path / "empty")
+        sb.load_sae(tmp_path / "empty")
 
 
 def write_saelens(folder: Path, tensors: dict[str, torch.Tensor], **cfg) -> Path:

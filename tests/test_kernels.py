@@ -362,7 +362,7 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_kernel_core_compiles_with_nvcc_alone(tmp_path):
-    src = Path(__file__).resolve().parent.parent / "kernels" / "sparse_decoder.cu"
+    src = Path(kernels.KERNEL_DIR) / "sparse_decoder.cu"
     result = subprocess.run(
         ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-c", str(src), "-o", str(tmp_path / "core.o")],
         capture_output=True,

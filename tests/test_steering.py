@@ -232,7 +232,7 @@ def test_input_score_as_the_paper_computes_it(tiny, sae):
     ctx = sb.TokenContexts(ctx.tokens[:150], ctx.special_mask[:150])
     h = sb.Harvester(tiny, [HOOK], exclude_special=False)
     with torch.no_grad():
-        z = sae.encode(h._forward(ctx.tokens)[HOOK])
+        z = sae.encode(h.forward(ctx.tokens)[HOOK])
     lens = set((tiny.ln_final(sae.W_dec.detach())[:, None] @ tiny.W_U).squeeze(1).topk(20).indices.tolist()[5])
     examples = []  # (max code, token at the max) of each context where feature 5 fires
     for c in range(len(ctx.tokens)):

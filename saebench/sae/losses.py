@@ -54,7 +54,7 @@ def auxk_loss(
 ) -> torch.Tensor:
     """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
 
-    candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for abstopk.
+    candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for a signed family.
     reattach: pre is detached (sparse encoder backward); recompute the chosen entries with autograd.
     """
     n_cand = int(candidates.sum())
@@ -62,7 +62,7 @@ def auxk_loss(
         return x.new_zeros(())
     k_aux = min(sae.cfg.aux_k, n_cand)
     error = (x - x_hat).detach()
-    if sae.cfg.activation == "abstopk":
+    if sae.cfg.family.signed:
         rank = torch.where(candidates, pre.abs(), torch.full_like(pre, -torch.inf))
         _, idx = rank.topk(k_aux, dim=-1)
         values = pre.gather(-1, idx)
@@ -133,7 +133,7 @@ def sae_loss(
             recon = recon / len(prefixes)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
-        if cfg.activation in ("mutual_choice", "feature_choice") and freq is not None:
+        if cfg.family.aux == "aux_zipf" and freq is not None:
             aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward, reduce)
         elif dead is not None:
             aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce)

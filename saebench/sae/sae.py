@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from saebench import sparse
 from saebench.atomic import atomic_save_file, atomic_write_text
 from saebench.distributed import LOCAL, Reducer
-from saebench.errors import DataError
+from saebench.errors import ConfigError, DataError
+from saebench.readers import read_json, read_safetensors
 from saebench.sae import sparsify
 from saebench.sae.config import SAEConfig
 
@@ -25,6 +25,10 @@ class SAE(nn.Module):
         self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
     ):
         super().__init__()
+        if not cfg.d_in or not cfg.n_latents:
+            raise ConfigError(
+                "SAEConfig has no d_in / n_latents yet: give them, or cfg.resolve(d_in) for a hook's width"
+            )
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
@@ -49,22 +53,16 @@ class SAE(nn.Module):
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
         batch sparsifiers select over together (data parallelism)."""
         train = self.training if train is None else train
-        cfg = self.cfg
-        if cfg.activation == "topk":
-            return sparsify.topk(pre, cfg.k)
-        if cfg.activation == "abstopk":
-            return sparsify.abstopk(pre, cfg.k)
-        if not train:
+        family = self.cfg.family
+        if family.batch_selection and not train:
             return sparsify.threshold(pre, self.threshold)
-        if cfg.activation in ("batchtopk", "mutual_choice"):
-            return sparsify.batchtopk(pre, cfg.k, reduce)
-        return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, reduce)
+        return family.select(pre, self.cfg, reduce)
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
         so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's."""
         at = sparse.pre_acts_at(x, self.b_dec, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
-        values = at if self.cfg.activation == "abstopk" else at.relu()
+        values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +113,7 @@ class SAE(nn.Module):
     # -- files ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {k: v.detach().contiguous() for k, v in self.named_parameters()}
-        if self.cfg.uses_threshold:
+        if self.cfg.family.batch_selection:
             out["threshold"] = self.threshold.detach().contiguous()
         return out
 
@@ -129,21 +127,29 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-        from saebench.interop import is_saelens_folder, load_saelens
-
+        """saebench's own format (folder/cfg.json + folder/sae.safetensors); a damaged or half-written
+        file is a DataError naming it. `saebench.interop.load_sae` also reads SAELens folders."""
         folder = Path(folder)
-        if is_saelens_folder(folder) and not (folder / "sae.safetensors").exists():
-            return load_saelens(folder, device)
         if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
-            raise DataError(
-                f"no SAE at {folder} (needs cfg.json and sae.safetensors, or SAELens' sae_weights.safetensors)"
-            )
-        meta = json.loads((folder / "cfg.json").read_text())
+            raise DataError(f"no SAE at {folder} (needs cfg.json and sae.safetensors)")
+        meta = read_json(folder / "cfg.json", "retrain the SAE or copy the folder again")
         names = {f.name for f in dataclasses.fields(SAEConfig)}
         sae = cls(SAEConfig(**{k: v for k, v in meta.items() if k in names}), device=device)
-        tensors = load_file(str(folder / "sae.safetensors"), device=str(device))
+        tensors = read_safetensors(folder / "sae.safetensors", device, "retrain the SAE or copy the folder again")
+        want = set(sae.state_tensors())
+        if not want <= set(tensors):
+            raise DataError(
+                f"{folder / 'sae.safetensors'} lacks {', '.join(sorted(want - set(tensors)))}: "
+                "it is damaged or from another tool; retrain the SAE or copy the folder again"
+            )
         with torch.no_grad():
             for name, value in tensors.items():
-                getattr(sae, name).copy_(value)
+                target = getattr(sae, name)
+                if target.shape != value.shape:
+                    raise DataError(
+                        f"{folder / 'sae.safetensors'}: {name} has shape {tuple(value.shape)} but cfg.json says "
+                        f"{tuple(target.shape)}; the two files are from different SAEs"
+                    )
+                target.copy_(value)
         sae.meta = meta
         return sae

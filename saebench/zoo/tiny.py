@@ -21,9 +21,8 @@ from tqdm.auto import tqdm
 
 from saebench.data import DataConfig, iter_texts, pack_texts
 from saebench.errors import ConfigError
+from saebench.models import TINY_DIR
 from saebench.zoo.tokenizer import token_byte_lengths, train_bpe
-
-TINY_DIR = Path(__file__).parent / "tiny"
 
 
 @dataclass

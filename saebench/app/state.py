@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,47 +19,61 @@ import saebench as sb
 from saebench.app_launcher import RUNS_ENV
 from saebench.config import RunConfig, parse_dtype
 from saebench.errors import SAEBenchError
-from saebench.pipeline import run_sae_dirs
+from saebench.runs import Run, SAEHome
 
 
 @dataclass
 class RunView:
-    name: str
-    path: Path
-    saes: dict[str, Path]  # hook -> folder holding sae/ (and eval.json, features.sqlite)
+    """A run as the app shows it: its Run, and what is wrong with it (shown in the page)."""
+
+    run: Run
     problems: list[str] = field(default_factory=list)
-    config: RunConfig | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def saes(self) -> dict[str, SAEHome]:
+        return {} if self.problems else self.run.saes
+
+    @property
+    def config(self) -> RunConfig | None:
+        return None if self.problems else self.run.config
 
     def eval(self, hook: str) -> dict | None:
-        path = self.saes[hook] / "eval.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return _shown(lambda: self.run.eval(hook))
 
     def metrics(self, hook: str) -> pd.DataFrame | None:
-        path = next((p for p in (self.saes[hook] / "metrics.jsonl", self.path / "metrics.jsonl") if p.exists()), None)
-        if path is None:
-            return None
-        return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        rows = _shown(lambda: self.run.metrics(hook))
+        return pd.DataFrame(rows) if rows is not None else None
+
+
+def _shown(read):
+    """read(), or None with its error as a message in the page (a damaged file)."""
+    try:
+        return read()
+    except SAEBenchError as e:
+        st.error(str(e))
+        return None
 
 
 @st.cache_resource
 def load_runs(spec: str) -> list[RunView]:
     views = []
     for raw in [s for s in spec.split(os.pathsep) if s]:
-        path = Path(raw)
-        saes = {}
-        for d in run_sae_dirs(path):
-            cfg = json.loads((d / "cfg.json").read_text())
-            saes[cfg.get("hook") or d.parent.name] = d.parent
-        config = sb.load_config(path / "config.yaml") if saes else None
-        views.append(
-            RunView(
-                path.name,
-                path,
-                saes,
-                [] if saes else [f"{path} holds no trained SAE: train it with `saebench train`"],
-                config,
+        run = Run(raw)
+        try:
+            problems = (
+                [] if run.saes and run.config else [f"{run.path} holds no trained SAE: train it with `saebench train`"]
             )
-        )
+        except SAEBenchError as e:
+            problems = [str(e)]
+        views.append(RunView(run, problems))
     return views
 
 
@@ -79,7 +92,7 @@ def _store(path: str) -> sb.FeatureStore:
 
 def store(run: RunView, hook: str) -> sb.FeatureStore | None:
     """The hook's feature store, or None with a message in the page saying how to make one."""
-    path = run.saes[hook] / "features.sqlite"
+    path = run.saes[hook].store_path
     if not path.exists():
         st.info(
             f"{run.name} ({hook}) has no feature analysis yet: run `saebench analyze {run.path}` to browse its features."
@@ -141,7 +154,7 @@ def _model(name: str, device: str, dtype: str):
 
 @st.cache_resource
 def _sae(path: str, device: str) -> sb.SAE:
-    return sb.SAE.load(path, device)
+    return sb.load_sae(path, device)
 
 
 def run_model(run: RunView):
@@ -150,14 +163,21 @@ def run_model(run: RunView):
 
 
 def run_sae(run: RunView, hook: str) -> sb.SAE:
-    return _sae(str(run.saes[hook] / "sae"), run.config.device)
+    """The hook's SAE, loaded once per process; a damaged file stops the page with a message."""
+    try:
+        return _sae(str(run.saes[hook].sae_dir), run.run.config.device)
+    except SAEBenchError as e:
+        st.error(str(e))
+        st.stop()
+        raise
 
 
 def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
-    """The store with the run's model and SAE attached (each loaded once per process), for live encoding."""
+    """The store, with the run's model and SAE loaded (once per process) for live probing (`sb.features_firing_on`)."""
     s = store(run, hook)
     if s is not None:
-        s.attach(model=run_model(run), sae=run_sae(run, hook))
+        run_model(run)
+        run_sae(run, hook)
     return s
 
 
@@ -173,7 +193,7 @@ def feature_page(
     if hook is None:
         st.error(f"{run.name} holds no trained SAE.")
         st.stop()
-    if not need_store and not (run.saes[hook] / "features.sqlite").exists():
+    if not need_store and not run.saes[hook].store_path.exists():
         return run, views.index(run), hook, None
     s = live_store(run, hook) if live else store(run, hook)
     if s is None and need_store:

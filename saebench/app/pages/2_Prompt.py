@@ -10,7 +10,9 @@ import pandas as pd
 import state
 import streamlit as st
 
-_, run_index, hook, store = state.feature_page("prompt", live=True)
+import saebench as sb
+
+run, run_index, hook, store = state.feature_page("prompt", live=True)
 
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)
 top = st.slider("features per token", 1, 20, 5)
@@ -20,7 +22,9 @@ if not prompt.strip():
 st.query_params["prompt"] = prompt
 
 with st.spinner("encoding"):
-    result = store.features_firing_on(prompt, top=max(top, 64))
+    result = sb.features_firing_on(
+        state.run_model(run), state.run_sae(run, hook), hook, prompt, top=max(top, 64), vocab=store.vocab
+    )
 if result.truncated:
     st.warning(f"The text is longer than the model's context: only its first {len(result.tokens)} tokens are encoded.")
 

@@ -12,6 +12,8 @@ import plotly.express as px
 import state
 import streamlit as st
 
+from saebench.evaluate import EVAL_METRICS
+
 st.set_page_config(page_title="saebench", layout="wide")
 views = state.runs()
 run, hook = state.pick_run_and_hook(views)
@@ -26,23 +28,7 @@ result = run.eval(hook)
 if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
-    keys = [
-        k
-        for k in (
-            "fvu",
-            "fvu_batched",
-            "fvu_per_token",
-            "cossim",
-            "relative_reconstruction_bias",
-            "l0",
-            "dead_fraction",
-            "dense_fraction",
-            "shrinkage",
-            "ce_recovered",
-            "kl_score",
-        )
-        if k in result["sae"]
-    ]
+    keys = [k for k in EVAL_METRICS if k in result["sae"]]
     st.dataframe(
         pd.DataFrame(
             {

@@ -1,0 +1,210 @@
+"""A run folder, and the one owner of its layout:
+
+    RUN/config.yaml              the resolved RunConfig
+    RUN/activations/             the activation cache (harvest.py owns what is inside)
+    RUN/.analysis/               an interrupted analysis pass (analysis.py owns what is inside)
+    one hook:   RUN/sae/ (cfg.json + sae.safetensors), RUN/checkpoints/, RUN/metrics.jsonl,
+                RUN/eval.json, RUN/features.sqlite
+    several:    the same per SAE under RUN/<hook dir>/ (harvest.hook_dirname)
+
+Every file read here that is damaged or half-written is one DataError naming it and the fix.
+
+    run = sb.Run("runs/tiny")
+    sae = run.load_sae()               # the run's SAE (pass a hook in a multi-hook run)
+    run.eval(hook), run.metrics(hook)  # eval.json, metrics.jsonl (None when absent)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import yaml
+
+from saebench.atomic import atomic_write_text
+from saebench.config import RunConfig, from_dict, to_dict
+from saebench.errors import ConfigError, DataError
+from saebench.harvest import hook_dirname
+from saebench.interop import load_sae
+from saebench.models import load_model
+from saebench.readers import damaged, read_json, read_jsonl, read_yaml
+from saebench.sae import SAE
+
+CONFIG = "config.yaml"
+SAE_DIR = "sae"
+EVAL = "eval.json"
+METRICS = "metrics.jsonl"
+STORE_NAME = "features.sqlite"
+ACTIVATIONS = "activations"
+ANALYSIS_STATE = ".analysis"
+
+
+@dataclass(frozen=True)
+class SAEHome:
+    """The folder of one SAE of a run: RUN itself for a one-hook run, RUN/<hook dir> otherwise."""
+
+    hook: str
+    path: Path
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.path / SAE_DIR
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / EVAL
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / STORE_NAME
+
+    @property
+    def trained(self) -> bool:
+        return (self.sae_dir / "cfg.json").exists()
+
+
+class Run:
+    """A run folder (see the module docstring for its layout)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing run folder; DataError when there is none."""
+        run = cls(path)
+        if not (run.path / CONFIG).exists():
+            raise DataError(f"{run.path} is not a run directory (no {CONFIG}): train one with `saebench train CONFIG`")
+        return run
+
+    @classmethod
+    def homes_for(cls, run_dir: str | Path, hooks: list[str]) -> dict[str, SAEHome]:
+        """Where each hook's SAE goes: RUN for one hook, RUN/<hook dir> for several."""
+        run_dir = Path(run_dir)
+        if len(hooks) == 1:
+            return {hooks[0]: SAEHome(hooks[0], run_dir)}
+        return {h: SAEHome(h, run_dir / hook_dirname(h)) for h in hooks}
+
+    # -- the config ----------------------------------------------------------------------------
+    @cached_property
+    def config(self) -> RunConfig:
+        path = self.path / CONFIG
+        if not path.exists():
+            raise DataError(f"{self.path} is not a run directory (no {CONFIG}): train one with `saebench train CONFIG`")
+        data = read_yaml(path, "copy the run again or retrain it")
+        if not isinstance(data, dict):
+            raise damaged(path, "copy the run again or retrain it", "not a mapping of keys")
+        sae = data.get("sae") or {}
+        for key in ("d_in", "n_latents"):  # runs written before the sae section was an SAEConfig
+            if key in sae and sae[key] is None:
+                del sae[key]
+        try:
+            return from_dict(RunConfig, data)
+        except ConfigError as e:
+            raise DataError(f"{path}: {e}; fix the key or retrain the run") from None
+
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    @property
+    def activations_dir(self) -> Path:
+        return activations_dir(self.config)
+
+    @property
+    def analysis_state_dir(self) -> Path:
+        return self.path / ANALYSIS_STATE
+
+    # -- its SAEs ------------------------------------------------------------------------------
+    @cached_property
+    def saes(self) -> dict[str, SAEHome]:
+        """hook -> the folder of its trained SAE, in sorted folder order (empty before training ends)."""
+        if (self.path / SAE_DIR / "cfg.json").exists():
+            folders = [self.path]
+        else:
+            folders = sorted(p.parent.parent for p in self.path.glob(f"*/{SAE_DIR}/cfg.json"))
+        homes = {}
+        for folder in folders:
+            meta = read_json(folder / SAE_DIR / "cfg.json", "retrain the SAE or copy the folder again")
+            hook = meta.get("hook") or (folder.name if folder != self.path else self._only_hook())
+            homes[hook] = SAEHome(hook, folder)
+        return homes
+
+    def _only_hook(self) -> str:
+        return self.config.harvest.hooks[0]
+
+    def trained_homes(self) -> dict[str, SAEHome]:
+        """The SAEs of a finished training run; DataError naming the fix otherwise."""
+        if not (self.path / CONFIG).exists() or not self.saes:
+            raise DataError(
+                f"{self.path} is not a finished training run: it holds no trained SAE (needs {CONFIG} and {SAE_DIR}/); "
+                "train one with `saebench train CONFIG`"
+            )
+        return self.saes
+
+    def home(self, hook: str | None = None) -> SAEHome:
+        """One SAE's folder; `hook` picks one of a multi-hook run (a hook name or its folder name)."""
+        homes = self.trained_homes()
+        if hook is None and len(homes) == 1:
+            return next(iter(homes.values()))
+        for home in homes.values():
+            if hook in (home.hook, home.path.name):
+                return home
+        raise DataError(
+            f"{self.path} holds SAEs on {', '.join(homes)}: pass --hook (hook=...) to pick one"
+            if hook is None
+            else f"{self.path} has no SAE on {hook!r}; it has {', '.join(homes)}"
+        )
+
+    def load_sae(self, hook: str | None = None, device: str | torch.device | None = None) -> SAE:
+        return load_sae(self.home(hook).sae_dir, device or self.config.device)
+
+    def load_saes(self, device: str | torch.device | None = None) -> dict[str, SAE]:
+        """hook -> SAE, every SAE of the run (on the run's device unless `device` says otherwise)."""
+        homes = self.saes or self.trained_homes()
+        return {h: load_sae(home.sae_dir, device or self.config.device) for h, home in homes.items()}
+
+    def load_model(self):
+        cfg = self.config
+        return load_model(cfg.model, cfg.device, cfg.torch_dtype)
+
+    # -- what was written about them -----------------------------------------------------------
+    def eval(self, hook: str | None = None) -> dict | None:
+        """eval.json of the hook's SAE (None before `saebench eval`)."""
+        path = self.home(hook).eval_path
+        return read_json(path, f"rerun `saebench eval {self.path}`") if path.exists() else None
+
+    def write_eval(self, hook: str, result: dict) -> Path:
+        path = self.home(hook).eval_path
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        return path
+
+    def metrics(self, hook: str | None = None) -> list[dict] | None:
+        """The training log of the hook's SAE, one dict per logging step (None when there is none)."""
+        home = self.home(hook)
+        path = next((p for p in (home.metrics_path, self.path / METRICS) if p.exists()), None)
+        if path is None:
+            return None
+        return read_jsonl(path, f"resume the training (`saebench train CONFIG --resume`) to rewrite {path.name}")
+
+    def store_path(self, hook: str | None = None) -> Path:
+        return self.home(hook).store_path
+
+
+def activations_dir(cfg: RunConfig) -> Path:
+    """Where a run config's activation cache goes: harvest.cache_dir, else RUN/activations."""
+    return Path(cfg.harvest.cache_dir) if cfg.harvest.cache_dir else cfg.run_dir / ACTIVATIONS

@@ -1,0 +1,74 @@
+"""The SAE families: what each sparsifier is, declared once. Nothing else tests family names.
+
+Adding a family is one `Family` entry in FAMILIES (and its selection function in sparsify.py);
+`SAEConfig.family` looks it up, and the SAE, the losses, the trainer, the evaluation, the analysis
+and the SAELens export read its properties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from saebench.distributed import Reducer
+from saebench.sae import sparsify
+
+if TYPE_CHECKING:
+    from saebench.sae.config import SAEConfig
+
+Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"]
+SelectFn = Callable[[torch.Tensor, "SAEConfig", Reducer], sparsify.Selection]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One sparsifier's properties. `select(pre [batch n], cfg, reduce)` is its training-time selection."""
+
+    name: Activation
+    select: SelectFn
+    signed: bool = False  # codes keep their sign (no ReLU); ranked by |pre|
+    # batch selection: the choice depends on the whole batch, so inference uses a learned threshold,
+    # "global" (one value) or "per_feature", an EMA of the smallest kept value; None: per-token rule
+    threshold: Literal["global", "per_feature"] | None = None
+    aux: Literal["auxk", "aux_zipf"] = "auxk"  # AuxK on dead latents, or on latents under their Zipf share
+    # W_enc = enc_init_scale * W_dec^T, chosen on the defaults suite (docs/benchmarks.md, "Choosing the defaults")
+    enc_init_scale: float = 0.3
+    # the per-token family of a random baseline at matched scale (evaluate.random_baseline)
+    baseline: Activation = "topk"
+
+    @property
+    def batch_selection(self) -> bool:
+        return self.threshold is not None
+
+
+def _topk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+    return sparsify.topk(pre, cfg.k)
+
+
+def _abstopk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+    return sparsify.abstopk(pre, cfg.k)
+
+
+def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+    return sparsify.batchtopk(pre, cfg.k, reduce)
+
+
+def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, reduce)
+
+
+BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("topk", _topk),
+        Family("abstopk", _abstopk, signed=True, baseline="abstopk"),
+        Family("batchtopk", _batchtopk, threshold="global", enc_init_scale=BATCH_INIT),
+        Family("mutual_choice", _batchtopk, threshold="global", aux="aux_zipf", enc_init_scale=BATCH_INIT),
+        Family("feature_choice", _feature_choice, threshold="per_feature", aux="aux_zipf", enc_init_scale=BATCH_INIT),
+    )
+}
+ACTIVATIONS = tuple(FAMILIES)
