@@ -1,5 +1,5 @@
 # Both targets install what is missing first (scripts/setup is idempotent).
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench
 setup:
 	bash scripts/setup
 
@@ -9,8 +9,13 @@ demo: setup
 	.venv/bin/saebench analyze runs/tiny
 	@echo "open the app: .venv/bin/saebench app runs/tiny"
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff format --check .
+	.venv/bin/ruff check .
+	.venv/bin/pyright
 
 bench: setup
 	.venv/bin/python benchmarks/harvest.py --memory-tokens 5000000

@@ -62,14 +62,16 @@ def bare_pass(run: Path, n_tokens: int, split: str, batch_size: int) -> dict:
     rc = load_config(run / "config.yaml")
     model = sb.load_model(rc.model, rc.device, rc.torch_dtype)
     sae = sb.SAE.load(run / "sae", rc.device)
-    harvester = Harvester(model, [sae.cfg.hook], exclude_special=True)
+    hook = sae.cfg.hook
+    assert hook is not None
+    harvester = Harvester(model, [hook], exclude_special=True)
     contexts = sb.load_contexts(dataclasses.replace(rc.data, split=split), model.tokenizer, show_progress=False)
     n_ctx, _ = whole_contexts(contexts, n_tokens)
     start, done, fires = time.perf_counter(), 0, 0
     with torch.no_grad():
         for i in range(0, n_ctx, batch_size):
             j = min(i + batch_size, n_ctx)
-            x = harvester.device_activations(contexts.tokens[i:j], contexts.special_mask[i:j])[0][sae.cfg.hook]
+            x = harvester.device_activations(contexts.tokens[i:j], contexts.special_mask[i:j])[0][hook]
             _, _, values = sparse_codes(sae, x)
             fires += int((values != 0).sum())
             done += len(x)
@@ -103,7 +105,8 @@ def peak_memory(run: Path, n_tokens: int, split: str) -> dict:
         "import resource, sys, json, saebench as sb\n"
         "from saebench.analysis import AnalysisConfig\n"
         f"s = sb.analyze({str(run)!r}, AnalysisConfig(n_tokens={n_tokens}, split={split!r}), show_progress=False)\n"
-        "print(json.dumps({'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), **s}))\n"
+        "print(json.dumps({'peak_rss_gb': "
+        "round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), **s}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -124,7 +127,9 @@ def peer(run: Path, n_contexts: int, n_features: int) -> list[dict]:
     rc = load_config(run / "config.yaml")
     model = sb.load_model(rc.model)
     sae = sb.SAE.load(run / "sae")
+    assert sae.cfg.hook is not None
     contexts = sb.load_contexts(dataclasses.replace(rc.data, split="test"), model.tokenizer, show_progress=False)
+
     tokens = contexts.tokens[:n_contexts]
     n_tokens = int((~contexts.special_mask[:n_contexts]).sum())
     features = list(range(n_features))

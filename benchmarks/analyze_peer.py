@@ -208,19 +208,19 @@ def tiny_hooked_transformer_files(out_dir: Path, folder: Path = TINY) -> tuple[P
     }
     w = {k.removeprefix("transformer."): v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
     sd = {"embed.W_E": w["wte.weight"], "pos_embed.W_pos": w["wpe.weight"]}
-    for l in range(n_layers):
-        p = f"h.{l}."
-        sd[f"blocks.{l}.ln1.w"], sd[f"blocks.{l}.ln1.b"] = w[p + "ln_1.weight"], w[p + "ln_1.bias"]
+    for i in range(n_layers):
+        p = f"h.{i}."
+        sd[f"blocks.{i}.ln1.w"], sd[f"blocks.{i}.ln1.b"] = w[p + "ln_1.weight"], w[p + "ln_1.bias"]
         W_Q, W_K, W_V = torch.tensor_split(w[p + "attn.c_attn.weight"], 3, dim=1)  # [d_model, n_heads*d_head] each
         for name, W in (("W_Q", W_Q), ("W_K", W_K), ("W_V", W_V)):
-            sd[f"blocks.{l}.attn.{name}"] = W.reshape(d_model, n_heads, d_head).permute(1, 0, 2)
+            sd[f"blocks.{i}.attn.{name}"] = W.reshape(d_model, n_heads, d_head).permute(1, 0, 2)
         b = w[p + "attn.c_attn.bias"].reshape(3, n_heads, d_head)
-        sd[f"blocks.{l}.attn.b_Q"], sd[f"blocks.{l}.attn.b_K"], sd[f"blocks.{l}.attn.b_V"] = b[0], b[1], b[2]
-        sd[f"blocks.{l}.attn.W_O"] = w[p + "attn.c_proj.weight"].reshape(n_heads, d_head, d_model)
-        sd[f"blocks.{l}.attn.b_O"] = w[p + "attn.c_proj.bias"]
-        sd[f"blocks.{l}.ln2.w"], sd[f"blocks.{l}.ln2.b"] = w[p + "ln_2.weight"], w[p + "ln_2.bias"]
-        sd[f"blocks.{l}.mlp.W_in"], sd[f"blocks.{l}.mlp.b_in"] = w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"]
-        sd[f"blocks.{l}.mlp.W_out"], sd[f"blocks.{l}.mlp.b_out"] = w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"]
+        sd[f"blocks.{i}.attn.b_Q"], sd[f"blocks.{i}.attn.b_K"], sd[f"blocks.{i}.attn.b_V"] = b[0], b[1], b[2]
+        sd[f"blocks.{i}.attn.W_O"] = w[p + "attn.c_proj.weight"].reshape(n_heads, d_head, d_model)
+        sd[f"blocks.{i}.attn.b_O"] = w[p + "attn.c_proj.bias"]
+        sd[f"blocks.{i}.ln2.w"], sd[f"blocks.{i}.ln2.b"] = w[p + "ln_2.weight"], w[p + "ln_2.bias"]
+        sd[f"blocks.{i}.mlp.W_in"], sd[f"blocks.{i}.mlp.b_in"] = w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"]
+        sd[f"blocks.{i}.mlp.W_out"], sd[f"blocks.{i}.mlp.b_out"] = w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"]
     sd["unembed.W_U"] = (w["lm_head.weight"] if "lm_head.weight" in w else w["wte.weight"]).T  # tied in tiny
     sd["unembed.b_U"] = torch.zeros(hf["vocab_size"])
     sd["ln_final.w"], sd["ln_final.b"] = w["ln_f.weight"], w["ln_f.bias"]

@@ -149,6 +149,7 @@ def bench(run: Path, label: str, repeats: int, live: bool) -> None:
         }
     )
     prompt = "The cat sat on the mat. The cat sat on the mat."
+    assert sae.cfg.hook is not None
     saes = {sae.cfg.hook: sae}
     lib = median_ms(
         lambda: sb.trace_attention(model, prompt, model.cfg.n_layers - 1, 0, saes=saes, logit_tokens="top"), 10

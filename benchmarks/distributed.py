@@ -1,7 +1,8 @@
 """Data-parallel SAE training steps under torchrun: tokens/s for 1, 2, ... processes and the all-reduce's share.
 
     python benchmarks/distributed.py --device cpu --latents 4096 --d 256 --batch 2048 --procs 1 2     # CPU (gloo)
-    python benchmarks/distributed.py --device cuda --procs 1 2 4 8                              # GPUs (NCCL): n 65536, d 2304
+    python benchmarks/distributed.py --device cuda --procs 1 2 4 8 \
+                             # GPUs (NCCL): n 65536, d 2304
 
 Launches itself under `torchrun --standalone --nproc_per_node P` for each P and prints one JSON line
 per P: the global batch stays fixed (each rank trains on batch / P rows), so ideal scaling is

@@ -1,7 +1,9 @@
 """Sparse decoder forward+backward: dense decoder vs the torch sparse path vs the CUDA kernels, in one run.
 
-    python benchmarks/kernels.py                # GPU grid: B 8192, d {768, 2304}, n {16384, 65536, 262144}, k {32, 128}, bf16, uniform and Zipf
-    python benchmarks/kernels.py --device cpu --batch 1024 --d 768 --n 16384 --k 32 --repeats 5   # CPU smoke run (no kernels)
+    python benchmarks/kernels.py \
+               # GPU grid: B 8192, d {768, 2304}, n {16384, 65536, 262144}, k {32, 128}, bf16, uniform and Zipf
+    python benchmarks/kernels.py --device cpu --batch 1024 --d 768 --n 16384 --k 32 --repeats 5 \
+  # CPU smoke run (no kernels)
 
 One JSON line per case: median ms (CUDA events, 50 repeats) of forward+backward for each path, with
 gradients cleared before each backward as a training step does; ratios to dense and to the torch
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +95,7 @@ def case(
             torch.autograd.backward(x_hat, grad)
 
         ext = kernels.extension()
+        assert isinstance(ext, ModuleType)
         forward_ms = timed_ms(
             lambda: ext.gather_rows(values.detach().reshape(-1), indices.reshape(-1), offsets, W.detach(), b.detach()),
             device,

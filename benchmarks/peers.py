@@ -1,6 +1,7 @@
 """saebench against SAELens: TopK SAEs on the same activations, width, k, batch and tokens, in one run.
 
-    python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32] [--lr-grid 3e-4,1e-3,2e-3,4e-3]
+    python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32] \
+[--lr-grid 3e-4,1e-3,2e-3,4e-3]
 
 Harvests `tiny` blocks.1.hook_resid_post activations once (train split for training, the
 held-out split for FVU), trains saebench's TopK SAE in this process and SAELens' TopK SAE in
@@ -38,7 +39,8 @@ from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 
-path, n_tokens, batch, n_latents, k, out_dir, lr = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], float(sys.argv[7])
+path, n_tokens, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+n_latents, k, out_dir, lr = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], float(sys.argv[7])
 data = load_file(path)
 train, test = data["train"], data["test"]
 torch.manual_seed(0)
@@ -65,8 +67,8 @@ with torch.no_grad():
     fvu = float((test - x_hat).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
     l0 = float((sae.encode(test) != 0).float().sum(-1).mean())
 import sae_lens
-print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": lr, "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
-                  "tokens_per_s": round(steps * batch / seconds)}))
+print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": lr, "fvu": round(fvu, 4), "l0": round(l0, 2),
+                  "train_seconds": round(seconds, 1), "tokens_per_s": round(steps * batch / seconds)}))
 """
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/synthetic.py                       # the base regime: every family + plain TopK
     python benchmarks/synthetic.py --sweep --steps 1000  # n_latents / n_true and k / true L0 in {0.5, 1, 2}
-    python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0  # trainer options
+    python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0 \
+ # trainer options
 
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
@@ -97,7 +98,7 @@ def plain_sae(
             return torch.where(pre >= cut, pre, 0)
         return torch.where(pre > threshold, pre, 0)
 
-    for _, x in zip(range(steps), stream):
+    for _, x in zip(range(steps), stream, strict=False):
         loss = (encode(x, train=True) @ W_dec + b_dec - x).pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
@@ -117,7 +118,8 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 synthetic_py, args = sys.argv[1], json.loads(sys.argv[2])
-spec = importlib.util.spec_from_file_location("planted", synthetic_py)  # the file alone: saebench's package is not installed here
+# the file alone: saebench's package is not installed here
+spec = importlib.util.spec_from_file_location("planted", synthetic_py)
 planted_mod = sys.modules["planted"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(planted_mod)
 planted = planted_mod.PlantedFeatures(planted_mod.SyntheticConfig(**args["data"]))
@@ -125,10 +127,14 @@ held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(args["see
 torch.manual_seed(args["seed"])
 common = dict(d_in=planted.cfg.d, d_sae=args["n_latents"], k=args["k"], device="cpu", dtype="float32")
 batch_rule = args["rule"] == "batchtopk"
-sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)) if batch_rule else TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+sae = (
+    BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)) if batch_rule
+    else TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+)
 stream = planted.stream(args["batch"], args["seed"])(0)
 cfg = SAETrainerConfig(
-    n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=args["steps"] * args["batch"],
+    n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
+    total_training_samples=args["steps"] * args["batch"],
     device="cpu", autocast=False, lr=args["lr"], lr_end=args["lr"], lr_scheduler_name="constant", lr_warm_up_steps=0,
     adam_beta1=0.9, adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=args["batch"],
     dead_feature_window=1000, feature_sampling_window=2000,
@@ -180,7 +186,8 @@ def saelens_sae(
 
 
 def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
-    """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, TrainConfig options)."""
+    """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, \
+TrainConfig options)."""
     name, _, sets = spec.partition(":")
     activation, _, variant = name.partition("+")
     options = {
@@ -260,7 +267,8 @@ def main() -> None:
         "--families",
         nargs="+",
         default=list(FAMILIES),
-        help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]",
+        help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, "
+        "or saelens_topk / saelens_batchtopk[:lr=...]",
     )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)

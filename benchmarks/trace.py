@@ -22,7 +22,10 @@ import torch
 import saebench as sb
 from saebench.circuits import trace_attention
 
-PROMPT = "And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided the light from the darkness."
+PROMPT = (
+    "And God said, Let there be light: and there was light. "
+    "And God saw the light, that it was good: and God divided the light from the darkness."
+)
 
 
 def random_sae(hook: str, d_in: int, n: int, k: int = 32) -> sb.SAE:
@@ -77,7 +80,7 @@ def main() -> None:
         ).save_pretrained(tmp)
         tiny.tokenizer.save_pretrained(tmp)
         gpt2 = sb.load_model(tmp)
-        hooks = [f"blocks.{l}.hook_{s}_out" for l in range(6) for s in ("attn", "mlp")]
+        hooks = [f"blocks.{i}.hook_{s}_out" for i in range(6) for s in ("attn", "mlp")]
         time_case("gpt2_small_random", gpt2, 6, {h: random_sae(h, 768, 24576) for h in hooks}, args.repeats)
 
 

@@ -1,6 +1,7 @@
 """Whole SAE training steps (encoder, selection, decoder, losses, Adam) with activations already on the device.
 
-    python benchmarks/train_step.py                         # GPU: n 65536, d 2304, k 32, B 8192, bf16 autocast; fresh, Zipf, dead
+    python benchmarks/train_step.py \
+                        # GPU: n 65536, d 2304, k 32, B 8192, bf16 autocast; fresh, Zipf, dead
     python benchmarks/train_step.py --device cpu --n 4096 --d 256 --batch 1024 --steps 5 --cases fresh
 
 One JSON line per (case, path) (CUDA kernels on, torch path): the median step (CUDA events) of
@@ -57,7 +58,7 @@ def parts_ms(trainer: SAETrainer, x: torch.Tensor, device: torch.device) -> dict
     mark("backward")
     sae.remove_parallel_grad()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), trainer.cfg.grad_clip)  # (the fused step folds this into Adam)
-    trainer.opt.grad_scale = trainer.opt.found_inf = None
+    trainer.opt.grad_scale = trainer.opt.found_inf = None  # pyright: ignore[reportAttributeAccessIssue]
     trainer.opt.step()
     sae.normalize_decoder()
     mark("optimizer")

@@ -157,7 +157,9 @@ class Slots:
 
     @classmethod
     def empty(cls, n: int, m: int, ctx: int, bits: int, device, acts_dtype=torch.float16) -> Slots:
-        full = lambda shape, v, dtype=torch.long: torch.full(shape, v, dtype=dtype, device=device)
+        def full(shape, v, dtype=torch.long):
+            return torch.full(shape, v, dtype=dtype, device=device)
+
         return cls(
             full((n, 2 * m), 1 << bits),
             full((n, 2 * m), -1),
@@ -218,10 +220,10 @@ class Slots:
 
     def sorted(self) -> Slots:
         """The best m per feature, best first, on the CPU."""
-        out = Slots(*(getattr(self, k).clone() for k in self.TENSORS), self.m, self.bits)
+        out = Slots(**{k: getattr(self, k).clone() for k in self.TENSORS}, m=self.m, bits=self.bits)
         out._compact(torch.arange(len(out.fill), device=out.fill.device))
         best = {k: getattr(out, k)[:, : self.m] if k in self.PER_SLOT else getattr(out, k) for k in self.TENSORS}
-        return Slots(*(best[k].cpu() for k in self.TENSORS), self.m, self.bits)
+        return Slots(**{k: best[k].cpu() for k in self.TENSORS}, m=self.m, bits=self.bits)
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{k}": getattr(self, k) for k in self.TENSORS}
@@ -408,7 +410,8 @@ def decoder_neighbours(W_dec: torch.Tensor, k: int = 10, block: int = 4096) -> t
         rows = torch.arange(start, min(start + block, n), device=w.device)
         sim[rows - start, rows] = -math.inf
         v, i = sim.topk(k, dim=-1)
-        ids.append(i.cpu()), vals.append(v.cpu())
+        ids.append(i.cpu())
+        vals.append(v.cpu())
     return torch.cat(ids), torch.cat(vals)
 
 
@@ -439,7 +442,8 @@ def coactivation_neighbours(
         jac = torch.where(co > 0, co / union.clamp_min(1), torch.zeros_like(co))
         jac[torch.arange(stop - start, device=jac.device), torch.arange(start, stop, device=jac.device)] = 0
         v, i = jac.topk(k, dim=-1)
-        ids.append(torch.where(v > 0, i, torch.full_like(i, -1)).cpu()), vals.append(v.cpu())
+        ids.append(torch.where(v > 0, i, torch.full_like(i, -1)).cpu())
+        vals.append(v.cpu())
     return torch.cat(ids), torch.cat(vals)
 
 
@@ -476,7 +480,9 @@ def _co_counts_sparse(t: torch.Tensor, f: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def logit_lens(model, W_dec: torch.Tensor, k: int = 10, block: int = 1024) -> tuple[torch.Tensor, ...]:
+def logit_lens(
+    model, W_dec: torch.Tensor, k: int = 10, block: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each decoder row through the model's final norm and the unembedding (no b_U), as in
     Arad et al. 2025: -> top ids, top logits, bottom ids, bottom logits, each [n k]."""
     W_U = model.W_U
@@ -484,9 +490,10 @@ def logit_lens(model, W_dec: torch.Tensor, k: int = 10, block: int = 1024) -> tu
     for start in range(0, W_dec.shape[0], block):
         logits = model.ln_final(W_dec[start : start + block].to(W_U.device, W_U.dtype)) @ W_U
         top, bottom = logits.topk(k, dim=-1), logits.topk(k, dim=-1, largest=False)
-        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values)):
+        for lst, t in zip(out, (top.indices, top.values, bottom.indices, bottom.values), strict=True):
             lst.append(t.float().cpu() if t.is_floating_point() else t.cpu())
-    return tuple(torch.cat(o) for o in out)
+    top_ids, top_values, bottom_ids, bottom_values = (torch.cat(o) for o in out)
+    return top_ids, top_values, bottom_ids, bottom_values
 
 
 def sparse_codes(sae: SAE, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -535,7 +542,8 @@ def accumulate(
             )
         elif meta.get("fingerprint") != fingerprint:
             raise DataError(
-                f"the interrupted analysis in {state_dir} used other settings: rerun with the same ones, or pass --restart"
+                f"the interrupted analysis in {state_dir} used other settings: "
+                "rerun with the same ones, or pass --restart"
             )
         else:
             tensors = read_safetensors(state_path, device, fix)

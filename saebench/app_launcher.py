@@ -21,7 +21,8 @@ def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
     paths = check_runs(runs)
     if not (APP_DIR / "Home.py").exists():
         raise DataError(
-            f"the app is missing from {APP_DIR}: reinstall saebench (pip install saebench, or pip install -e . in a checkout)"
+            f"the app is missing from {APP_DIR}: "
+            "reinstall saebench (pip install saebench, or pip install -e . in a checkout)"
         )
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(p) for p in paths)}
     cmd = [

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 PARTIAL = ".partial"
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """`write(tmp_path)` writes the file; it appears at `path` whole or not at all."""
     path = Path(path)
     staging = path.parent / PARTIAL

@@ -48,6 +48,7 @@ def _sae_components(
     bias = sae.b_dec[None]
     error = (act - sae.decode(z[None])[0])[None]
     if out_proj is not None:
+        assert out_bias is not None
         vecs, bias, error = vecs @ out_proj, bias @ out_proj + out_bias, error @ out_proj
     names = [f"{hook}:f{int(i)}" for i in active] + [f"{hook}:bias", f"{hook}:error"]
     kinds = ["feature"] * len(active) + ["sae_bias", "error"]
@@ -72,13 +73,14 @@ def residual_components(
     parts += Components(["tok_embed"], ["embed"], cache["hook_embed"][batch, pos][None])
     if "hook_pos_embed" in cache:
         parts += Components(["pos_embed"], ["embed"], cache["hook_pos_embed"][batch, pos][None])
-    for l in range(layer):
+    for block in range(layer):
         for sub in ("attn", "mlp"):
-            out_hook = f"blocks.{l}.hook_{sub}_out"
-            z_hook = f"blocks.{l}.attn.hook_z"
+            out_hook = f"blocks.{block}.hook_{sub}_out"
+            z_hook = f"blocks.{block}.attn.hook_z"
             if sub == "attn" and z_hook in saes:
-                W_O = model.W_O[l].reshape(cfg.n_heads * cfg.d_head, cfg.d_model)
-                parts += _sae_components(saes[z_hook], z_hook, cache[z_hook][batch, pos].flatten(), W_O, model.b_O[l])
+                W_O = model.W_O[block].reshape(cfg.n_heads * cfg.d_head, cfg.d_model)
+                z = cache[z_hook][batch, pos].flatten()
+                parts += _sae_components(saes[z_hook], z_hook, z, W_O, model.b_O[block])
             elif out_hook in saes:
                 parts += _sae_components(saes[out_hook], out_hook, cache[out_hook][batch, pos])
             else:
@@ -148,6 +150,7 @@ class TraceResult:
     def attention_figure(self):
         import plotly.graph_objects as go
 
+        assert self.attention is not None
         labels = [f"{i} {t!r}" for i, t in enumerate(self.tokens)]
         fig = go.Figure(go.Heatmap(z=self.attention.tolist(), x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
         fig.update_layout(
@@ -212,7 +215,8 @@ class TraceResult:
             go.Heatmap(z=z, x=[self.k_names[i] for i in ki], y=[self.q_names[i] for i in qi], colorscale="RdBu", zmid=0)
         )
         fig.update_layout(
-            title=f"L{self.layer}H{self.head} score {self.score:.3f}: q={self.query_pos} {self.tokens[self.query_pos]!r}, k={self.key_pos} {self.tokens[self.key_pos]!r}",
+            title=f"L{self.layer}H{self.head} score {self.score:.3f}: "
+            f"q={self.query_pos} {self.tokens[self.query_pos]!r}, k={self.key_pos} {self.tokens[self.key_pos]!r}",
             xaxis_title="key-side component",
             yaxis_title="query-side component",
         )
@@ -381,7 +385,10 @@ def trace_attention_cached(
         if isinstance(logit_tokens, str):
             raise ConfigError(f'logit_tokens is a token id, a pair (a, b) or "top", not {logit_tokens!r}')
         a, b = (logit_tokens, None) if isinstance(logit_tokens, int) else logit_tokens
-        piece = lambda t: repr(model.tokenizer.decode([t]))
+
+        def piece(t):
+            return repr(model.tokenizer.decode([t]))
+
         result.logit_target = f"logit({piece(a)})" + (f" - logit({piece(b)})" if b is not None else "")
         direction = model.W_U[:, a] - (model.W_U[:, b] if b is not None else 0)
         bias = model.b_U[a] - (model.b_U[b] if b is not None else 0)
@@ -404,7 +411,8 @@ def trace_attention_cached(
 
 
 def parse_component(name: str) -> tuple[str, int | None]:
-    """A component's name -> (hook or name, feature id or None): "blocks.0.attn.hook_z:f12" -> ("blocks.0.attn.hook_z", 12)."""
+    """A component's name -> (hook or name, feature id or None):
+    "blocks.0.attn.hook_z:f12" -> ("blocks.0.attn.hook_z", 12)."""
     hook, sep, rest = name.rpartition(":f")
     return (hook, int(rest)) if sep and rest.isdigit() else (name, None)
 
@@ -431,16 +439,16 @@ def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24) -> 
     induction = torch.zeros(L, H)
     n = tokens.shape[1]
     idx = torch.arange(2, n)
-    for l in range(L):
-        pat = cache[f"blocks.{l}.attn.hook_pattern"]  # [batch head q k]
-        prev[l] = pat[:, :, idx, idx - 1].mean((0, 2)).cpu()
+    for layer in range(L):
+        pat = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch head q k]
+        prev[layer] = pat[:, :, idx, idx - 1].mean((0, 2)).cpu()
     span = tokens[:, 1 : 1 + repeat_len]
     rep = torch.cat([tokens[:, :1], span, span], dim=1)
     _, cache = model.run_with_cache(rep)
     q = torch.arange(1 + repeat_len + 1, 1 + 2 * repeat_len)
-    for l in range(L):
-        pat = cache[f"blocks.{l}.attn.hook_pattern"]
-        induction[l] = pat[:, :, q, q - repeat_len + 1].mean((0, 2)).cpu()
+    for layer in range(L):
+        pat = cache[f"blocks.{layer}.attn.hook_pattern"]
+        induction[layer] = pat[:, :, q, q - repeat_len + 1].mean((0, 2)).cpu()
     return {"prev_token": prev, "induction": induction}
 
 
@@ -476,5 +484,5 @@ def induction_report(model, n_seq: int = 64, span: int = 40, seed: int = 0) -> d
     )
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
     return induction_summary(
-        [cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.cfg.n_layers)], logits, tokens, span
+        [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)], logits, tokens, span
     )

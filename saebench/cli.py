@@ -166,7 +166,8 @@ def _trace(args: argparse.Namespace) -> None:
         logit_tokens=(logit[0] if logit and len(logit) == 1 else logit),
     )
     print(
-        f"layer {r.layer} head {r.head}: query {r.query_pos} {r.tokens[r.query_pos]!r} -> key {r.key_pos} {r.tokens[r.key_pos]!r}; "
+        f"layer {r.layer} head {r.head}: "
+        f"query {r.query_pos} {r.tokens[r.query_pos]!r} -> key {r.key_pos} {r.tokens[r.key_pos]!r}; "
         f"score {r.score:.4f} (pairs sum to {float(r.pair_scores.sum()):.4f}), attention {r.pattern:.3f}"
     )
     print(r.top_pairs(args.top).to_string(index=False))

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +124,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        return from_dict(typing.cast(type, tp), value, path)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)):
@@ -155,7 +156,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
-def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConfig) -> Any:
+def load_config(path: str | Path, overrides: Sequence[str] = (), cls: type = RunConfig) -> Any:
     """Read a YAML config; `overrides` are "a.b=value" strings applied on top."""
     path = Path(path)
     if not path.is_file():
@@ -167,7 +168,7 @@ def load_config(path: str | Path, overrides: list[str] = (), cls: type = RunConf
     return from_dict(cls, apply_overrides(data, overrides))
 
 
-def apply_overrides(data: dict, overrides: list[str] = (), example: str = "harvest.n_tokens=100000") -> dict:
+def apply_overrides(data: dict, overrides: Sequence[str] = (), example: str = "harvest.n_tokens=100000") -> dict:
     """Set each "a.b=value" string (value read as YAML) in the nested mapping `data`, in place."""
     for item in overrides:
         if "=" not in item:

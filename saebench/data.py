@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,7 +88,9 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
         formats = {LOCAL_FORMATS.get(p.suffix) for p in files}
         if None in formats or len(formats) != 1:
             raise DataError(f"{path}: use files of one format among {', '.join(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(formats.pop(), data_files=[str(p) for p in files], split="train")
+        fmt = formats.pop()
+        assert fmt is not None
+        ds = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train")
     elif looks_like_local_path(cfg.path):
         raise DataError(f"dataset file not found: {cfg.path} (check data.path, or use 'bundled')")
     else:
@@ -98,7 +101,7 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
                 f"dataset {cfg.path!r} is not a local file and could not be loaded from the Hugging Face hub "
                 f"({type(e).__name__}); download it where the hub is reachable, or point data.path at local files"
             ) from None
-    for row in ds:
+    for row in cast(Iterable[dict], ds):
         if cfg.text_field not in row:
             raise DataError(
                 f"dataset rows have no field {cfg.text_field!r} (fields: {', '.join(row)}): set data.text_field"

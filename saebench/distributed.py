@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 MODES = ("data", "hooks")
-_STORE: dist.Store | None = None  # this elastic attempt's key space in torchrun's store (set by init)
+# this elastic attempt's key space in torchrun's store (set by init)
+_STORE: dist.Store | None = None  # pyright: ignore[reportPrivateImportUsage]
 
 
 def env_world() -> int:
@@ -36,7 +37,7 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
         timeout = timedelta(minutes=timeout_minutes)
         rank, world = int(os.environ["RANK"]), env_world()
         agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = dist.TCPStore(
+        store = dist.TCPStore(  # pyright: ignore[reportPrivateImportUsage]
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
             world,
@@ -45,7 +46,8 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
         )
         # each elastic attempt gets its own keys: a restarted group read the dead attempt's peer
         # addresses from torchrun's store and failed to connect (torch 2.13, gloo)
-        attempt = dist.PrefixStore(f"saebench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        prefix = f"saebench/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        attempt = dist.PrefixStore(prefix, store)  # pyright: ignore[reportPrivateImportUsage]
         global _STORE
         _STORE = attempt
         dist.init_process_group("nccl" if cuda else "gloo", store=attempt, rank=rank, world_size=world, timeout=timeout)
@@ -53,7 +55,8 @@ def init(device: str = "cpu", timeout_minutes: float = 30) -> str:
 
 
 def restarted() -> bool:
-    """This process is an elastic restart (`torchrun --max-restarts`): training resumes from the run's last checkpoint."""
+    """This process is an elastic restart (`torchrun --max-restarts`): training resumes from the run's last
+    checkpoint."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 

@@ -73,6 +73,7 @@ def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_si
         n += len(x)
     if n == 0:
         raise DataError("no activations to evaluate")
+    assert total is not None
     variance = sum_sq - float(total.pow(2).sum()) / n
     fvu = sq_err / variance
     freq = fires / n
@@ -141,7 +142,7 @@ def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_si
         tokens = contexts.tokens[i : i + batch_size].to(dev)
         keep = ~contexts.special_mask[i : i + batch_size].to(dev)
 
-        def patch(kind):
+        def patch(kind, keep=keep):
             def fn(act, hook):
                 flat = flatten_heads(act)
                 new = sae(flat) if kind == "sae" else torch.zeros_like(flat)

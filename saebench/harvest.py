@@ -276,7 +276,8 @@ def harvest_to_disk(
         if old != settings:
             diff = [k for k in settings if old[k] != settings[k]]
             raise DataError(
-                f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); set harvest.cache_dir to a new folder or delete that one"
+                f"{cache_dir} holds a cache made with other settings ({', '.join(diff)}); "
+                "set harvest.cache_dir to a new folder or delete that one"
             )
     else:
         manifest = {**settings, "shards": [], "n_tokens": 0, "complete": False}
@@ -326,7 +327,7 @@ class ActivationStore:
                 f"no activation cache at {self.cache_dir} (missing {MANIFEST}); run `saebench harvest CONFIG` first"
             )
         self.manifest = read_json(path, f"delete {self.cache_dir} and rerun `saebench harvest CONFIG`")
-        hooks = list(self.manifest["hooks"])
+        hooks: list[str] = list(self.manifest["hooks"])
         if hook is None:
             hook = hooks[0]
         if hook not in hooks:

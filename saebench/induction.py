@@ -42,9 +42,9 @@ def repeated_prompt(tokens: torch.Tensor, bos: int) -> torch.Tensor:
 
 def _side_diffs(names_a: list[str], vals_a: torch.Tensor, names_b: list[str], vals_b: torch.Tensor) -> dict[str, float]:
     out: dict[str, float] = {}
-    for name, v in zip(names_a, vals_a.tolist()):
+    for name, v in zip(names_a, vals_a.tolist(), strict=False):
         out[name] = out.get(name, 0.0) + v
-    for name, v in zip(names_b, vals_b.tolist()):
+    for name, v in zip(names_b, vals_b.tolist(), strict=False):
         out[name] = out.get(name, 0.0) - v
     return out
 
@@ -105,7 +105,8 @@ def share_by_group(
 
 @torch.no_grad()
 def hook_activations(model, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """tokens [batch pos] -> {hook: [batch pos d]} at every position (hook_z flattened to (head d_head)), one forward pass."""
+    """tokens [batch pos] -> {hook: [batch pos d]} at every position (hook_z flattened to (head d_head)),
+    one forward pass."""
     rows, _ = Harvester(model, hooks, exclude_special=False).activations(
         tokens, torch.zeros_like(tokens, dtype=torch.bool)
     )

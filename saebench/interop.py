@@ -102,14 +102,16 @@ def _field(meta: dict, key: str, *old: str) -> Any:
 
 
 def processing_note(meta: dict, hook: str | None) -> str | None:
-    """One line when model_from_pretrained_kwargs process the model (SAELens loads with from_pretrained_no_processing(**kwargs))."""
+    """One line when model_from_pretrained_kwargs process the model (SAELens loads with
+    from_pretrained_no_processing(**kwargs))."""
     kwargs = _field(meta, "model_from_pretrained_kwargs") or {}
     on = [k for k in PROCESSING_KWARGS if kwargs.get(k)]
     if not on:
         return None
     return (
-        f"SAELens model_from_pretrained_kwargs {', '.join(f'{k}=True' for k in on)}: the SAE was trained on a processed "
-        f"HookedTransformer, saebench runs the unprocessed model, so activations at {hook} may differ; check its reconstruction"
+        f"SAELens model_from_pretrained_kwargs {', '.join(f'{k}=True' for k in on)}: "
+        "the SAE was trained on a processed HookedTransformer, saebench runs the unprocessed model, "
+        f"so activations at {hook} may differ; check its reconstruction"
     )
 
 
@@ -121,7 +123,8 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise DataError(f"{folder}: SAELens architecture {arch!r} is not supported (topk and jumprelu are)")
     if meta.get("normalize_activations", "none") not in ("none", False, None):
         raise DataError(
-            f"{folder}: normalize_activations={meta['normalize_activations']!r} is not supported; fold it into the weights first"
+            f"{folder}: normalize_activations={meta['normalize_activations']!r} is not supported; "
+            "fold it into the weights first"
         )
     if meta.get("reshape_activations", "none") not in ("none", "hook_z"):
         raise DataError(
@@ -159,7 +162,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             # SAELens: z = topk(pre * n), x_hat = (z / n) W_dec + b_dec, n = |W_dec rows|; exactly
             # z = topk(pre'), x_hat = z W_dec' + b_dec with W_enc' = W_enc n, b_enc' = b_enc n, W_dec' = W_dec / n.
             n = sae.W_dec.norm(dim=-1).clamp_min(1e-8)
-            sae.W_enc *= n
+            sae.W_enc *= n  # pyright: ignore[reportAttributeAccessIssue]
             sae.b_enc *= n
             sae.W_dec /= n[:, None]
         if arch == "jumprelu":

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def extension(verbose: bool = False):
+def extension(verbose: bool = False) -> Any:
     """The compiled extension module, or None (after saying why once)."""
     if "ext" in _state:
         return _state["ext"]

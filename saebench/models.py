@@ -18,7 +18,8 @@ def model_folder(name: str) -> Path | None:
     if name == "tiny":
         if not (TINY_DIR / "model.safetensors").exists():
             raise ModelError(
-                f"the bundled tiny model is missing from {TINY_DIR}: reinstall saebench or run `saebench zoo train-tiny`"
+                f"the bundled tiny model is missing from {TINY_DIR}: "
+                "reinstall saebench or run `saebench zoo train-tiny`"
             )
         return TINY_DIR
     if name == "minilm":
@@ -88,9 +89,9 @@ def _load_hub(name: str, device, dtype):
         model = TransformerBridge.boot_transformers(name, device=str(device), dtype=dtype)
     except Exception as e:  # transformers/huggingface_hub raise many kinds for "not reachable"
         raise ModelError(
-            f"could not load model {name!r} ({type(e).__name__}): it is not bundled ({', '.join(BUNDLED)}), not a local "
-            f"folder, and not in the Hugging Face cache; on a machine with internet run `hf download {name}` "
-            f"(or copy the folder here and pass its path)"
+            f"could not load model {name!r} ({type(e).__name__}): "
+            f"it is not bundled ({', '.join(BUNDLED)}), not a local folder, and not in the Hugging Face cache; "
+            f"on a machine with internet run `hf download {name}` (or copy the folder here and pass its path)"
         ) from None
     finally:
         if cached:

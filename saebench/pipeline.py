@@ -1,4 +1,5 @@
-"""Config-driven jobs shared by the CLI and notebooks: a run config or a Run -> model -> data -> activations -> files."""
+"""Config-driven jobs shared by the CLI and notebooks:
+a run config or a Run -> model -> data -> activations -> files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,12 +25,12 @@ from saebench.store import write_store
 from saebench.train import local_batch_size, refuse_overwrite, train_saes
 
 
-def _run_config(cfg: RunConfig | str | Path, overrides: list[str]) -> RunConfig:
+def _run_config(cfg: RunConfig | str | Path, overrides: Sequence[str]) -> RunConfig:
     return cfg if isinstance(cfg, RunConfig) else load_config(cfg, list(overrides))
 
 
 def harvest_from_config(
-    cfg: RunConfig | str | Path, overrides: list[str] = (), max_shards: int | None = None, model=None
+    cfg: RunConfig | str | Path, overrides: Sequence[str] = (), max_shards: int | None = None, model=None
 ) -> dict:
     """Run the config's harvest into its cache folder; returns the manifest (+ "cache_dir").
     Under torchrun the ranks write disjoint shards of the one cache."""
@@ -42,7 +44,10 @@ def harvest_from_config(
 
 
 def train_from_config(
-    cfg: RunConfig | str | Path, overrides: list[str] = (), resume: bool = False, stop_after_steps: int | None = None
+    cfg: RunConfig | str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    stop_after_steps: int | None = None,
 ):
     """`saebench train`: harvest (streamed or cached) and train the config's SAEs into runs/<name>/."""
     cfg = _run_config(cfg, overrides)
@@ -66,7 +71,7 @@ def train_from_config(
                 f"the cache has {len(store.shards)} shard(s) for {dist.world()} ranks: lower harvest.shard_contexts"
             )
 
-        def source(epoch: int):
+        def source(epoch: int) -> Iterator:
             return store.iter_batches(local_batch, seed=cfg.seed * 1000 + epoch, part=dist.shard(len(store.shards)))
     else:
         contexts = load_contexts(cfg.data, model.tokenizer, show_progress=dist.is_main())
@@ -74,7 +79,7 @@ def train_from_config(
         contexts = TokenContexts(contexts.tokens[mine], contexts.special_mask[mine])
         chunk = min(local_batch, cfg.harvest.buffer_tokens // 2)
 
-        def source(epoch: int):
+        def source(epoch: int) -> Iterator:
             return stream_activations(
                 harvester,
                 contexts,

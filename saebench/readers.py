@@ -33,7 +33,8 @@ def read_json(path: str | Path, fix: str) -> Any:
 
 
 def read_jsonl(path: str | Path, fix: str) -> list[dict]:
-    """One JSON object per line; a half-written last line (a killed writer) is dropped, any other bad line is an error."""
+    """One JSON object per line; a half-written last line (a killed writer) is dropped, any other bad line is
+    an error."""
     path = Path(path)
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]

@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -86,7 +87,7 @@ class Steering:
         return self.edit(flat).reshape(act.shape)
 
 
-def _check(model, sae: SAE, hook: str, features: dict[int, float], mode: str, positions: str) -> None:
+def _check(model, sae: SAE, hook: str | None, features: dict[int, float], mode: str, positions: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
     if positions not in POSITIONS:
@@ -100,7 +101,8 @@ def _check(model, sae: SAE, hook: str, features: dict[int, float], mode: str, po
     bad = [i for i in features if not 0 <= int(i) < sae.cfg.n_latents]
     if bad:
         raise ConfigError(
-            f"feature index {bad[0]} is out of range: the SAE has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})"
+            f"feature index {bad[0]} is out of range: "
+            f"the SAE has {sae.cfg.n_latents} latents (0..{sae.cfg.n_latents - 1})"
         )
 
 
@@ -149,7 +151,8 @@ def generate(
     n_ctx = model.cfg.n_ctx
     if tokens.shape[1] + max_new_tokens > n_ctx:
         raise ConfigError(
-            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {n_ctx}"
+            f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {n_ctx}"
         )
     for s in [steering] if isinstance(steering, Steering) else steering or []:
         s.prompt_len = tokens.shape[1]
@@ -216,6 +219,7 @@ def steering_sweep(
         ) as s:
             tokens = generate(model, prompt, max_new_tokens, temperature, seed=seed, steering=s, return_tokens=True)
             start = s.prompt_len
+            assert start is not None
             steered = model(tokens).float().log_softmax(-1)
         clean = model(tokens).float().log_softmax(-1)
         gen_pos = torch.arange(start - 1, tokens.shape[1] - 1, device=tokens.device)
@@ -334,7 +338,7 @@ def input_score(
     """Arad, Mueller & Belinkov (2025): over the feature's top-activating contexts (up to
     n_examples), the share whose max-activating token is among its n_lens_tokens logit-lens
     tokens. None when fewer than min_examples contexts activate it."""
-    hook = hook or sae.cfg.hook
+    hook = cast(str, hook or sae.cfg.hook)
     harvester = Harvester(model, [hook], exclude_special=False)
     best = []
     for i in range(0, len(contexts), 32):
@@ -342,7 +346,7 @@ def input_score(
         acts = harvester.forward(toks)[hook]
         z = sae.encode(acts)[..., feature].masked_fill(contexts.special_mask[i : i + 32].to(acts.device), 0)
         val, pos = z.max(-1)
-        best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos)) if v > 0]
+        best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos, strict=True)) if v > 0]
     if len(best) < min_examples:
         return None
     top = sorted(best, key=lambda vt: -vt[0])[:n_examples]

@@ -40,7 +40,8 @@ CREATE TABLE examples(
   feature INTEGER NOT NULL, kind TEXT NOT NULL, interval INTEGER NOT NULL, rank INTEGER NOT NULL, value REAL NOT NULL,
   context INTEGER NOT NULL, position INTEGER NOT NULL, act_positions BLOB NOT NULL, act_values BLOB NOT NULL,
   PRIMARY KEY(feature, kind, interval, rank)) WITHOUT ROWID;
-CREATE TABLE labels(feature INTEGER PRIMARY KEY, label TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '', updated TEXT);
+CREATE TABLE labels(
+  feature INTEGER PRIMARY KEY, label TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '', updated TEXT);
 CREATE VIRTUAL TABLE search USING fts5(top_tokens, logit_tokens, snippets, label);
 """
 
@@ -124,7 +125,8 @@ def write_store(
             _fill(con, results, contexts, vocab, meta)
             con.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", _old_labels(path))
             con.execute(
-                "UPDATE search SET label = (SELECT label FROM labels WHERE feature = search.rowid) WHERE rowid IN (SELECT feature FROM labels)"
+                "UPDATE search SET label = (SELECT label FROM labels WHERE feature = search.rowid) "
+                "WHERE rowid IN (SELECT feature FROM labels)"
             )
             con.execute("INSERT INTO meta VALUES ('complete', 'true')")
         con.execute("PRAGMA journal_mode=WAL")
@@ -200,16 +202,24 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
         ints = np.zeros(len(ranks), dtype=np.int64) if kind == "top" else interval[f_idx, s_idx].numpy()
         values = slots.value[f_idx, s_idx].numpy()
         for j, (f, c, p, v, rank, iv) in enumerate(
-            zip(f_idx.tolist(), ctx_id.tolist(), pos.tolist(), values.tolist(), ranks.tolist(), ints.tolist())
+            zip(
+                f_idx.tolist(),
+                ctx_id.tolist(),
+                pos.tolist(),
+                values.tolist(),
+                ranks.tolist(),
+                ints.tolist(),
+                strict=True,
+            )
         ):
             lo, hi = bounds[j], bounds[j + 1]
             examples.append((f, kind, iv, rank, v, c, p, cols16[lo:hi].tobytes(), vals32[lo:hi].tobytes()))
         used_ctx.update(np.unique(ctx_id).tolist())
         if kind == "top":
-            for f, t in zip(f_idx.tolist(), all_tokens[ctx_id, pos].tolist()):
+            for f, t in zip(f_idx.tolist(), all_tokens[ctx_id, pos].tolist(), strict=True):
                 per_feature_tokens[f].append(t)
             first = ranks < N_SNIPPET_EXAMPLES
-            for f, c, p in zip(f_idx[first].tolist(), ctx_id[first].tolist(), pos[first].tolist()):
+            for f, c, p in zip(f_idx[first].tolist(), ctx_id[first].tolist(), pos[first].tolist(), strict=True):
                 window = all_tokens[c, max(0, p - SNIPPET_RADIUS) : p + SNIPPET_RADIUS + 1]
                 snippets[f].append("".join(vocab[t] for t in window.tolist()))
     con.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", examples)
@@ -232,16 +242,16 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
             tok_counts[t] = tok_counts.get(t, 0) + 1
         top_tokens = sorted(tok_counts.items(), key=lambda kv: (-kv[1], kv[0]))
         if lens is not None:
-            ltop = [[int(t), round(float(v), 4)] for t, v in zip(lens[0][i], lens[1][i])]
-            lbot = [[int(t), round(float(v), 4)] for t, v in zip(lens[2][i], lens[3][i])]
+            ltop = [[int(t), round(float(v), 4)] for t, v in zip(lens[0][i], lens[1][i], strict=True)]
+            lbot = [[int(t), round(float(v), 4)] for t, v in zip(lens[2][i], lens[3][i], strict=True)]
         else:
             ltop = lbot = None
         dec = (
             []
             if r.decoder is None
-            else [[int(j), round(float(v), 5)] for j, v in zip(r.decoder[0][i], r.decoder[1][i])]
+            else [[int(j), round(float(v), 5)] for j, v in zip(r.decoder[0][i], r.decoder[1][i], strict=True)]
         )
-        coact = [[int(j), round(float(v), 5)] for j, v in zip(r.coact[0][i], r.coact[1][i]) if j >= 0]
+        coact = [[int(j), round(float(v), 5)] for j, v in zip(r.coact[0][i], r.coact[1][i], strict=True) if j >= 0]
         feature_rows.append(
             (
                 i,
@@ -362,7 +372,7 @@ class FeatureStore:
     def feature(self, i: int) -> FeatureCard:
         i = self._check_id(i)
         (row,) = self._query("SELECT * FROM features WHERE id = ?", (i,))
-        f = dict(zip(self._columns, row))
+        f = dict(zip(self._columns, row, strict=True))
         examples = self._query(
             "SELECT kind, interval, rank, value, context, position, act_positions, act_values, tokens "
             "FROM examples JOIN contexts ON contexts.id = examples.context WHERE feature = ? "
@@ -382,7 +392,10 @@ class FeatureStore:
         label, note = self._label_note(i)
         lens = None
         if f["logit_top"] is not None:
-            lens = tuple([(self.vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom"))
+            lens_top, lens_bottom = (
+                [(self.vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom")
+            )
+            lens = (lens_top, lens_bottom)
         return FeatureCard(
             id=i,
             density=f["density"],
@@ -391,7 +404,7 @@ class FeatureStore:
             max_activation=f["max"] or 0.0,
             min_activation=f["min"] or 0.0,
             std_activation=f["std"] or 0.0,
-            quantiles={q: v for q, v in zip(self.meta["quantiles"], json.loads(f["quantiles"]))},
+            quantiles={q: v for q, v in zip(self.meta["quantiles"], json.loads(f["quantiles"]), strict=False)},
             histogram=self._histogram(hist),
             top_examples=top,
             quantile_examples=intervals,
@@ -415,7 +428,7 @@ class FeatureStore:
         if not hist["bins"]:
             return [], []
         lo, hi = hist["bins"][0], hist["bins"][-1]
-        counts = dict(zip(hist["bins"], hist["counts"]))
+        counts = dict(zip(hist["bins"], hist["counts"], strict=False))
         return self.edges[lo : hi + 2], [counts.get(b, 0) for b in range(lo, hi + 1)]
 
     # -- all features -----------------------------------------------------------------------------

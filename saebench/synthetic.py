@@ -229,7 +229,7 @@ def score_sae(
 
 def iter_synthetic_bench(
     activations: tuple[str, ...] = ACTIVATIONS,
-    data: SyntheticConfig = SyntheticConfig(),
+    data: SyntheticConfig | None = None,
     n_latents: int | None = None,
     k: int | None = None,
     n_tokens: int = 8_000_000,
@@ -245,6 +245,8 @@ def iter_synthetic_bench(
     trained (lr None = the trainer's default).
 
     train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
+    if data is None:
+        data = SyntheticConfig()
     planted = PlantedFeatures(data)
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)

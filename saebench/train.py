@@ -185,7 +185,8 @@ class SAETrainer:
         self.cfg, self.sae_cfg, self.reduce = cfg, sae_cfg, reduce
         if sample.shape[-1] != sae_cfg.d_in:
             raise DataError(
-                f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: set sae.d_in={sample.shape[-1]}"
+                f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: "
+                f"set sae.d_in={sample.shape[-1]}"
             )
         _check_finite(sample, "the initialisation sample")
         torch.manual_seed(cfg.seed)
@@ -250,13 +251,15 @@ class SAETrainer:
         self.sae.remove_parallel_grad()
         params = [p for p in self.sae.parameters() if p.grad is not None]
         if self.fused:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             bad = self.reduce.max(torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out.loss)]))
             first = (self.bad_step < 0) & bad
             self.bad_step.copy_(torch.where(first, self.step_count, self.bad_step))
             # clip_grad_norm_ multiplies by min(1, clip / (norm + 1e-6)); fused Adam divides by grad_scale
-            self.opt.grad_scale = (1 / (self.cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)).float()
-            self.opt.found_inf = (bad.any() | ~torch.isfinite(grad_norm)).float()
+            self.opt.grad_scale = (  # pyright: ignore[reportAttributeAccessIssue]
+                1 / (self.cfg.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)
+            ).float()
+            self.opt.found_inf = (bad.any() | ~torch.isfinite(grad_norm)).float()  # pyright: ignore[reportAttributeAccessIssue]
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.opt.step()
@@ -406,7 +409,8 @@ def load_checkpoint(trainer: SAETrainer, folder: Path, step: int) -> int:
     world = meta.get("world", 1)
     if world != dist.world():
         raise DataError(
-            f"{path} was written by {world} process(es) and this job has {dist.world()}: resume with --nproc_per_node {world}"
+            f"{path} was written by {world} process(es) and this job has {dist.world()}: "
+            f"resume with --nproc_per_node {world}"
         )
     tensors = load_file(str(path))
     rng = tensors.pop("rng.torch")
@@ -427,7 +431,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 def train_sae(
     sae_cfg: SAEConfig,
     acts: torch.Tensor | Callable[[int], Iterator],
-    cfg: TrainConfig = TrainConfig(),
+    cfg: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     stop_after_steps: int | None = None,
@@ -446,7 +450,7 @@ def train_sae(
 def train_saes(
     sae_cfgs: dict[str, SAEConfig],
     acts: torch.Tensor | Callable[[int], Iterator],
-    cfg: TrainConfig = TrainConfig(),
+    cfg: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     stop_after_steps: int | None = None,
@@ -461,6 +465,8 @@ def train_saes(
     the run files; in "hooks" mode SAE i is trained and written by rank i % world, which returns it.
     Resuming reads the checkpoints on every rank (a filesystem every rank sees).
     """
+    if cfg is None:
+        cfg = TrainConfig()
     if cfg.distribute not in dist.MODES:
         raise ConfigError(f"train.distribute must be one of {', '.join(dist.MODES)}, got {cfg.distribute!r}")
     world, rank = dist.world(), dist.rank()
@@ -522,7 +528,7 @@ def train_saes(
         for name, d in mine.items():
             save_checkpoint(trainers[name], d / "checkpoints", consumed, rng, cfg.distribute)
         dist.barrier()
-        for name, d in mine.items():  # only once every SAE holds the new step
+        for _name, d in mine.items():  # only once every SAE holds the new step
             prune_checkpoints(d / "checkpoints", keep=consumed)
 
     try:
@@ -542,6 +548,7 @@ def train_saes(
                         gathered[key] = dist.gather_cat(x, owners[name])
                     x = gathered[key]
                 if name in trainers:  # metrics (a host sync) only where they are used
+                    assert x is not None
                     row = trainers[name].step(x, sync=log or save or stop)
                     last[name] = row or last[name]
             consumed += 1

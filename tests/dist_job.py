@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
 
 from saebench import distributed as dist
 from saebench.sae import SAEConfig
+from saebench.sae.families import Activation
 from saebench.train import TrainConfig, train_sae, train_saes
 
 D, N_LATENTS, BATCH, STEPS = 16, 64, 256, 12
@@ -31,7 +33,9 @@ def data(seed: int = 0, n: int = 4096) -> torch.Tensor:
 
 def sae_cfg(activation: str, hook: str | None = None) -> SAEConfig:
     # dead_tokens is small so AuxK runs on the dead-latent statistics, which must be global
-    return SAEConfig(d_in=D, n_latents=N_LATENTS, activation=activation, k=4, dead_tokens=1024, hook=hook)
+    return SAEConfig(
+        d_in=D, n_latents=N_LATENTS, activation=cast(Activation, activation), k=4, dead_tokens=1024, hook=hook
+    )
 
 
 def train_cfg(**kw) -> TrainConfig:

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import sqlite3
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from saebench.circuits import _ln
 from saebench.config import RunConfig, to_dict
 from saebench.errors import DataError
 from saebench.harvest import Harvester
+from saebench.sae.families import Activation
 
 HOOK = "blocks.0.hook_resid_post"
 CFG = AnalysisConfig(
@@ -28,7 +30,9 @@ CFG = AnalysisConfig(
 )
 
 
-def make_run(root, activation="topk", n_latents=128, k=6, hooks=(HOOK,), name="t", model="tiny", d_in=192):
+def make_run(
+    root, activation: Activation = "topk", n_latents=128, k=6, hooks=(HOOK,), name="t", model="tiny", d_in=192
+):
     rc = RunConfig(name=name, model=model, runs_dir=str(root / "runs"))
     rc.data = dataclasses.replace(rc.data, split="test", context_size=32, max_documents=40)
     rc.harvest.hooks = list(hooks)
@@ -209,7 +213,9 @@ def test_logit_lens_by_hand_through_the_final_norm(analysed, tiny):
     normed = centred / (centred.pow(2).mean(-1, keepdim=True) + tiny.cfg.eps).sqrt() * w + b
     logits = normed @ tiny.W_U
     for f in (0, 9, 40):
-        top, bottom = store.feature(f).logit_lens
+        lens = store.feature(f).logit_lens
+        assert lens is not None
+        top, bottom = lens
         want_top = logits[f].topk(CFG.n_logit)
         want_bottom = logits[f].topk(CFG.n_logit, largest=False)
         assert [p for p, _ in top] == store.pieces(want_top.indices.tolist())
@@ -220,7 +226,7 @@ def test_logit_lens_by_hand_through_the_final_norm(analysed, tiny):
 def test_search_finds_a_feature_by_its_top_token_and_by_its_label(analysed):
     run, *_ = analysed
     store = sb.FeatureStore(run, writable=True)
-    table = store.table()
+    table: Any = store.table()
     word = next(r for r in table.itertuples() if r.top_token.strip().isalpha() and len(r.top_token.strip()) > 3)
     hits = store.search(word.top_token.strip(), limit=store.n_features)
     assert word.feature in hits["feature"].tolist()

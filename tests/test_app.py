@@ -4,6 +4,7 @@ import dataclasses
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -56,7 +57,7 @@ def test_home_shows_eval_and_the_feature_table(app_runs, monkeypatch):
     run, _ = app_runs
     at = page("Home.py", [run], monkeypatch)
     result = json.loads((run / "eval.json").read_text())
-    table = at.dataframe[0].value
+    table: Any = at.dataframe[0].value
     assert table.set_index("metric")["sae"]["fvu"] == pytest.approx(result["sae"]["fvu"])
     assert table.set_index("metric")["random SAE"]["ce_recovered"] == pytest.approx(
         result["random_baseline"]["ce_recovered"]
@@ -88,6 +89,7 @@ def test_feature_page_shows_the_stored_card(app_runs, monkeypatch):
     assert f'feature={card.decoder_neighbours[0][0]}" target="_self"' in text  # neighbours link to their pages
     assert at.metric[1].value == f"{card.n_fires:,}"
     logit = at.dataframe[0].value
+    assert card.logit_lens is not None
     assert logit["promoted"].tolist() == [p for p, _ in card.logit_lens[0]]
 
 
@@ -268,7 +270,7 @@ def test_trace_page_shows_what_trace_attention_computes(app_runs, upstream_run, 
     feature_rows = pairs[pairs.query_component.str.contains(":f")]
     assert len(feature_rows) and all(
         f"run=1&hook=blocks.0.hook_resid_post&feature={c.rsplit(':f', 1)[1]}" in u
-        for c, u in zip(feature_rows.query_component, feature_rows["query page"])
+        for c, u in zip(feature_rows.query_component, feature_rows["query page"], strict=True)
     )
     logit = at.dataframe[3].value
     assert logit["component"].tolist() == r.logit_table(20)["component"].tolist()
@@ -299,7 +301,6 @@ def test_feature_page_opens_steer_and_trace(app_runs, monkeypatch):
     run, _ = app_runs
     at = page("pages/1_Feature.py", [run], monkeypatch, feature=4)
     urls = [b.proto.url for b in at.get("link_button")]
-    card = sb.FeatureStore(run).feature(4)
     assert any(u.startswith("./Steer?run=0&hook=blocks.0.hook_resid_post&features=4:") for u in urls)
     assert any(u.startswith("./Trace?run=0&prompt=") for u in urls)
 

@@ -60,6 +60,7 @@ def server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert proc.stdout is not None
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:

@@ -1,3 +1,5 @@
+from typing import Any, cast
+
 import pytest
 import torch
 
@@ -50,6 +52,7 @@ def test_decompositions_sum_to_the_model(tiny, saes, upstream):
         assert r.score == pytest.approx(float(cache["blocks.1.attn.hook_attn_scores"][0, head, r.query_pos, r.key_pos]))
         head_out = cache["blocks.1.attn.hook_z"][0, r.query_pos, head] @ tiny.W_O[1, head]
         assert rel_err(r.ov_by_key.sum((0, 1)), head_out) < 1e-4
+        assert r.logit_contrib is not None
         assert r.logit_contrib.detach().sum().item() == pytest.approx(
             float(logits[0, -1, 5] - logits[0, -1, 9]), rel=1e-4, abs=1e-4
         )
@@ -75,9 +78,11 @@ def test_downstream_projection_matches_encoder(tiny, saes):
     d = tiny.cfg.d_head
     z_q = cache["blocks.1.attn.hook_z"][0, r.query_pos, head]
     want = z_q @ z_sae.W_enc[head * d : (head + 1) * d, feat]
+    assert r.ov_projection is not None
     assert r.ov_projection.sum().item() == pytest.approx(float(want), rel=1e-4, abs=1e-5)
     resid_sae = quick_sae(tiny, "blocks.1.hook_resid_post", n_latents=128)
     r2 = trace_attention(tiny, tokens, layer=1, head=head, downstream=resid_sae, downstream_feature=3)
+    assert r2.ov_projection is not None
     assert r2.ov_projection.sum().item() == pytest.approx(
         float(r2.ov_by_key.sum((0, 1)) @ resid_sae.W_enc[:, 3]), rel=1e-4, abs=1e-5
     )
@@ -90,7 +95,7 @@ def test_tables_and_figures(tiny, saes):
     assert abs(pairs.score.iloc[0]) >= abs(pairs.score.iloc[-1])
     assert set(r.marginals().side) == {"query", "key"}
     assert len(r.ov_table(10)) == 10
-    assert r.pairs_figure().data[0].type == "heatmap" and len(r.marginals_figure().data) == 2
+    assert cast(Any, r.pairs_figure()).data[0].type == "heatmap" and len(cast(Any, r.marginals_figure()).data) == 2
 
 
 def test_errors(tiny, saes):
@@ -125,6 +130,7 @@ def test_tiny_previous_token_head_is_found_and_traced_to_the_key_token(tiny):
         for head, s in enumerate(share.tolist()):
             if best is None or s > best[0]:
                 best = (s, layer, head)
+    assert best is not None
     share, layer, head = best
     assert layer == 0 and share > 0.6, best
 
@@ -166,6 +172,7 @@ def test_trace_explains_the_top_prediction_and_keeps_the_pattern(tiny, saes):
     )
     top = int(logits[0, 6].argmax())
     assert r.logit_target == f"logit({tiny.tokenizer.decode([top])!r})"
+    assert r.logit_contrib is not None and r.attention is not None
     assert r.logit_contrib.sum().item() == pytest.approx(float(logits[0, 6, top]), rel=1e-4, abs=1e-4)
     table = r.logit_table(5)
     assert len(table) == 5 and table.value.abs().is_monotonic_decreasing

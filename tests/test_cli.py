@@ -18,7 +18,7 @@ def run_cli(*args, cwd):
 
 def one_error_line(result):
     assert result.returncode == 2, result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.startswith("saebench: error:")]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("saebench: error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     return lines[0]
 
@@ -178,7 +178,7 @@ def test_steer_from_the_cli(config, tmp_path):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["features"] == {"3": 30.0} and out["steered"] != out["unsteered"]
     sweep = run_cli("steer", "runs/t", "--feature", "3", "--sweep", "0,10", "--max-new-tokens", "4", cwd=tmp_path)
-    assert [json.loads(l)["scale"] for l in sweep.stdout.strip().splitlines()] == [0.0, 10.0]
+    assert [json.loads(ln)["scale"] for ln in sweep.stdout.strip().splitlines()] == [0.0, 10.0]
     line = one_error_line(run_cli("steer", "runs/t", "--feature", "99999=1", cwd=tmp_path))
     assert "feature index 99999 is out of range" in line
 

@@ -42,7 +42,7 @@ def assert_same_weights(got: dict, want: dict, atol: float = 1e-4) -> None:
     # weight by about lr (3e-3) whatever its gradient's size, so a gradient element that is a near-cancellation
     # can move by a few % of one step differently (seen: 5.9e-5 on 1 of 1024 W_dec entries, all else < 1e-6)
     for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], atol=atol, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_one_process_is_a_no_op():

@@ -69,7 +69,10 @@ def test_random_baseline_at_matched_scale_is_the_least_squares_floor():
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0))
     base = random_baseline(sae, x)
-    fvu = lambda s: evaluate_sae(s, x)["fvu"]
+
+    def fvu(s):
+        return evaluate_sae(s, x)["fvu"]
+
     assert fvu(base) < 1.0 < fvu(random_baseline(sae))  # unscaled unit codes overshoot; matched scale beats the mean
     for factor in (0.9, 1.1):  # the fitted scale is the best one
         other = random_baseline(sae, x)

@@ -1,4 +1,5 @@
-"""saebench.induction: the induction trace's decomposition, its sums by group, and feature profiles, against brute force."""
+"""saebench.induction: the induction trace's decomposition, its sums by group, and feature profiles,
+against brute force."""
 
 from pathlib import Path
 

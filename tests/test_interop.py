@@ -217,7 +217,9 @@ import json, sys
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-from sae_lens import SAE, TopKSAE, TopKSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens import (
+    SAE, TopKSAE, TopKSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+)
 from sae_lens.saes.sae import SAEMetadata
 
 root, heads = Path(sys.argv[1]), int(sys.argv[2])
@@ -229,7 +231,9 @@ d_in, d_sae = x.shape[-1], 40
 def run(sae, folder):
     xin = x.reshape(len(x), heads, -1) if sae.cfg.reshape_activations == "hook_z" else x
     z = sae.encode(xin)
-    save_file({"z": z.contiguous(), "x_hat": sae.decode(z).reshape(len(x), -1).contiguous()}, str(folder / "out.safetensors"))
+    save_file(
+        {"z": z.contiguous(), "x_hat": sae.decode(z).reshape(len(x), -1).contiguous()}, str(folder / "out.safetensors")
+    )
 
 
 report = {}
@@ -245,7 +249,9 @@ for folder in sorted((root / "to").iterdir()):  # saebench -> SAELens
 def randomize(sae, seed):
     g = torch.Generator().manual_seed(seed)
     sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-    sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) * torch.empty(d_sae, 1).uniform_(0.2, 3.0, generator=g) / d_in**0.5)
+    sae.W_dec.copy_(
+        torch.randn(d_sae, d_in, generator=g) * torch.empty(d_sae, 1).uniform_(0.2, 3.0, generator=g) / d_in**0.5
+    )
     sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.2)
     sae.b_dec.copy_(torch.randn(d_in, generator=g))
     if hasattr(sae, "threshold"):
@@ -258,10 +264,19 @@ def meta(hook="blocks.0.hook_resid_post", **kw):
 
 
 made = {  # SAELens -> saebench
-    "topk": TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=5, metadata=meta(model_from_pretrained_kwargs={"center_writing_weights": False}))),
-    "topk_rescale": TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=5, rescale_acts_by_decoder_norm=True, metadata=meta())),
-    "topk_rescale_hook_z": TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=5, rescale_acts_by_decoder_norm=True, reshape_activations="hook_z", metadata=meta("blocks.0.attn.hook_z"))),
-    "jumprelu_no_b_dec_in": JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, metadata=meta())),
+    "topk": TopKSAE(TopKSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=5, metadata=meta(model_from_pretrained_kwargs={"center_writing_weights": False})
+    )),
+    "topk_rescale": TopKSAE(TopKSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=5, rescale_acts_by_decoder_norm=True, metadata=meta()
+    )),
+    "topk_rescale_hook_z": TopKSAE(TopKSAEConfig(
+        d_in=d_in, d_sae=d_sae, k=5, rescale_acts_by_decoder_norm=True, reshape_activations="hook_z",
+        metadata=meta("blocks.0.attn.hook_z"),
+    )),
+    "jumprelu_no_b_dec_in": JumpReLUSAE(JumpReLUSAEConfig(
+        d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=False, metadata=meta()
+    )),
 }
 for i, (name, sae) in enumerate(made.items()):
     randomize(sae, i).save_model(root / "from" / name)

@@ -7,6 +7,7 @@ The `cpu` cases run saebench.sparse's torch path (what CI exercises); the `cuda`
 import shutil
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -140,7 +141,8 @@ def test_sparse_encoder_backward_matches_dense(device, dtype, layout):
     assert out.shape == indices.shape
     (out.reshape(-1).float() * weights.to(dev)).sum().backward()
     _close(out.reshape(-1), pre_ref[rows, flat_idx].detach(), dtype)
-    for got, want in zip(ts, ref):
+    for got, want in zip(ts, ref, strict=True):
+        assert got.grad is not None and want.grad is not None
         _close(got.grad, want.grad, dtype)
 
 
@@ -162,7 +164,7 @@ def test_training_step_with_kernels_equals_torch_path(activation, monkeypatch):
         sae = SAE(cfg, device="cuda", seed=0)
         out = sae_loss(sae, x, dead=dead, freq=torch.rand(1024, device="cuda") * 0.01)
         out.loss.backward()
-        grads.append({k: p.grad.clone() for k, p in sae.named_parameters()})
+        grads.append({k: cast(torch.Tensor, p.grad).clone() for k, p in sae.named_parameters()})
     monkeypatch.delitem(kernels._state, "ext")
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
@@ -221,6 +223,7 @@ def test_decode_edge_cases_match_dense(device, case, misaligned):
     out = sparse.decode_ragged(v, indices.to(dev), offsets.to(dev), W_in, bd)
     (out * g.to(dev)).sum().backward()
     for got, want in ((out, out_ref), (v.grad, v_ref.grad), (Wd.grad, W_ref.grad), (bd.grad, b_ref.grad)):
+        assert got is not None and want is not None
         torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=1e-4, atol=1e-4)
 
 
@@ -248,7 +251,7 @@ def test_kernel_backward_is_bitwise_deterministic():
         out = sparse.decode_fixed(leaves[0] * at, indices, leaves[1])
         out.square().sum().backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
@@ -266,6 +269,7 @@ def test_decode_over_two_to_the_31_elements():
     want = (values.float()[..., None] * W.detach()[indices].float()).sum(1)
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
     out.float().sum().backward()
+    assert W.grad is not None
     touched = W.grad[indices.unique()].float()
     assert touched.abs().sum() > 0 and W.grad[n // 2].abs().sum() == 0
     torch.testing.assert_close(
@@ -289,11 +293,13 @@ def test_autocast_runs_kernels_in_bf16_and_returns_fp32_grads():
         out = sparse.decode_fixed(values, indices, W, b)
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
+    assert W.grad is not None and values.grad is not None and b.grad is not None
     assert W.grad.dtype == values.grad.dtype == b.grad.dtype == torch.float32
     ref = [t.detach().clone().requires_grad_() for t in (values, W, b)]
     F = torch.nn.functional
     F.embedding_bag(indices, ref[1], per_sample_weights=ref[0], mode="sum").add(ref[2]).square().sum().backward()
-    for got, want in zip((values.grad, W.grad, b.grad), ref):
+    for got, want in zip((values.grad, W.grad, b.grad), ref, strict=True):
+        assert want.grad is not None
         assert float((got - want.grad).norm() / want.grad.norm()) < 2e-2
 
 

@@ -73,6 +73,7 @@ def test_clamp_keeps_error_term(tiny, sae, tokens):
     assert torch.allclose(out, clean, atol=1e-4)
     with steer(tiny, sae, {dead_here: 4.5}, mode="clamp") as s:
         steered = tiny(tokens)
+    assert s.last_latents is not None
     assert (s.last_latents[..., dead_here] == 4.5).all()
     assert not torch.allclose(steered, clean, atol=1e-3)
 
@@ -84,9 +85,11 @@ def test_conditional_and_ablate(tiny, sae, tokens):
     with steer(tiny, sae, {live: 9.0}, mode="conditional") as s:
         tiny(tokens)
     expected = torch.where(z[..., live] != 0, torch.full_like(z[..., live], 9.0), z[..., live])
+    assert s.last_latents is not None
     assert torch.equal(s.last_latents[..., live], expected)
     with steer(tiny, sae, {live: 123.0}, mode="ablate") as s:
         tiny(tokens)
+    assert s.last_latents is not None
     assert (s.last_latents[..., live] == 0).all()
 
 
@@ -116,6 +119,7 @@ def test_steering_reaches_generated_tokens(tiny, sae):
     with steer(tiny, sae, {0: 40.0, 1: 40.0}, positions="generated") as s:
         steered = generate(tiny, prompt, max_new_tokens=12, steering=s)
         assert s.prompt_len == len(tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 1
+        assert s.prompt_len is not None
         mask = s.position_mask(s.prompt_len + 3, "cpu")
     assert mask.tolist() == [False] * s.prompt_len + [True] * 3
     assert steered != plain
@@ -123,6 +127,7 @@ def test_steering_reaches_generated_tokens(tiny, sae):
         seen = []
         with tiny.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook: seen.append(a.shape[1]))]):
             generate(tiny, prompt, max_new_tokens=3, steering=s)
+    assert s.prompt_len is not None
     assert seen == [s.prompt_len, s.prompt_len + 1, s.prompt_len + 2]  # no KV cache: every position every step
 
 
@@ -148,7 +153,7 @@ def test_compare_steering_scores_each_token_under_both_models(tiny, sae):
     for gen, steered in ((r.default, False), (r.steered, True)):
         ids = tiny.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         prefix = [tiny.tokenizer.bos_token_id] + ids
-        for t, own, clean in zip(gen.token_ids, gen.logprobs, gen.clean_logprobs):
+        for t, own, clean in zip(gen.token_ids, gen.logprobs, gen.clean_logprobs, strict=True):
             x = torch.tensor([prefix])
             with torch.no_grad():
                 want_clean = float(tiny(x)[0, -1].log_softmax(-1)[t])
@@ -182,7 +187,7 @@ def test_rank_by_output_score_orders_candidates(tiny, sae):
     table = rank_by_output_score(tiny, sae, [4, 9, 11])
     assert sorted(table.feature) == [4, 9, 11]
     assert table.output_score.is_monotonic_decreasing
-    for f, v in zip(table.feature, table.output_score):
+    for f, v in zip(table.feature, table.output_score, strict=True):
         assert v == pytest.approx(output_score(tiny, sae, f))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
@@ -62,7 +64,7 @@ def test_grouped_roots_co_fire_as_the_gaussian_copula_says(drawn):
     i, j = [int(r) for r in roots[group == group[0]][:2]]
     pi, pj = float(planted.probs[i]), float(planted.probs[j])
     rho = TREES.correlation
-    both = multivariate_normal(mean=[0, 0], cov=[[1, rho], [rho, 1]]).cdf([norm.ppf(pi), norm.ppf(pj)])
+    both = cast(Any, multivariate_normal)(mean=[0, 0], cov=[[1, rho], [rho, 1]]).cdf([norm.ppf(pi), norm.ppf(pj)])
     assert (on[:, i] & on[:, j]).double().mean().item() == pytest.approx(both, rel=0.08)
     other = int(roots[group != group[0]][0])
     indep = pi * float(planted.probs[other])

@@ -122,7 +122,9 @@ def test_sinusoidal_positions_make_the_previous_position_one_linear_map_away():
     pe = sinusoids(128, 192)
     assert torch.allclose(pe.reshape(128, 96, 2).norm(dim=-1), torch.ones(128, 96), atol=1e-5)
     w = 10_000 ** (-torch.arange(0, 192, 2) / 192)
-    R = torch.block_diag(*[torch.tensor([[c, s], [-s, c]]) for c, s in zip(w.cos().tolist(), w.sin().tolist())])
+    R = torch.block_diag(
+        *[torch.tensor([[c, s], [-s, c]]) for c, s in zip(w.cos().tolist(), w.sin().tolist(), strict=True)]
+    )
     assert torch.allclose(pe[1:] @ R, pe[:-1], atol=1e-4)  # one rotation takes every position to the one before
 
 

@@ -74,7 +74,10 @@ def test_resume_is_bit_identical(tmp_path, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     whole_log = (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
     part_log = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in lines]
+
+    def strip(lines):
+        return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in lines]
+
     assert strip(whole_log) == strip(part_log)
 
 
@@ -86,7 +89,7 @@ def test_resume_after_a_crash_between_checkpoints(tmp_path):
     tcfg = TrainConfig(
         n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5, init_tokens=512
     )
-    crash_at = [None]
+    crash_at: list[int | None] = [None]
 
     def source(epoch):
         for i in range(0, len(x) - 255, 256):
@@ -109,9 +112,12 @@ def test_resume_after_a_crash_between_checkpoints(tmp_path):
         a = load_file(str(tmp_path / f"whole/{name}/sae/sae.safetensors"))
         b = load_file(str(tmp_path / f"part/{name}/sae/sae.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        strip = lambda p: [
-            {k: v for k, v in json.loads(l).items() if k != "tokens_per_s"} for l in p.read_text().splitlines()
-        ]
+
+        def strip(p):
+            return [
+                {k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in p.read_text().splitlines()
+            ]
+
         assert strip(tmp_path / f"whole/{name}/metrics.jsonl") == strip(tmp_path / f"part/{name}/metrics.jsonl")
     assert sorted(p.name for p in ckpt.iterdir()) == ["state-00000060.safetensors"]
 
@@ -182,6 +188,7 @@ def test_several_saes_from_one_pass_equal_separate_runs(tmp_path):
     together, reports = sb.train_saes(cfgs, stream, tcfg, run_dir=tmp_path, show_progress=False)
     assert set(reports) == set(cfgs) and all(r["steps"] == 30 for r in reports.values())
     for name, cfg in cfgs.items():
+        assert cfg.hook is not None
         alone, _ = train_sae(cfg, lambda e, h=cfg.hook: (b[h] for b in stream(e)), tcfg, show_progress=False)
         assert torch.equal(alone.W_dec, together[name].W_dec), name
         assert (tmp_path / name / "sae" / "sae.safetensors").exists()
@@ -204,7 +211,7 @@ def test_fused_step_matches_the_reference_step(activation):
         assert min(norms) > 0.05  # the clip was active on every step
         saes.append(trainer)
     ref, fused = saes
-    for (name, a), b in zip(ref.sae.state_dict().items(), fused.sae.state_dict().values()):
+    for (name, a), b in zip(ref.sae.state_dict().items(), fused.sae.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-5, msg=name)
     assert bool(fused.threshold_set) == bool(ref.threshold_set)
 

@@ -75,6 +75,7 @@ def test_saebench_app_from_the_wheel_answers_its_health_endpoint(installed, tmp_
         stderr=subprocess.STDOUT,
         text=True,
     )
+    assert server.stdout is not None
     try:
         deadline, answer = time.time() + 120, None
         while time.time() < deadline and server.poll() is None:

@@ -82,6 +82,7 @@ if query:
     shown = shown[
         shown.label.str.lower().str.contains(q, regex=False) | shown.top_token.str.lower().str.contains(q, regex=False)
     ]
+assert isinstance(shown, pd.DataFrame)
 run_index = views.index(run)
 shown.insert(0, "open", [state.feature_url(run_index, hook, f) for f in shown.feature])
 st.dataframe(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 import streamlit as st
@@ -20,6 +22,8 @@ from saebench.app_launcher import RUNS_ENV
 from saebench.config import RunConfig, parse_dtype
 from saebench.errors import SAEBenchError
 from saebench.runs import Run, SAEHome
+
+_D = TypeVar("_D", int, None)
 
 
 @dataclass
@@ -95,7 +99,8 @@ def store(run: RunView, hook: str) -> sb.FeatureStore | None:
     path = run.saes[hook].store_path
     if not path.exists():
         st.info(
-            f"{run.name} ({hook}) has no feature analysis yet: run `saebench analyze {run.path}` to browse its features."
+            f"{run.name} ({hook}) has no feature analysis yet: "
+            f"run `saebench analyze {run.path}` to browse its features."
         )
         return None
     try:
@@ -116,7 +121,7 @@ def _number_param(name: str, default, cast):
         return default
 
 
-def int_param(name: str, default: int | None = None) -> int | None:
+def int_param(name: str, default: _D = None) -> int | _D:
     return _number_param(name, default, int)
 
 
@@ -144,7 +149,8 @@ def feature_url(run_index: int, hook: str, feature: int) -> str:
 
 def feature_link(run_index: int, hook: str, feature: int, text: str | None = None) -> str:
     """HTML link to a feature's page that opens in this tab (markdown links open a new one)."""
-    return f'<a href="{html.escape(feature_url(run_index, hook, feature))}" target="_self">{html.escape(text or str(feature))}</a>'
+    href = html.escape(feature_url(run_index, hook, feature))
+    return f'<a href="{href}" target="_self">{html.escape(text or str(feature))}</a>'
 
 
 @st.cache_resource
@@ -159,7 +165,8 @@ def _sae(path: str, device: str) -> sb.SAE:
 
 def run_model(run: RunView):
     """The run's model, loaded once per process (runs on the same model share it)."""
-    return _model(run.config.model, run.config.device, run.config.dtype)
+    config = run.run.config
+    return _model(config.model, config.device, config.dtype)
 
 
 def run_sae(run: RunView, hook: str) -> sb.SAE:
@@ -225,17 +232,21 @@ def choice_param(name: str, options: tuple[str, ...] | list[str], default: str) 
     return list(options).index(raw if raw in options else default)
 
 
-def progress_callback(text: str):
+def progress_callback(text: str) -> Callable[[int, int], None]:
     """A progress bar and a callback(done, total) that moves it."""
     bar = st.progress(0.0, text=text)
-    return lambda done, total: bar.progress(done / max(1, total), text=f"{text} ({done}/{total})")
+
+    def move(done: int, total: int) -> None:
+        bar.progress(done / max(1, total), text=f"{text} ({done}/{total})")
+
+    return move
 
 
 def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, sb.SAE]]:
     """Every SAE of the runs on `base`'s model: hook -> (index of its run, SAE); the first run wins a hook."""
     out = {}
     for i, view in enumerate(views):
-        if view.config is None or view.config.model != base.config.model:
+        if view.config is None or view.config.model != base.run.config.model:
             continue
         for hook in view.saes:
             out.setdefault(hook, (i, run_sae(view, hook)))
@@ -244,7 +255,7 @@ def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, s
 
 @st.cache_resource
 def _head_scores(run_path: str, _run: RunView) -> dict:
-    data = dataclasses.replace(_run.config.data, split="test", max_documents=200)
+    data = dataclasses.replace(_run.run.config.data, split="test", max_documents=200)
     contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
     return sb.head_scores(run_model(_run), contexts)
 
@@ -265,7 +276,7 @@ def _induction_circuit(
 ):
     from saebench.induction import summarize_induction
 
-    data = dataclasses.replace(_run.config.data, split="test", max_documents=300)
+    data = dataclasses.replace(_run.run.config.data, split="test", max_documents=300)
     contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
     return summarize_induction(
         run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress

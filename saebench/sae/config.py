@@ -42,7 +42,8 @@ class SAEConfig:
             raise ConfigError(f"sae.activation: unknown {self.activation!r}; use one of {', '.join(ACTIVATIONS)}")
         if self.d_in < 0 or self.n_latents < 0 or self.expansion < 1:
             raise ConfigError(
-                f"sae: d_in, n_latents and expansion must be positive (got {self.d_in}, {self.n_latents}, {self.expansion})"
+                "sae: d_in, n_latents and expansion must be positive "
+                f"(got {self.d_in}, {self.n_latents}, {self.expansion})"
             )
         if self.d_in and not self.n_latents:
             self.n_latents = self.expansion * self.d_in
@@ -58,7 +59,8 @@ class SAEConfig:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):
             raise ConfigError(
-                "sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) and a count >= 0"
+                "sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) "
+                "and a count >= 0"
             )
 
     @property

@@ -92,7 +92,8 @@ def underused(freq: torch.Tensor, k: int, exponent: float) -> torch.Tensor:
 
 
 def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
-    """Nabeshima's Matryoshka sampling: cfg.matryoshka_random sizes log-uniform in [matryoshka[0], n), ascending, plus n."""
+    """Nabeshima's Matryoshka sampling: cfg.matryoshka_random sizes log-uniform in [matryoshka[0], n),
+    ascending, plus n."""
     lo, n = cfg.matryoshka[0], cfg.n_latents
     u = torch.rand(cfg.matryoshka_random, generator=gen, dtype=torch.float64)
     sizes = (lo * (n / lo) ** u).floor().long().clamp(lo, n - 1)

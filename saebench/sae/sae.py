@@ -21,6 +21,9 @@ from saebench.sae.config import SAEConfig
 class SAE(nn.Module):
     """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]."""
 
+    threshold: torch.Tensor
+    meta: dict
+
     def __init__(
         self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
     ):

@@ -158,7 +158,8 @@ def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
 
 @torch.no_grad()
 def min_kept(sel: Selection, n: int, per_feature: bool, reduce: Reducer = LOCAL) -> torch.Tensor:
-    """Smallest positive kept value (over every rank's batch): a scalar, or per feature ([n]); +inf where none. No host sync."""
+    """Smallest positive kept value (over every rank's batch): a scalar, or per feature ([n]); +inf where none.
+    No host sync."""
     values = sel.values.detach().reshape(-1)
     values = torch.where(values > 0, values, torch.full_like(values, float("inf")))
     if not per_feature:

@@ -55,7 +55,9 @@ class TinyConfig:
     copy_task_solo_steps: int = (
         1_100  # the whole batch is the copy task before this step too (at least through the warm-up)
     )
-    copy_task_layout: str = "tiled"  # "tiled": [BOS r r r ...]; "chunked": [BOS a a b b ...], spans of random lengths; "scattered": random tokens with one span repeated later
+    # "tiled": [BOS r r r ...]; "chunked": [BOS a a b b ...], spans of random lengths;
+    # "scattered": random tokens with one span repeated later
+    copy_task_layout: str = "tiled"
     sinusoidal_positions: bool = True  # initialise the learned position embeddings as sinusoids
     init_std: float = (
         0.06  # normal init of the weights; GPT-2's 0.02 leaves the copy task on its plateau for > 1000 steps
@@ -251,14 +253,18 @@ def _lr_at(step: int, total: int, cfg: TinyConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict:
+def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig | None = None) -> dict:
     from transformers import GPT2LMHeadModel
 
+    if cfg is None:
+        cfg = TinyConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     started = time.time()
     tokenizer = train_bpe(iter_texts(DataConfig(split="train")), cfg.vocab_size)
+    bos = tokenizer.bos_token_id
+    assert isinstance(bos, int)
     train = pack_texts(iter_texts(DataConfig(split="train")), tokenizer, cfg.context_size).tokens
     test = pack_texts(iter_texts(DataConfig(split="test")), tokenizer, cfg.context_size).tokens
     byte_lengths = torch.tensor(token_byte_lengths(tokenizer))
@@ -302,8 +308,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         loss_ema = float(loss) if loss_ema is None else 0.98 * loss_ema + 0.02 * float(loss)
         if step % 100 == 0:
             induction = max(
-                max(row)
-                for row in induction_report(model, len(tokenizer), tokenizer.bos_token_id, n_seq=16)["induction_scores"]
+                max(row) for row in induction_report(model, len(tokenizer), bos, n_seq=16)["induction_scores"]
             )
         bar.set_postfix(loss=f"{loss_ema:.3f}", induction=f"{induction:.2f}")
         steps_done = step + 1
@@ -317,7 +322,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig = TinyConfig()) -> dict
         "train_split_tokens": train.numel(),
         "test_split_tokens": test.numel(),
         "heldout_bits_per_byte": round(bpb, 4),
-        **induction_report(model, len(tokenizer), tokenizer.bos_token_id),
+        **induction_report(model, len(tokenizer), bos),
         "final_train_loss_ema": round(loss_ema or float("nan"), 4),
         "minutes": round((time.time() - started) / 60, 2),
         "torch": torch.__version__,
@@ -376,13 +381,15 @@ def _induction_recipe_lines(c: dict) -> list[str]:
         else:
             vocab += f", then ids below {c['copy_task_vocab']}"
         lines += [
-            f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, loss on the repeats only;",
+            f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, "
+            "loss on the repeats only;",
             f"{vocab}) takes the whole batch for the first {solo:,} steps, then {c['copy_task_share']:.0%} of it",
             f"until step {c['copy_task_steps']:,}; the rest is text.",
         ]
     if c["repeat_share"] > 0:
         lines += [
-            f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context ({c['random_span_share']:.0%} of those",
+            f"{c['repeat_share']:.0%} of the text contexts get a span copied later into the same context "
+            f"({c['random_span_share']:.0%} of those",
             "spans replaced by random tokens first, whose first copy is not trained on).",
         ]
     return lines
@@ -406,12 +413,14 @@ def _model_card(card: dict, samples: list[str]) -> str:
         "",
         "## Training",
         f"{card['steps']:,} AdamW steps of {c['batch_size']} x {c['context_size']} tokens "
-        f"({card['train_tokens_seen']:,} tokens), lr {c['lr']} with warmup and cosine decay, {card['minutes']} CPU minutes.",
+        f"({card['train_tokens_seen']:,} tokens), lr {c['lr']} with warmup and cosine decay, "
+        f"{card['minutes']} CPU minutes.",
         f"Weights start at normal({c['init_std']}); position embeddings as sinusoids: {c['sinusoidal_positions']}.",
         *_induction_recipe_lines(c),
         "",
         "## Result",
-        f"Held-out bits per byte: **{card['heldout_bits_per_byte']}** (next-token NLL in bits over the UTF-8 bytes of the",
+        f"Held-out bits per byte: **{card['heldout_bits_per_byte']}** "
+        "(next-token NLL in bits over the UTF-8 bytes of the",
         "predicted tokens, whole test split).",
         "",
         "Induction, on 64 sequences [BOS r r] with r 40 uniform random tokens: mean attention from each",

@@ -20,6 +20,7 @@ from widgets import highlighted_tokens
 from saebench.errors import SAEBenchError
 
 _, run_index, hook, store = state.feature_page("feature")
+assert store is not None  # feature_page stops the page without one
 
 
 def go_to(feature: int) -> None:
@@ -47,7 +48,7 @@ elif query.strip():
         st.markdown(
             "  ".join(
                 state.feature_link(run_index, hook, f) + (f" <i>{html.escape(lab)}</i>" if lab else "")
-                for f, lab in zip(hits.feature, hits.label)
+                for f, lab in zip(hits.feature, hits.label, strict=True)
             ),
             unsafe_allow_html=True,
         )
@@ -109,15 +110,16 @@ with left:
     st.subheader("Across the activation range")
     for iv in reversed(card.quantile_examples):
         with st.expander(
-            f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), {len(iv.examples)} examples"
+            f"|z| in [{iv.low:.3f}, {iv.high:.3f}]  (quantiles {iv.q_low:.0%}–{iv.q_high:.0%}), "
+            f"{len(iv.examples)} examples"
         ):
             for ex in iv.examples:
                 show(ex, f"**{ex.value:.3f}**")
 with right:
     edges, counts = card.histogram
     if counts:
-        mids = [(a * b) ** 0.5 if a > 0 else b / 2 for a, b in zip(edges[:-1], edges[1:])]
-        fig = go.Figure(go.Bar(x=mids, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])]))
+        mids = [(a * b) ** 0.5 if a > 0 else b / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        fig = go.Figure(go.Bar(x=mids, y=counts, width=[b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]))
         fig.update_layout(title="|z| histogram (fires)", xaxis_type="log", height=260, margin=dict(t=40, b=10))
         st.plotly_chart(fig, width="stretch")
     if card.logit_lens is None:

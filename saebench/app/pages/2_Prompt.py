@@ -13,6 +13,7 @@ import streamlit as st
 import saebench as sb
 
 run, run_index, hook, store = state.feature_page("prompt", live=True)
+assert store is not None  # feature_page stops the page without one
 
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)
 top = st.slider("features per token", 1, 20, 5)

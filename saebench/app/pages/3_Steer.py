@@ -24,7 +24,8 @@ qp = st.query_params
 st.title("Steer")
 if store is None:
     st.info(
-        f"Without a feature analysis there are no labels, search or ranking: run `saebench analyze {run.path}` for them."
+        "Without a feature analysis there are no labels, search or ranking: "
+        f"run `saebench analyze {run.path}` for them."
     )
 
 
@@ -174,8 +175,9 @@ else:
 if store is not None:
     st.subheader("Candidate features by output score")
     st.caption(
-        "Output score (Arad, Mueller & Belinkov 2025): at the last token of the neutral prompt, each candidate's code is raised "
-        "by 10 x the largest code there; score = (1 - best rank / vocabulary) x top probability of its 20 logit-lens tokens "
+        "Output score (Arad, Mueller & Belinkov 2025): at the last token of the neutral prompt, "
+        "each candidate's code is raised by 10 x the largest code there; "
+        "score = (1 - best rank / vocabulary) x top probability of its 20 logit-lens tokens "
         "at the next token. Features scoring low rarely steer well."
     )
     query = st.text_input(

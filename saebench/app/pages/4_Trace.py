@@ -73,7 +73,11 @@ if n > model.cfg.n_ctx:
     st.error(f"The prompt is {n} tokens; the model's context is {model.cfg.n_ctx}. Shorten it.")
     st.stop()
 pieces = [model.tokenizer.decode([t]) for t in tokens]
-label = lambda p: f"{p} {pieces[p]!r}"
+
+
+def label(p: int) -> str:
+    return f"{p} {pieces[p]!r}"
+
 
 c1, c2, c3, c4 = st.columns(4)
 layer = c1.selectbox("layer", range(L), index=state.index_param("layer", L, best[0], "layer"), key="layer")
