@@ -13,19 +13,29 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from saebench.distributed import Reducer
+from saebench.distributed import LOCAL, Reducer
 from saebench.sae import sparsify
 
 if TYPE_CHECKING:
     from saebench.sae.config import SAEConfig
 
 Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"]
-SelectFn = Callable[[torch.Tensor, "SAEConfig", Reducer], sparsify.Selection]
+
+
+@dataclass(frozen=True)
+class SelectContext:
+    """What a selection may read besides pre: the ranks whose batches a batch sparsifier selects over
+    together (data parallelism), and any per-step state a family's rule needs."""
+
+    reduce: Reducer = LOCAL
+
+
+SelectFn = Callable[[torch.Tensor, "SAEConfig", SelectContext], sparsify.Selection]
 
 
 @dataclass(frozen=True)
 class Family:
-    """One sparsifier's properties. `select(pre [batch n], cfg, reduce)` is its training-time selection."""
+    """One sparsifier's properties. `select(pre [batch n], cfg, ctx)` is its training-time selection."""
 
     name: Activation
     select: SelectFn
@@ -44,20 +54,20 @@ class Family:
         return self.threshold is not None
 
 
-def _topk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+def _topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
     return sparsify.topk(pre, cfg.k)
 
 
-def _abstopk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
+def _abstopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
     return sparsify.abstopk(pre, cfg.k)
 
 
-def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
-    return sparsify.batchtopk(pre, cfg.k, reduce)
+def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    return sparsify.batchtopk(pre, cfg.k, ctx.reduce)
 
 
-def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, reduce: Reducer) -> sparsify.Selection:
-    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, reduce)
+def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce)
 
 
 BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)

@@ -16,6 +16,7 @@ from saebench.errors import ConfigError, DataError
 from saebench.readers import read_json, read_safetensors
 from saebench.sae import sparsify
 from saebench.sae.config import SAEConfig
+from saebench.sae.families import SelectContext
 
 
 class SAE(nn.Module):
@@ -59,7 +60,7 @@ class SAE(nn.Module):
         family = self.cfg.family
         if family.batch_selection and not train:
             return sparsify.threshold(pre, self.threshold)
-        return family.select(pre, self.cfg, reduce)
+        return family.select(pre, self.cfg, SelectContext(reduce))
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
