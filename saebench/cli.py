@@ -14,6 +14,7 @@ from saebench.app_launcher import launch
 from saebench.circuits import trace_attention
 from saebench.config import apply_overrides, from_dict
 from saebench.errors import ConfigError, SAEBenchError
+from saebench.evals.suites import DEFAULT_SUITES, SUITES
 from saebench.evaluate import EVAL_METRICS
 from saebench.models import load_model
 from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
@@ -49,10 +50,16 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
 
-    for hook, result in eval_from_config(args.run).items():
-        print(f"{hook}\n{'metric':<30}{'sae':>12}{'random':>12}")
-        for key in EVAL_METRICS:
-            print(f"{key:<30}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
+    suites = args.suite.split(",")
+    for hook, result in eval_from_config(args.run, suites).items():
+        print(hook)
+        if "core" in suites:
+            print(f"{'metric':<30}{'sae':>12}{'random':>12}")
+            for key in EVAL_METRICS:
+                print(f"{key:<30}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
+        for name in suites:
+            if name != "core":
+                print(f"{name}: {json.dumps(result[name])}")
         print(f"written to {result['run']}/eval.json")
 
 
@@ -233,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")
+    p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated suites, of: {', '.join(SUITES)}")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")

@@ -17,7 +17,9 @@ from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, lo
 from saebench.config import RunConfig, load_config
 from saebench.data import TokenContexts, load_contexts
 from saebench.errors import ConfigError, DataError
-from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
+from saebench.evals.inputs import EvalInputs
+from saebench.evals.suites import DEFAULT_SUITES, check_suites, run_suites
+from saebench.evaluate import random_baseline
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, store_dtype, stream_activations
 from saebench.models import is_causal, load_model
 from saebench.runs import Run, activations_dir
@@ -101,17 +103,19 @@ def train_from_config(
     return {homes[h].path.name: s for h, s in saes.items()}, {"saes": named, "run_dir": str(run.path)}
 
 
-def eval_from_config(run_dir: str | Path) -> dict:
-    """`saebench eval RUN`: core metrics on held-out activations (one model pass for every SAE of the
-    run) and CE/KL with each SAE spliced in, each next to a random-SAE baseline; written to eval.json."""
+def eval_from_config(
+    run_dir: str | Path, suites: Sequence[str] = DEFAULT_SUITES, show_progress: bool = True
+) -> dict[str, dict]:
+    """`saebench eval RUN [--suite ...]`: the named suites for every SAE of the run, each SAE next to a
+    random SAE at matched scale, on held-out activations from one model pass for all of them; each SAE's
+    eval.json keeps the sections of suites not run now. Returns hook -> eval.json."""
+    check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
     cfg = run.config
     model = run.load_model()
     saes = run.load_saes()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
-    n = min(cfg.eval.n_contexts, len(contexts))
-    few = TokenContexts(contexts.tokens[:n], contexts.special_mask[:n])
     harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special)
     batches = stream_activations(
         harvester,
@@ -129,16 +133,11 @@ def eval_from_config(run_dir: str | Path) -> dict:
     results = {}
     for hook, sae in saes.items():
         acts = torch.cat(parts[hook])
-        baseline = random_baseline(sae, acts)
-        result = {
-            "run": str(homes[hook].path),
-            "hook": hook,
-            "split": cfg.eval.split,
-            "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},
-            "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, few)},
-        }
-        run.write_eval(hook, result)
-        results[hook] = result
+        inputs = EvalInputs(
+            run, homes[hook], cfg, model, sae, random_baseline(sae, acts), acts, contexts, show_progress
+        )
+        results[hook] = run_suites(inputs, suites, run.eval(hook))
+        run.write_eval(hook, results[hook])
     return results
 
 
