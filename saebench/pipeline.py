@@ -22,7 +22,7 @@ from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, store_
 from saebench.models import is_causal, load_model
 from saebench.runs import Run, activations_dir
 from saebench.store import write_store
-from saebench.train import local_batch_size, refuse_overwrite, train_saes
+from saebench.train import grad_key, local_batch_size, refuse_overwrite, train_saes
 
 
 def _run_config(cfg: RunConfig | str | Path, overrides: Sequence[str]) -> RunConfig:
@@ -36,7 +36,9 @@ def harvest_from_config(
     Under torchrun the ranks write disjoint shards of the one cache."""
     cfg = _run_config(cfg, overrides)
     model = model or load_model(cfg.model, dist.init(cfg.device), cfg.torch_dtype)
-    harvester = Harvester(model, cfg.harvest.hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
+    harvester = Harvester(
+        model, cfg.harvest.hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients
+    )
     contexts = load_contexts(cfg.data, model.tokenizer)
     cache_dir = activations_dir(cfg)
     manifest = harvest_to_disk(harvester, contexts, cache_dir, cfg.harvest, cfg.data, cfg.model, max_shards=max_shards)
@@ -61,7 +63,7 @@ def train_from_config(
     if t.source == "cache" and len(hooks) > 1:
         raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
     model = load_model(cfg.model, device, cfg.torch_dtype)
-    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
+    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
     sae_cfgs = {h: cfg.sae.resolve(harvester.widths[h], h, cfg.model) for h in hooks}
     if t.source == "cache":
         manifest = harvest_from_config(cfg, model=model)
@@ -72,7 +74,12 @@ def train_from_config(
             )
 
         def source(epoch: int) -> Iterator:
-            return store.iter_batches(local_batch, seed=cfg.seed * 1000 + epoch, part=dist.shard(len(store.shards)))
+            return store.iter_batches(
+                local_batch,
+                seed=cfg.seed * 1000 + epoch,
+                part=dist.shard(len(store.shards)),
+                gradients=cfg.harvest.gradients,
+            )
     else:
         contexts = load_contexts(cfg.data, model.tokenizer, show_progress=dist.is_main())
         mine = dist.shard(len(contexts))  # each rank runs the model on its own contexts
@@ -103,7 +110,9 @@ def train_from_config(
 
 def eval_from_config(run_dir: str | Path) -> dict:
     """`saebench eval RUN`: core metrics on held-out activations (one model pass for every SAE of the
-    run) and CE/KL with each SAE spliced in, each next to a random-SAE baseline; written to eval.json."""
+    run) and CE/KL with each SAE spliced in, each next to a random-SAE baseline; written to eval.json.
+    An SAE that ranks by the loss gradient is evaluated with the held-out gradients ("sae": CE/KL with
+    the clean run's gradients) and without them ("sae_without_gradients": plain TopK)."""
     run = Run(run_dir)
     homes = run.trained_homes()
     cfg = run.config
@@ -112,7 +121,8 @@ def eval_from_config(run_dir: str | Path) -> dict:
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     n = min(cfg.eval.n_contexts, len(contexts))
     few = TokenContexts(contexts.tokens[:n], contexts.special_mask[:n])
-    harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special)
+    gradients = any(sae.cfg.family.gradients for sae in saes.values())
+    harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special, gradients=gradients)
     batches = stream_activations(
         harvester,
         contexts,
@@ -122,21 +132,27 @@ def eval_from_config(run_dir: str | Path) -> dict:
         batch_size=cfg.harvest.batch_size,
         epochs=1,
     )
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in saes}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in harvester.columns}
     for batch in batches:
-        for h in saes:
-            parts[h].append(batch[h])
+        for key in parts:
+            parts[key].append(batch[key])
     results = {}
     for hook, sae in saes.items():
         acts = torch.cat(parts[hook])
+        grads = torch.cat(parts[grad_key(hook)]) if sae.cfg.family.gradients else None
         baseline = random_baseline(sae, acts)
         result = {
             "run": str(homes[hook].path),
             "hook": hook,
             "split": cfg.eval.split,
-            "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},
+            "sae": {
+                **evaluate_sae(sae, acts, grads=grads),
+                **spliced_losses(model, sae, hook, few, gradients=grads is not None),
+            },
             "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, few)},
         }
+        if grads is not None:
+            result["sae_without_gradients"] = {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)}
         run.write_eval(hook, result)
         results[hook] = result
     return results
