@@ -3,13 +3,14 @@ computation, the ranking against a dense reference on tiny's gradients, the cach
 kill/resume), training, the input-scale fold, save/load, SAELens export and the spliced evaluation."""
 
 import json
-import subprocess
-import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import saebench as sb
+from saebench.cli import main
 from saebench.config import HarvestConfig
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
@@ -226,7 +227,8 @@ def test_run_config_and_encoder_models_refuse_without_gradients(tmp_path, minilm
 
 
 @pytest.mark.slow
-def test_train_and_eval_from_the_cli(tmp_path):
+def test_train_eval_analyze_and_browse_from_the_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_text(
         "name: g\nmodel: tiny\ndata:\n  split: test\n  max_documents: 100\n  context_size: 32\n"
         "harvest:\n  hooks: [blocks.0.hook_resid_post]\n  n_tokens: 2048\n  batch_size: 16\n  shard_contexts: 16\n"
@@ -235,11 +237,8 @@ def test_train_and_eval_from_the_cli(tmp_path):
     )
 
     def cli(*args):
-        result = subprocess.run(
-            [sys.executable, "-m", "saebench.cli", *args], capture_output=True, text=True, cwd=tmp_path
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
 
     cli("train", "run.yaml")
     out = cli("eval", "runs/g")
@@ -249,3 +248,18 @@ def test_train_and_eval_from_the_cli(tmp_path):
     for side in ("sae", "sae_without_gradients"):
         assert report[side]["l0"] == pytest.approx(8) and report[side]["fvu"] < report["random_baseline"]["fvu"]
     assert report["sae"]["fvu"] != report["sae_without_gradients"]["fvu"]
+    cli("analyze", "runs/g", "--tokens", "500")  # the store encodes without gradients (plain TopK)
+    store = sb.FeatureStore(tmp_path / "runs/g")
+    assert store.meta["activation"] == "gradient_topk" and len(store.table()) == 2 * 192
+
+    from streamlit.testing.v1 import AppTest
+
+    from saebench.app_launcher import RUNS_ENV
+
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path / "runs/g"))
+    home = AppTest.from_file(str(Path(sb.__file__).parent / "app" / "Home.py"), default_timeout=120)
+    home.run()
+    table: Any = home.dataframe[0].value
+    assert table.set_index("metric")["sae without gradients"]["fvu"] == pytest.approx(
+        report["sae_without_gradients"]["fvu"]
+    )
