@@ -1,6 +1,6 @@
 """Gradient TopK (Olmo et al. 2025) against TopK on tiny at equal k, trained on the same tokens, in one run.
 
-    python benchmarks/gradient_topk.py [--cache-tokens 2000000] [--tokens 8000000] [--n-latents 3072] [--k 32] \
+    python benchmarks/gradient_topk.py [--cache-tokens 2000000] [--tokens 6000000] [--n-latents 3072] [--k 32] \
 [--betas 1] [--runs-dir runs]
 
 Harvests tiny's blocks.1.hook_resid_post (train split) once, with the loss gradients, into one cache
@@ -43,7 +43,7 @@ def quantiles(values: torch.Tensor) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache-tokens", type=int, default=2_000_000)
-    p.add_argument("--tokens", type=int, default=8_000_000)
+    p.add_argument("--tokens", type=int, default=6_000_000)
     p.add_argument("--n-latents", type=int, default=3072)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--betas", type=float, nargs="+", default=[1.0])
