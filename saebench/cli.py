@@ -19,9 +19,8 @@ from saebench.evaluate import EVAL_METRICS
 from saebench.models import load_model
 from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
 from saebench.runs import Run
-from saebench.sae import ACTIVATIONS
 from saebench.steering import generate, steer, steering_sweep
-from saebench.synthetic import SyntheticConfig, iter_synthetic_bench
+from saebench.synthetic import PLANTED_ACTIVATIONS, SyntheticConfig, iter_synthetic_bench
 from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
 
 ANALYSIS = AnalysisConfig()  # the defaults of `saebench analyze`
@@ -54,9 +53,11 @@ def _eval(args: argparse.Namespace) -> None:
     for hook, result in eval_from_config(args.run, suites).items():
         print(hook)
         if "core" in suites:
-            print(f"{'metric':<30}{'sae':>12}{'random':>12}")
+            columns = {"sae": "sae", "sae_without_gradients": "sae no grad", "random_baseline": "random"}
+            columns = {c: name for c, name in columns.items() if c in result}
+            print(f"{'metric':<30}" + "".join(f"{name:>12}" for name in columns.values()))
             for key in EVAL_METRICS:
-                print(f"{key:<30}{result['sae'][key]:>12.4f}{result['random_baseline'][key]:>12.4f}")
+                print(f"{key:<30}" + "".join(f"{result[c][key]:>12.4f}" for c in columns))
         for name in suites:
             if name != "core":
                 print(f"{name}: {json.dumps(result[name])}")
@@ -295,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")
-    p.add_argument("--activations", default=",".join(ACTIVATIONS))
+    p.add_argument("--activations", default=",".join(PLANTED_ACTIVATIONS))
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--n-true", type=int, default=2048)
     p.add_argument("--true-l0", type=float, default=8.0)

@@ -40,6 +40,9 @@ class HarvestConfig:
     buffer_tokens: int = 262_144  # streaming: shuffling buffer size (per hook)
     cache_dir: str | None = None  # cache mode: default runs/<name>/activations
     shard_contexts: int = 512  # cache mode: contexts per shard
+    # also the gradient of the model's summed next-token loss at each hook (Harvester): one full forward and
+    # one backward per batch; needed by the families that rank by it (gradient_topk)
+    gradients: bool = False
 
 
 @dataclass
@@ -72,6 +75,11 @@ class RunConfig:
             if given != getattr(defaults, knob) and given != run:
                 raise ConfigError(f"train.{knob} is the run's {knob}: set `{knob}: {given}` at the top level instead")
             setattr(self.train, knob, run)
+        if self.sae.family.gradients and not self.harvest.gradients:
+            raise ConfigError(
+                f"sae.activation {self.sae.activation} ranks latents by the model's loss gradient: "
+                "set harvest.gradients: true"
+            )
 
     @property
     def run_dir(self) -> Path:

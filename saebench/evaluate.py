@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from saebench.data import TokenContexts
 from saebench.errors import DataError
-from saebench.harvest import flatten_heads
+from saebench.harvest import Harvester, check_hooks, flatten_heads, next_token_loss
 from saebench.sae import SAE, SAEConfig
+from saebench.train import grad_key
 
 # the figures `saebench eval` prints and the app's Home shows, in this order
 EVAL_METRICS = tuple(
@@ -37,23 +38,28 @@ EVAL_METRICS = tuple(
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096) -> dict:
-    """acts: [n d_in] tensor or iterable of [batch d_in] batches."""
+def evaluate_sae(
+    sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096, grads: torch.Tensor | None = None
+) -> dict:
+    """acts: [n d_in] tensor or iterable of [batch d_in] batches. grads: [n d_in], the model's loss gradient
+    at each row of a tensor `acts`, for the families that rank by it (encoded without: plain TopK)."""
     sae = sae.eval()
-    batches = (
-        (acts[i : i + batch_size] for i in range(0, len(acts), batch_size)) if isinstance(acts, torch.Tensor) else acts
-    )
+    if isinstance(acts, torch.Tensor):
+        rows = range(0, len(acts), batch_size)
+        batches = ((acts[i : i + batch_size], None if grads is None else grads[i : i + batch_size]) for i in rows)
+    else:
+        batches = ((x, None) for x in acts)
     n = n_batches = 0
     sq_err = sum_sq = 0.0
     total = None
     fires = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
     l0_sum = shrink_sum = cos_sum = per_token_sum = batched_sum = hat_sq = hat_dot = 0.0
     dev = sae.W_dec.device
-    for x in batches:
+    for x, grad in batches:
         x = x.to(dev, torch.float32)
         if not torch.isfinite(x).all():
             raise DataError("NaN or inf in the evaluation activations")
-        z = sae.encode(x)
+        z = sae.encode(x, None if grad is None else grad.to(dev, torch.float32))
         x_hat = sae.decode(z)
         rss = (x - x_hat).double().pow(2).sum(-1)
         tss = (x - x.mean(0)).double().pow(2).sum(-1)
@@ -126,14 +132,17 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
 
 
 @torch.no_grad()
-def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16) -> dict:
+def spliced_losses(
+    model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16, gradients: bool = False
+) -> dict:
     """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output.
 
     Special positions (BOS, ...) keep their clean activations, as the SAE never saw them, and
     CE and KL(clean || patched) average over the predictions from a non-special token to a
-    non-special token (SAEBench's mask)."""
-    from saebench.harvest import check_hooks
-
+    non-special token (SAEBench's mask).
+    gradients: the SAE encodes each activation with the clean run's loss gradient there (one more
+    forward and a backward per batch; the gradient reads the true next tokens, as in training)."""
+    grads_at = Harvester(model, [hook], gradients=True) if gradients else None
     check_hooks(model, [hook])
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     count = 0
@@ -141,11 +150,12 @@ def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_si
     for i in range(0, len(contexts), batch_size):
         tokens = contexts.tokens[i : i + batch_size].to(dev)
         keep = ~contexts.special_mask[i : i + batch_size].to(dev)
+        grad = None if grads_at is None else grads_at.forward(tokens, ~keep)[grad_key(hook)]
 
-        def patch(kind, keep=keep):
+        def patch(kind, keep=keep, grad=grad):
             def fn(act, hook):
                 flat = flatten_heads(act)
-                new = sae(flat) if kind == "sae" else torch.zeros_like(flat)
+                new = sae(flat, grad) if kind == "sae" else torch.zeros_like(flat)
                 out = torch.where(keep[..., None], new.to(flat.dtype), flat)
                 return out.reshape(act.shape)
 
@@ -157,11 +167,9 @@ def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_si
         for kind in ("sae", "zero"):
             with model.hooks(fwd_hooks=[(hook, patch(kind))]):
                 results[kind] = model(tokens).float()
-        targets = tokens[:, 1:]
         counted = (keep[:, :-1] & keep[:, 1:]).float()  # [b ctx-1]
         for kind, logits in results.items():
-            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
-            totals[f"ce_{kind}"] += float((ce * counted).sum())
+            totals[f"ce_{kind}"] += float(next_token_loss(logits, tokens, keep))
             if kind != "clean":
                 lp = logits.log_softmax(-1)
                 totals[f"kl_{kind}"] += float(((logp_clean.exp() * (logp_clean - lp)).sum(-1)[:, :-1] * counted).sum())

@@ -3,6 +3,7 @@
 Cache layout (`saebench harvest`):
     <cache_dir>/manifest.json                        settings, widths, and the complete shards
     <cache_dir>/<hook>/shard_00000.safetensors       acts [n d], token_ids [n], context [n], position [n]
+                                                     (+ grads [n d] with harvest.gradients)
 A shard covers a fixed run of contexts, is written to a temp file and renamed, and enters the
 manifest only once it is whole; a resumed run starts after the last listed shard. Under torchrun
 ranks write disjoint shards of the same plan (`shard_plan`), so the cache equals a one-process one.
@@ -20,14 +21,17 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from saebench import distributed as dist
 from saebench.atomic import atomic_save_file, atomic_write_text, clean_partial
 from saebench.config import HarvestConfig, parse_dtype
 from saebench.data import DataConfig, TokenContexts
-from saebench.errors import DataError, HookError
+from saebench.errors import ConfigError, DataError, HookError
+from saebench.models import is_causal
 from saebench.readers import read_json, read_safetensors
+from saebench.train import grad_key
 
 MANIFEST = "manifest.json"
 FORMAT = "saebench-activations/1"
@@ -55,54 +59,95 @@ def flatten_heads(act: torch.Tensor) -> torch.Tensor:
     return act.flatten(2) if act.dim() == 4 else act
 
 
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the predictions from a kept token to a kept token (SAEBench's mask).
+    logits: [batch pos vocab]; tokens, keep: [batch pos] -> scalar."""
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    return (ce * (keep[:, :-1] & keep[:, 1:]).float()).sum()
+
+
 class Harvester:
     """Runs the model on token contexts and returns the activations at `hooks`.
 
     Stops the forward pass once the last requested hook has fired. Multi-head hooks
     ([batch pos head d_head], e.g. attn.hook_z) are flattened to [batch pos (head d_head)].
+
+    gradients: also return, under grad_key(hook), the gradient at each hook of the batch's summed
+    next-token loss (`next_token_loss`, predictions between non-special tokens): one full forward
+    and one backward per batch. A position's gradient holds its effect on every later counted
+    prediction; the last position's is zero (it predicts nothing counted and nothing reads it).
     """
 
-    def __init__(self, model, hooks: list[str], exclude_special: bool = True, out_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        model,
+        hooks: list[str],
+        exclude_special: bool = True,
+        out_dtype: torch.dtype = torch.float32,
+        gradients: bool = False,
+    ):
         check_hooks(model, hooks)
         if len(set(hooks)) != len(hooks):
             raise HookError(f"hooks are listed twice: {hooks}")
-        self.model, self.hooks = model, list(hooks)
+        if gradients and not is_causal(model):
+            raise ConfigError("harvest.gradients needs a causal LM (the next-token loss); set harvest.gradients: false")
+        self.model, self.hooks, self.gradients = model, list(hooks), gradients
         self.exclude_special, self.out_dtype = exclude_special, out_dtype
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens: [batch pos] -> {hook: [batch pos d]}, multi-head hooks flattened (`flatten_heads`)."""
+    def forward(self, tokens: torch.Tensor, special_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens: [batch pos] -> {hook: [batch pos d]}, multi-head hooks flattened (`flatten_heads`); with
+        gradients also {grad_key(hook): [batch pos d]}, the loss counting predictions between tokens
+        outside special_mask ([batch pos] bool; default: none special)."""
         out: dict[str, torch.Tensor] = {}
 
-        def save(name: str, act: torch.Tensor) -> None:
-            out[name] = flatten_heads(act)
-            if len(out) == len(self.hooks):
+        def save(name: str, act: torch.Tensor) -> torch.Tensor:
+            if self.gradients and not act.requires_grad:  # nothing upstream needs a gradient: start a leaf here
+                act = act.detach().requires_grad_()
+            out[name] = act
+            if len(out) == len(self.hooks) and not self.gradients:
                 raise _StopForward
+            return act
 
         fwd_hooks = [(h, lambda act, hook, name=h: save(name, act)) for h in self.hooks]
+        tokens = tokens.to(self.device)
         try:
-            with self.model.hooks(fwd_hooks=fwd_hooks):
-                self.model(tokens.to(self.device))
+            with torch.set_grad_enabled(self.gradients), self.model.hooks(fwd_hooks=fwd_hooks):
+                logits = self.model(tokens)
+                if self.gradients and not set(self.hooks) - set(out):
+                    keep = torch.ones_like(tokens, dtype=torch.bool) if special_mask is None else ~special_mask
+                    loss = next_token_loss(logits.float(), tokens, keep.to(self.device))
+                    grads = torch.autograd.grad(loss, [out[h] for h in self.hooks], allow_unused=True)
+                    for h, g in zip(self.hooks, grads, strict=True):
+                        if g is None:
+                            raise HookError(f"the model's loss does not depend on {h}: it has no gradient")
+                        out[grad_key(h)] = g
         except _StopForward:
             pass
         missing = set(self.hooks) - set(out)
         if missing:
             raise HookError(f"hooks never fired in a forward pass: {sorted(missing)}")
-        return out
+        return {key: flatten_heads(act.detach()) for key, act in out.items()}
 
     @cached_property
     def widths(self) -> dict[str, int]:
         """hook -> its activations' width, from one forward pass on 4 BOS tokens (on first use)."""
         bos = getattr(self.model.tokenizer, "bos_token_id", None) or 0
         acts = self.forward(torch.full((1, 4), bos, dtype=torch.long))
-        return {h: a.shape[-1] for h, a in acts.items()}
+        return {h: acts[h].shape[-1] for h in self.hooks}
+
+    @property
+    def columns(self) -> dict[str, int]:
+        """Every key of `forward`'s output (the hooks, then their gradients) -> its width."""
+        return {**self.widths, **{grad_key(h): d for h, d in self.widths.items() if self.gradients}}
 
     def device_activations(
         self, tokens: torch.Tensor, special_mask: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """tokens, special_mask: [batch pos] -> ({hook: [n d]} in the model's device and dtype, keep [batch pos])."""
-        acts = self.forward(tokens)
+        """tokens, special_mask: [batch pos] -> ({key: [n d]} in the model's device and dtype, keep [batch pos]);
+        the keys are `columns`'."""
+        acts = self.forward(tokens, special_mask)
         keep = ~special_mask if self.exclude_special else torch.ones_like(special_mask)
         keep_dev = keep.to(self.device)
         rows = {hook: check_finite(a[keep_dev], hook) for hook, a in acts.items()}
@@ -132,9 +177,10 @@ def stream_activations(
     seed: int = 0,
     epochs: int | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {hook: [batch_tokens d]} training batches, shuffled through a buffer of bounded size.
+    """Yield {key: [batch_tokens d]} training batches (the harvester's `columns`: hooks and gradients),
+    shuffled through a buffer of bounded size.
 
-    The buffer is filled with `buffer_tokens` rows, permuted (one permutation for all hooks, so
+    The buffer is filled with `buffer_tokens` rows, permuted (one permutation for every key, so
     rows stay aligned), and its first half is served before the next refill. Contexts cycle
     (reshuffled each epoch) until `n_tokens` rows were yielded, or for `epochs` passes.
     """
@@ -142,7 +188,7 @@ def stream_activations(
         raise DataError(f"buffer_tokens ({buffer_tokens}) must be at least twice the batch size ({batch_tokens})")
     gen = torch.Generator().manual_seed(seed)
     buffer: dict[str, torch.Tensor] = {
-        h: torch.empty(0, d, dtype=harvester.out_dtype) for h, d in harvester.widths.items()
+        h: torch.empty(0, d, dtype=harvester.out_dtype) for h, d in harvester.columns.items()
     }
     served = 0
 
@@ -185,6 +231,7 @@ def _settings(
 ) -> dict:
     digest = hashlib.sha256(contexts.tokens.numpy().tobytes()).hexdigest()
     return {
+        **({"gradients": True} if harvester.gradients else {}),  # absent: a cache without them
         "format": FORMAT,
         "model": model_name,
         "hooks": {h: {"d": d} for h, d in harvester.widths.items()},
@@ -231,14 +278,14 @@ def shard_plan(contexts: TokenContexts, cfg: HarvestConfig, exclude_special: boo
 
 def _write_shard(harvester: Harvester, contexts: TokenContexts, cache_dir: Path, shard: dict, batch_size: int) -> None:
     start, end = shard["contexts"]
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in harvester.hooks}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in harvester.columns}
     meta: dict[str, list[torch.Tensor]] = {"token_ids": [], "context": [], "position": []}
     for i in range(start, end, batch_size):
         j = min(i + batch_size, end)
         tokens, special = contexts.tokens[i:j], contexts.special_mask[i:j]
         rows, keep = harvester.activations(tokens, special)
-        for h in harvester.hooks:
-            parts[h].append(rows[h])
+        for key in parts:
+            parts[key].append(rows[key])
         ctx_idx, pos = keep.nonzero(as_tuple=True)
         meta["token_ids"].append(tokens[keep].to(torch.int32))
         meta["context"].append((ctx_idx + i).to(torch.int32))
@@ -246,9 +293,9 @@ def _write_shard(harvester: Harvester, contexts: TokenContexts, cache_dir: Path,
     n = shard["n"]
     columns = {k: torch.cat(v)[:n].contiguous() for k, v in meta.items()}
     for h in harvester.hooks:
-        atomic_save_file(
-            {"acts": torch.cat(parts[h])[:n].contiguous(), **columns}, cache_dir / hook_dirname(h) / shard["file"]
-        )
+        tensors = {"acts": parts[h], **({"grads": parts[grad_key(h)]} if harvester.gradients else {})}
+        tensors = {k: torch.cat(v)[:n].contiguous() for k, v in tensors.items()}
+        atomic_save_file({**tensors, **columns}, cache_dir / hook_dirname(h) / shard["file"])
 
 
 def harvest_to_disk(
@@ -334,6 +381,7 @@ class ActivationStore:
             raise HookError(f"the cache at {self.cache_dir} has no hook {hook!r}; it has {', '.join(hooks)}")
         self.hook, self.d = hook, self.manifest["hooks"][hook]["d"]
         self.shards = self.manifest["shards"]
+        self.gradients = bool(self.manifest.get("gradients"))
 
     def __len__(self) -> int:
         return sum(s["n"] for s in self.shards)
@@ -342,9 +390,9 @@ class ActivationStore:
         path = self.cache_dir / hook_dirname(self.hook) / self.shards[i]["file"]
         return read_safetensors(path, "cpu", f"delete {self.cache_dir} and rerun `saebench harvest CONFIG`")
 
-    def load_all(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """acts: [n d]."""
-        return torch.cat([self.load_shard(i)["acts"].to(dtype) for i in range(len(self.shards))])
+    def load_all(self, dtype: torch.dtype = torch.float32, key: str = "acts") -> torch.Tensor:
+        """acts (or key "grads"): [n d]."""
+        return torch.cat([self.load_shard(i)[key].to(dtype) for i in range(len(self.shards))])
 
     def iter_batches(
         self,
@@ -353,23 +401,36 @@ class ActivationStore:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         part: slice = slice(None),
-    ) -> Iterator[torch.Tensor]:
+        gradients: bool = False,
+    ) -> Iterator:
         """One pass: [batch_tokens d] batches, shards in random order and rows shuffled in pairs of shards.
-        part: which positions of the epoch's shard order to read (a rank's share: `distributed.shard`)."""
+        part: which positions of the epoch's shard order to read (a rank's share: `distributed.shard`).
+        gradients: yield {hook: acts, grad_key(hook): grads} dicts instead (the same rows in the same order)."""
+        if gradients and not self.gradients:
+            raise DataError(
+                f"the cache at {self.cache_dir} has no gradients: harvest with harvest.gradients: true into another "
+                "harvest.cache_dir"
+            )
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if shuffle else list(range(len(self.shards)))
         order = order[part]
-        carry = torch.empty(0, self.d, dtype=dtype)
+        keys = ["acts", "grads"] if gradients else ["acts"]
+
+        def out(rows: torch.Tensor):  # [b (keys d)] -> [b d] or the dict
+            return {self.hook: rows[:, : self.d], grad_key(self.hook): rows[:, self.d :]} if gradients else rows
+
+        carry = torch.empty(0, self.d * len(keys), dtype=dtype)
         for group in range(0, len(order), 2):
-            rows = torch.cat([carry] + [self.load_shard(i)["acts"].to(dtype) for i in order[group : group + 2]])
+            shards = [self.load_shard(i) for i in order[group : group + 2]]
+            rows = torch.cat([carry] + [torch.cat([s[k].to(dtype) for k in keys], -1) for s in shards])
             if shuffle:
                 rows = rows[torch.randperm(len(rows), generator=gen)]
             n_full = len(rows) - len(rows) % batch_tokens
             for i in range(0, n_full, batch_tokens):
-                yield rows[i : i + batch_tokens]
+                yield out(rows[i : i + batch_tokens])
             carry = rows[n_full:]
         if len(carry):
-            yield carry
+            yield out(carry)
 
 
 def store_dtype(cfg: HarvestConfig) -> torch.dtype:

@@ -1,7 +1,8 @@
 """SAELens on-disk format: cfg.json + sae_weights.safetensors, both ways (verified against SAELens 6.54.12).
 
-saebench -> SAELens: topk -> "topk"; batchtopk / mutual_choice / feature_choice -> "jumprelu"
-(their inference rule is ReLU(pre) where pre > threshold); matryoshka keeps its latent order.
+saebench -> SAELens: topk and gradient_topk -> "topk" (SAELens passes no gradients: plain TopK);
+batchtopk / mutual_choice / feature_choice -> "jumprelu" (their inference rule is ReLU(pre) where
+pre > threshold); matryoshka keeps its latent order.
 abstopk is refused (saebench does not export it). The cfg carries sae_lens_version, so SAELens 6 reads
 it as a 6.x config (hook_name and model_name in `metadata`), and model_from_pretrained_kwargs
 {"center_writing_weights": False}: SAELens loads the model with from_pretrained_no_processing(**kwargs),
@@ -81,6 +82,7 @@ def save_saelens(sae: SAE, folder: str | Path) -> None:
             "saebench_activation": cfg.activation,
             "saebench_k": cfg.k,
             "saebench_matryoshka": cfg.matryoshka,
+            "saebench_gradient_beta": cfg.gradient_beta,
         },
     }
     if arch == "topk":
@@ -146,6 +148,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
         activation=activation,
         k=max(1, min(round(k), meta["d_sae"])),
         matryoshka=extra.get("saebench_matryoshka"),
+        gradient_beta=extra.get("saebench_gradient_beta", SAEConfig.gradient_beta),
         hook=hook,
         model=_field(meta, "model_name"),
     )

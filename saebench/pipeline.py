@@ -24,7 +24,7 @@ from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, store_
 from saebench.models import is_causal, load_model
 from saebench.runs import Run, activations_dir
 from saebench.store import write_store
-from saebench.train import local_batch_size, refuse_overwrite, train_saes
+from saebench.train import grad_key, local_batch_size, refuse_overwrite, train_saes
 
 
 def _run_config(cfg: RunConfig | str | Path, overrides: Sequence[str]) -> RunConfig:
@@ -38,7 +38,9 @@ def harvest_from_config(
     Under torchrun the ranks write disjoint shards of the one cache."""
     cfg = _run_config(cfg, overrides)
     model = model or load_model(cfg.model, dist.init(cfg.device), cfg.torch_dtype)
-    harvester = Harvester(model, cfg.harvest.hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
+    harvester = Harvester(
+        model, cfg.harvest.hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients
+    )
     contexts = load_contexts(cfg.data, model.tokenizer)
     cache_dir = activations_dir(cfg)
     manifest = harvest_to_disk(harvester, contexts, cache_dir, cfg.harvest, cfg.data, cfg.model, max_shards=max_shards)
@@ -63,7 +65,7 @@ def train_from_config(
     if t.source == "cache" and len(hooks) > 1:
         raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
     model = load_model(cfg.model, device, cfg.torch_dtype)
-    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest))
+    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
     sae_cfgs = {h: cfg.sae.resolve(harvester.widths[h], h, cfg.model) for h in hooks}
     if t.source == "cache":
         manifest = harvest_from_config(cfg, model=model)
@@ -74,7 +76,12 @@ def train_from_config(
             )
 
         def source(epoch: int) -> Iterator:
-            return store.iter_batches(local_batch, seed=cfg.seed * 1000 + epoch, part=dist.shard(len(store.shards)))
+            return store.iter_batches(
+                local_batch,
+                seed=cfg.seed * 1000 + epoch,
+                part=dist.shard(len(store.shards)),
+                gradients=cfg.harvest.gradients,
+            )
     else:
         contexts = load_contexts(cfg.data, model.tokenizer, show_progress=dist.is_main())
         mine = dist.shard(len(contexts))  # each rank runs the model on its own contexts
@@ -108,7 +115,8 @@ def eval_from_config(
 ) -> dict[str, dict]:
     """`saebench eval RUN [--suite ...]`: the named suites for every SAE of the run, each SAE next to a
     random SAE at matched scale, on held-out activations from one model pass for all of them; each SAE's
-    eval.json keeps the sections of suites not run now. Returns hook -> eval.json."""
+    eval.json keeps the sections of suites not run now. Returns hook -> eval.json.
+    An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core)."""
     check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
@@ -116,7 +124,8 @@ def eval_from_config(
     model = run.load_model()
     saes = run.load_saes()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
-    harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special)
+    gradients = any(sae.cfg.family.gradients for sae in saes.values())
+    harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special, gradients=gradients)
     batches = stream_activations(
         harvester,
         contexts,
@@ -126,16 +135,16 @@ def eval_from_config(
         batch_size=cfg.harvest.batch_size,
         epochs=1,
     )
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in saes}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in harvester.columns}
     for batch in batches:
-        for h in saes:
-            parts[h].append(batch[h])
+        for key in parts:
+            parts[key].append(batch[key])
     results = {}
     for hook, sae in saes.items():
         acts = torch.cat(parts[hook])
-        inputs = EvalInputs(
-            run, homes[hook], cfg, model, sae, random_baseline(sae, acts), acts, contexts, show_progress
-        )
+        grads = torch.cat(parts[grad_key(hook)]) if sae.cfg.family.gradients else None
+        baseline = random_baseline(sae, acts)
+        inputs = EvalInputs(run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, show_progress)
         results[hook] = run_suites(inputs, suites, run.eval(hook))
         run.write_eval(hook, results[hook])
     return results

@@ -4,6 +4,8 @@
 
 `acts` is a tensor [N d_in] (shuffled each epoch by the seed) or a callable returning a fresh
 iterator of [batch d_in] batches (a harvester stream or an ActivationStore); see `BatchSource`.
+A family that ranks by the model's loss gradient (gradient_topk) also needs `grads` [N d_in], or
+batches that carry them under `grad_key(hook)` (harvest.gradients).
 """
 
 from __future__ import annotations
@@ -76,7 +78,12 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else min(100, math.ceil(0.05 * total_steps))
 
 
-Batch = dict[str, torch.Tensor]  # hook -> [batch d]; a plain tensor source becomes {"": tensor}
+Batch = dict[str, torch.Tensor]  # hook -> [batch d] (+ grad_key(hook) -> its loss gradient); a tensor is {"": tensor}
+
+
+def grad_key(hook: str) -> str:
+    """The batch key of the model's loss gradient at `hook`'s activations."""
+    return f"{hook}:grad"
 
 
 def local_batch_size(batch_size: int) -> int:
@@ -99,32 +106,40 @@ def refuse_overwrite(dirs: Iterable[Path]) -> None:
 class BatchSource:
     """Deterministic batches from a tensor or a factory of iterators, resumable by count.
 
-    acts: a tensor [N d] (reshuffled each epoch by the seed), or a callable epoch -> iterator of
-    [chunk d] tensors or of {hook: [chunk d]} dicts (several hooks from one model pass).
+    acts: a tensor [N d] or a dict of row-aligned tensors {key: [N d]} (reshuffled each epoch by the seed),
+    or a callable epoch -> iterator of [chunk d] tensors or of {key: [chunk d]} dicts (several hooks
+    from one model pass, and their gradients).
     Under torchrun each rank gets batch_size / world rows per batch: its slice of each global
     batch of a tensor (every rank holds the same tensor), or its own callable's rows (each rank's
     callable yields that rank's data).
     """
 
-    def __init__(self, acts: torch.Tensor | Callable[[int], Iterator], batch_size: int, seed: int):
+    def __init__(
+        self, acts: torch.Tensor | dict[str, torch.Tensor] | Callable[[int], Iterator], batch_size: int, seed: int
+    ):
         self.batch_size = local_batch_size(batch_size)
-        self.acts, self.global_batch, self.seed = acts, batch_size, seed
-        if isinstance(acts, torch.Tensor):
-            if acts.dim() != 2:
-                raise DataError(f"activations must be [n_tokens d_in], got shape {tuple(acts.shape)}")
-            if len(acts) < batch_size:
-                raise DataError(f"only {len(acts)} activations for a batch of {batch_size}: lower train.batch_size")
+        self.acts = {"": acts} if isinstance(acts, torch.Tensor) else acts
+        self.global_batch, self.seed = batch_size, seed
+        if isinstance(self.acts, dict):
+            n = len(next(iter(self.acts.values())))
+            for value in self.acts.values():
+                if value.dim() != 2 or len(value) != n:
+                    raise DataError(f"activations must be [n_tokens d_in], got shape {tuple(value.shape)}")
+            if n < batch_size:
+                raise DataError(f"only {n} activations for a batch of {batch_size}: lower train.batch_size")
 
     def batches(self, skip: int = 0) -> Iterator[Batch]:
         epoch, seen = 0, 0
         while True:
-            if isinstance(self.acts, torch.Tensor):
+            if isinstance(self.acts, dict):
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(len(self.acts), generator=gen)
+                tensors = self.acts
+                perm = torch.randperm(len(next(iter(tensors.values()))), generator=gen)
                 n_full = len(perm) - len(perm) % self.global_batch
                 mine = slice(dist.rank() * self.batch_size, (dist.rank() + 1) * self.batch_size)
                 it = (
-                    {"": self.acts[perm[i : i + self.global_batch][mine]]} for i in range(0, n_full, self.global_batch)
+                    {k: v[perm[i : i + self.global_batch][mine]] for k, v in tensors.items()}
+                    for i in range(0, n_full, self.global_batch)
                 )
             else:
                 it = self._rebatch(self.acts(epoch))
@@ -153,12 +168,19 @@ class BatchSource:
                 size -= self.batch_size
 
 
-def _pick(batch: Batch, sae_cfg: SAEConfig) -> torch.Tensor:
-    if len(batch) == 1:
-        return next(iter(batch.values()))
-    if sae_cfg.hook not in batch:
-        raise DataError(f"the activation source has no hook {sae_cfg.hook!r} (it has {', '.join(batch)})")
-    return batch[sae_cfg.hook]
+def _pick(batch: Batch, sae_cfg: SAEConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The SAE's hook's rows and their loss gradient (None when the source has none)."""
+    hooks = [key for key in batch if not key.endswith(grad_key(""))]
+    hook = hooks[0] if len(hooks) == 1 else sae_cfg.hook
+    if hook not in batch:
+        raise DataError(f"the activation source has no hook {sae_cfg.hook!r} (it has {', '.join(hooks)})")
+    grad = batch.get(grad_key(hook))
+    if grad is None and sae_cfg.family.gradients:
+        raise ConfigError(
+            f"sae.activation {sae_cfg.activation} ranks latents by the model's loss gradient: set harvest.gradients: "
+            "true (train_sae: pass grads=)"
+        )
+    return batch[hook], grad
 
 
 @torch.no_grad()
@@ -223,8 +245,9 @@ class SAETrainer:
         )
         return self.lr * warm * decay
 
-    def step(self, x: torch.Tensor, sync: bool = True) -> dict:
-        """One optimizer step on x [batch d_in]; the metrics dict, or {} when sync is False.
+    def step(self, x: torch.Tensor, sync: bool = True, grad: torch.Tensor | None = None) -> dict:
+        """One optimizer step on x [batch d_in] (grad: the model's loss gradient at x, [batch d_in]);
+        the metrics dict, or {} when sync is False.
 
         The fused path reads nothing back to the host unless sync is True: a non-finite batch or loss
         skips the update on the device and raises at the next synced step.
@@ -232,13 +255,17 @@ class SAETrainer:
         if not self.fused:
             _check_finite(x, f"the batch of step {self.step_count}")
         x = x.to(self.device, torch.float32) * self.scale
+        if grad is not None:  # the gradient with respect to scale * x
+            grad = grad.to(self.device, torch.float32) / self.scale
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step_count)
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             prefixes = random_prefixes(self.sae_cfg, self.prefix_gen) if self.sae_cfg.matryoshka_random else None
-            out = sae_loss(self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes)
+            out = sae_loss(
+                self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes, grad=grad
+            )
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(
                 f"loss became {float(out.loss)} at step {self.step_count}: lower train.lr or check the activations"
@@ -436,20 +463,27 @@ def train_sae(
     resume: bool = False,
     stop_after_steps: int | None = None,
     show_progress: bool = True,
+    grads: torch.Tensor | None = None,
 ) -> tuple[SAE, dict]:
     """Train one SAE. With run_dir: metrics.jsonl, checkpoints/ and sae/ are written there.
 
     stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
+    grads: [N d_in] with a tensor `acts`, the model's loss gradient at each row (Harvester(gradients=True)).
     Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
     """
+    source: torch.Tensor | dict[str, torch.Tensor] | Callable[[int], Iterator] = acts
+    if grads is not None:
+        if not isinstance(acts, torch.Tensor) or grads.shape != acts.shape:
+            raise DataError("grads must be a tensor of acts' shape [N d_in]: the gradient at each activation row")
+        source = {"": acts, grad_key(""): grads}
     dirs = {"sae": Path(run_dir)} if run_dir is not None else None
-    saes, reports = train_saes({"sae": sae_cfg}, acts, cfg, None, resume, stop_after_steps, show_progress, dirs)
+    saes, reports = train_saes({"sae": sae_cfg}, source, cfg, None, resume, stop_after_steps, show_progress, dirs)
     return saes["sae"], reports["sae"]
 
 
 def train_saes(
     sae_cfgs: dict[str, SAEConfig],
-    acts: torch.Tensor | Callable[[int], Iterator],
+    acts: torch.Tensor | dict[str, torch.Tensor] | Callable[[int], Iterator],
     cfg: TrainConfig | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
@@ -459,8 +493,8 @@ def train_saes(
 ) -> tuple[dict[str, SAE], dict[str, dict]]:
     """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
 
-    A dict source gives each SAE the batch of its `hook`. Each SAE gets run_dir/<name>/, or the
-    folder `dirs` gives it (metrics.jsonl, checkpoints/, sae/).
+    A dict source gives each SAE the batch of its `hook` (and its gradient, grad_key(hook)). Each SAE
+    gets run_dir/<name>/, or the folder `dirs` gives it (metrics.jsonl, checkpoints/, sae/).
     Under torchrun (cfg.distribute): in "data" mode every rank returns every SAE and rank 0 writes
     the run files; in "hooks" mode SAE i is trained and written by rank i % world, which returns it.
     Resuming reads the checkpoints on every rank (a filesystem every rank sees).
@@ -477,7 +511,7 @@ def train_saes(
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
     sample = _init_sample(source, cfg)
     trainers = {
-        name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name]), reduce)
+        name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name])[0], reduce)
         for name in names
         if owners[name] == rank
     }
@@ -539,17 +573,21 @@ def train_saes(
             log = step % cfg.log_every == 0 or step == total_steps
             save = bool(dirs) and bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
             stop = stop_after_steps is not None and step >= stop_after_steps
-            gathered: dict[tuple[str | None, int], torch.Tensor | None] = {}
+            gathered: dict[tuple[str | None, int], tuple] = {}
             for name in names:
-                x = _pick(batch, sae_cfgs[name])
+                x, grad = _pick(batch, sae_cfgs[name])
                 if by_hook:  # the owner receives the global batch of its SAE's hook, in rank order
-                    key = (sae_cfgs[name].hook, owners[name])
+                    owner = owners[name]
+                    key = (sae_cfgs[name].hook, owner)
                     if key not in gathered:
-                        gathered[key] = dist.gather_cat(x, owners[name])
-                    x = gathered[key]
+                        gathered[key] = (
+                            dist.gather_cat(x, owner),
+                            grad if grad is None else dist.gather_cat(grad, owner),
+                        )
+                    x, grad = gathered[key]
                 if name in trainers:  # metrics (a host sync) only where they are used
                     assert x is not None
-                    row = trainers[name].step(x, sync=log or save or stop)
+                    row = trainers[name].step(x, sync=log or save or stop, grad=grad)
                     last[name] = row or last[name]
             consumed += 1
             bar.update(1)
@@ -594,9 +632,10 @@ def train_saes(
 
 def _init_sample(source: BatchSource, cfg: TrainConfig) -> Batch:
     """init_tokens rows, the same on every rank: a tensor's own sample, or each rank's share of a stream gathered."""
-    if isinstance(source.acts, torch.Tensor):
+    if isinstance(source.acts, dict):
         gen = torch.Generator().manual_seed(cfg.seed + 7)
-        return {"": source.acts[torch.randperm(len(source.acts), generator=gen)[: cfg.init_tokens]].float()}
+        idx = torch.randperm(len(next(iter(source.acts.values()))), generator=gen)[: cfg.init_tokens]
+        return {k: v[idx].float() for k, v in source.acts.items()}
     want = -(-cfg.init_tokens // dist.world())
     rows: dict[str, list[torch.Tensor]] = {}
     n = 0

@@ -29,16 +29,9 @@ if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
     keys = [k for k in EVAL_METRICS if k in result["sae"]]
-    st.dataframe(
-        pd.DataFrame(
-            {
-                "metric": keys,
-                "sae": [result["sae"][k] for k in keys],
-                "random SAE": [result["random_baseline"][k] for k in keys],
-            }
-        ),
-        hide_index=True,
-    )
+    columns = {"sae": "sae", "sae_without_gradients": "sae without gradients", "random_baseline": "random SAE"}
+    table = {name: [result[c][k] for k in keys] for c, name in columns.items() if c in result}
+    st.dataframe(pd.DataFrame({"metric": keys, **table}), hide_index=True)
 
 metrics = run.metrics(hook)
 if metrics is not None and "step" in metrics:

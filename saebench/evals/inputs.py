@@ -25,6 +25,7 @@ class EvalInputs:
     baseline: SAE  # evaluate.random_baseline(sae, acts)
     acts: torch.Tensor  # [n d_in] held-out activations at the SAE's hook (config.eval.n_tokens)
     contexts: TokenContexts  # the held-out split (config.eval.split)
+    grads: torch.Tensor | None = None  # [n d_in] loss gradients at those rows, for an SAE that ranks by them
     show_progress: bool = True
 
     @property

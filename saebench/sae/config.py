@@ -34,6 +34,9 @@ class SAEConfig:
     dead_tokens: int = 10_000_000  # a latent that has not fired in this many tokens is dead
     zipf_exponent: float = 1.0  # feature choice capacities and aux_zipf's expected shares
     threshold_decay: float = 0.99  # EMA of the smallest kept value, the inference threshold
+    # gradient_topk's beta (Olmo et al. 2025), for the trainer's inputs (normalised to mean norm sqrt(d_in)); an
+    # exported SAE holds beta / input scale, for raw inputs (SAE.fold_input_scale)
+    gradient_beta: float = 1.0
     hook: str | None = None
     model: str | None = None
 
@@ -55,6 +58,8 @@ class SAEConfig:
                 raise ConfigError(
                     f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}"
                 )
+        if self.gradient_beta < 0:
+            raise ConfigError(f"sae.gradient_beta must be >= 0, got {self.gradient_beta}")
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):

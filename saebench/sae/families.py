@@ -19,7 +19,7 @@ from saebench.sae import sparsify
 if TYPE_CHECKING:
     from saebench.sae.config import SAEConfig
 
-Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"]
+Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "gradient_topk"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class SelectContext:
     together (data parallelism), and any per-step state a family's rule needs."""
 
     reduce: Reducer = LOCAL
+    # [batch n] d_i . grad_x L: the model's loss gradient at the input along each decoder row (Family.gradients;
+    # None where no gradient is known)
+    latent_grads: torch.Tensor | None = None
 
 
 SelectFn = Callable[[torch.Tensor, "SAEConfig", SelectContext], sparsify.Selection]
@@ -48,6 +51,7 @@ class Family:
     enc_init_scale: float = 0.3
     # the per-token family of a random baseline at matched scale (evaluate.random_baseline)
     baseline: Activation = "topk"
+    gradients: bool = False  # selection ranks by the model's loss gradient (harvest.gradients), TopK without it
 
     @property
     def batch_selection(self) -> bool:
@@ -70,6 +74,12 @@ def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sp
     return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce)
 
 
+def _gradient_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    if ctx.latent_grads is None:
+        return sparsify.topk(pre, cfg.k)
+    return sparsify.gradient_topk(pre, ctx.latent_grads, cfg.k, cfg.gradient_beta)
+
+
 BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -79,6 +89,7 @@ FAMILIES: dict[str, Family] = {
         Family("batchtopk", _batchtopk, threshold="global", enc_init_scale=BATCH_INIT),
         Family("mutual_choice", _batchtopk, threshold="global", aux="aux_zipf", enc_init_scale=BATCH_INIT),
         Family("feature_choice", _feature_choice, threshold="per_feature", aux="aux_zipf", enc_init_scale=BATCH_INIT),
+        Family("gradient_topk", _gradient_topk, gradients=True),
     )
 }
 ACTIVATIONS = tuple(FAMILIES)

@@ -53,14 +53,20 @@ class SAE(nn.Module):
         pre = x @ self.W_enc
         return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
-    def select(self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL) -> sparsify.Selection:
+    def select(
+        self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL, grad: torch.Tensor | None = None
+    ) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
-        batch sparsifiers select over together (data parallelism)."""
+        batch sparsifiers select over together (data parallelism); grad: [batch d_in], the model's loss
+        gradient at the input, read by the families that rank by it (Family.gradients)."""
         train = self.training if train is None else train
         family = self.cfg.family
         if family.batch_selection and not train:
             return sparsify.threshold(pre, self.threshold)
-        return family.select(pre, self.cfg, SelectContext(reduce))
+        latent_grads = None
+        if grad is not None and family.gradients:
+            latent_grads = grad.to(pre.dtype) @ self.W_dec.detach().T.to(pre.dtype)
+        return family.select(pre, self.cfg, SelectContext(reduce, latent_grads=latent_grads))
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
@@ -69,11 +75,12 @@ class SAE(nn.Module):
         values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers)."""
+    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers).
+        grad: [... d_in], the model's loss gradient at x, for the families that rank by it (TopK without)."""
         shape = x.shape
         pre = self.pre_acts(x.reshape(-1, shape[-1]))
-        sel = self.select(pre, train=False)
+        sel = self.select(pre, train=False, grad=None if grad is None else grad.reshape(-1, shape[-1]))
         return sel.dense(pre.shape[-1]).reshape(*shape[:-1], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -88,8 +95,8 @@ class SAE(nn.Module):
             return sparse.decode_fixed(sel.values, sel.indices, self.W_dec, self.b_dec)
         return sparse.decode_ragged(sel.values, sel.indices, sel.offsets, self.W_dec, self.b_dec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, grad))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
@@ -109,10 +116,13 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
-        """Make an SAE trained on scale * x work on raw x: codes shrink by `scale`, W_dec stays unit-norm."""
+        """Make an SAE trained on scale * x work on raw x: codes shrink by `scale`, W_dec stays unit-norm.
+        The raw loss gradient is scale x the scaled one, so gradient_beta / scale keeps the ranking."""
         self.b_dec /= scale
         self.b_enc /= scale
         self.threshold /= scale
+        if self.cfg.family.gradients:
+            self.cfg = dataclasses.replace(self.cfg, gradient_beta=self.cfg.gradient_beta / scale)
 
     # -- files ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

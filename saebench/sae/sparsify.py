@@ -2,6 +2,8 @@
 
   topk           each token keeps its k largest pre, ReLU'd                    (Gao et al. 2024)
   abstopk        each token keeps its k largest |pre|, sign kept, no ReLU     (AbsTopK 2025)
+  gradient_topk  each token keeps the k largest z_i (1 + beta |d_i . grad_x L|), z = ReLU(pre), with
+                 values z_i: latents that move the model's loss rank higher    (Olmo et al. 2025)
   batchtopk      the batch keeps its k*batch largest ReLU(pre)               (Bussmann et al.;
                  = mutual choice, Ayonrinde 2024)
   feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped
@@ -72,6 +74,13 @@ def topk(pre: torch.Tensor, k: int) -> Selection:
 def abstopk(pre: torch.Tensor, k: int) -> Selection:
     _, indices = pre.abs().topk(k, dim=-1, sorted=False)
     return Selection(pre.gather(-1, indices), indices, None, pre.shape[0])
+
+
+def gradient_topk(pre: torch.Tensor, latent_grads: torch.Tensor, k: int, beta: float) -> Selection:
+    """latent_grads: [batch n], d_i . grad_x L for each decoder row d_i."""
+    z = pre.relu()
+    _, indices = (z.detach() * (1 + beta * latent_grads.abs())).topk(k, dim=-1, sorted=False)
+    return Selection(z.gather(-1, indices), indices, None, pre.shape[0])
 
 
 def _csr(flat: torch.Tensor, values_flat: torch.Tensor, batch: int, n: int) -> Selection:
