@@ -65,10 +65,6 @@ class SAEHome:
     def store_path(self) -> Path:
         return self.path / STORE_NAME
 
-    @property
-    def trained(self) -> bool:
-        return (self.sae_dir / "cfg.json").exists()
-
 
 class Run:
     """A run folder (see the module docstring for its layout)."""
@@ -122,10 +118,6 @@ class Run:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @property
-    def activations_dir(self) -> Path:
-        return activations_dir(self.config)
-
-    @property
     def analysis_state_dir(self) -> Path:
         return self.path / ANALYSIS_STATE
 
@@ -140,12 +132,9 @@ class Run:
         homes = {}
         for folder in folders:
             meta = read_json(folder / SAE_DIR / "cfg.json", "retrain the SAE or copy the folder again")
-            hook = meta.get("hook") or (folder.name if folder != self.path else self._only_hook())
+            hook = meta.get("hook") or (folder.name if folder != self.path else self.config.harvest.hooks[0])
             homes[hook] = SAEHome(hook, folder)
         return homes
-
-    def _only_hook(self) -> str:
-        return self.config.harvest.hooks[0]
 
     def trained_homes(self) -> dict[str, SAEHome]:
         """The SAEs of a finished training run; DataError naming the fix otherwise."""
@@ -200,9 +189,6 @@ class Run:
         if path is None:
             return None
         return read_jsonl(path, f"resume the training (`saebench train CONFIG --resume`) to rewrite {path.name}")
-
-    def store_path(self, hook: str | None = None) -> Path:
-        return self.home(hook).store_path
 
 
 def activations_dir(cfg: RunConfig) -> Path:
