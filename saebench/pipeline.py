@@ -113,22 +113,20 @@ def eval_from_config(run_dir: str | Path) -> dict:
     n = min(cfg.eval.n_contexts, len(contexts))
     few = TokenContexts(contexts.tokens[:n], contexts.special_mask[:n])
     harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special)
-    batches = stream_activations(
-        harvester,
-        contexts,
-        batch_tokens=4096,
-        buffer_tokens=8192,
-        n_tokens=cfg.eval.n_tokens,
-        batch_size=cfg.harvest.batch_size,
-        epochs=1,
+    batches = list(
+        stream_activations(
+            harvester,
+            contexts,
+            batch_tokens=4096,
+            buffer_tokens=8192,
+            n_tokens=cfg.eval.n_tokens,
+            batch_size=cfg.harvest.batch_size,
+            epochs=1,
+        )
     )
-    parts: dict[str, list[torch.Tensor]] = {h: [] for h in saes}
-    for batch in batches:
-        for h in saes:
-            parts[h].append(batch[h])
     results = {}
     for hook, sae in saes.items():
-        acts = torch.cat(parts[hook])
+        acts = torch.cat([batch[hook] for batch in batches])
         baseline = random_baseline(sae, acts)
         result = {
             "run": str(homes[hook].path),
