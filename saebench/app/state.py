@@ -200,7 +200,10 @@ def saes_on_model(all_runs: list[Run], base: Run) -> dict[str, tuple[int, sb.SAE
     return out
 
 
-@st.cache_resource(hash_funcs={Run: lambda run: str(run.path)})
+_BY_PATH: dict = {Run: lambda run: str(run.path)}  # as a cache key, a run is its folder
+
+
+@st.cache_resource(hash_funcs=_BY_PATH)
 def head_scores(run: Run) -> dict:
     """Previous-token and induction scores per head on the run's held-out text, computed once per run."""
     data = dataclasses.replace(run.config.data, split="test", max_documents=200)
@@ -208,19 +211,16 @@ def head_scores(run: Run) -> dict:
     return sb.head_scores(run_model(run), contexts)
 
 
-def induction_circuit(run: Run, saes: dict[str, sb.SAE], layer: int, head: int, progress=None):
-    """sb.summarize_induction of one head through the SAEs, on 8 repeated held-out spans of 32 tokens."""
-    return _induction_circuit(str(run.path), run, tuple(sorted(saes)), layer, head, saes, progress)
-
-
-@st.cache_resource(show_spinner=False)
-def _induction_circuit(run_path: str, _run: Run, hooks: tuple[str, ...], layer: int, head: int, _saes: dict, _progress):
+@st.cache_resource(show_spinner=False, hash_funcs={**_BY_PATH, dict: lambda saes: sorted(saes)})
+def induction_circuit(run: Run, saes: dict[str, sb.SAE], layer: int, head: int, _progress=None):
+    """sb.summarize_induction of one head through the SAEs (known by their hooks), on 8 repeated held-out
+    spans of 32 tokens."""
     from saebench.induction import summarize_induction
 
-    data = dataclasses.replace(_run.config.data, split="test", max_documents=300)
-    contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
+    data = dataclasses.replace(run.config.data, split="test", max_documents=300)
+    contexts = sb.load_contexts(data, run_model(run).tokenizer, show_progress=False)
     return summarize_induction(
-        run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress
+        run_model(run), saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress
     )
 
 

@@ -373,10 +373,11 @@ def _induction_recipe_lines(c: dict) -> list[str]:
         lo, hi = c["span_len"]
         solo = max(c["copy_task_warm_steps"], c.get("copy_task_solo_steps", 0))
         vocab = f"ids below {c['copy_task_warm_vocab']} for the first {c['copy_task_warm_steps']:,} steps"
-        if c["copy_task_grow_every"] > 0:
-            vocab += f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
-        else:
-            vocab += f", then ids below {c['copy_task_vocab']}"
+        vocab += (
+            f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
+            if c["copy_task_grow_every"] > 0
+            else f", then ids below {c['copy_task_vocab']}"
+        )
         lines += [
             f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, "
             "loss on the repeats only;",

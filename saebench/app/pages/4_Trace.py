@@ -202,9 +202,7 @@ st.caption(
 if st.button("trace the induction circuit", key="induction") or st.session_state.get("induction_for") == (layer, head):
     st.session_state["induction_for"] = (layer, head)
     try:
-        s = state.induction_circuit(
-            base, upstream, layer, head, progress=state.progress_callback("tracing repeated spans")
-        )
+        s = state.induction_circuit(base, upstream, layer, head, state.progress_callback("tracing repeated spans"))
     except SAEBenchError as e:
         st.error(str(e))
         st.stop()
