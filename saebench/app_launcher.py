@@ -13,12 +13,8 @@ APP_DIR = Path(__file__).resolve().parent / "app"  # package data: Home.py, page
 RUNS_ENV = "SAEBENCH_APP_RUNS"
 
 
-def check_runs(runs: list[str]) -> list[Path]:
-    return [Run.open(Path(r).resolve()).path for r in runs]
-
-
 def launch(runs: list[str], host: str = "127.0.0.1", port: int = 8501) -> None:
-    paths = check_runs(runs)
+    paths = [Run.open(Path(r).resolve()).path for r in runs]
     if not (APP_DIR / "Home.py").exists():
         raise DataError(
             f"the app is missing from {APP_DIR}: "

@@ -333,18 +333,12 @@ def trace_attention_cached(
 
     # OV: components at every key position <= q share one name list only if the SAEs' active sets agree,
     # so each key position keeps its own components, padded into a common table.
-    names: list[str] = []
-    index: dict[str, int] = {}
-    for p in range(q + 1):
-        for name in comps[p].names:
-            if name not in index:
-                index[name] = len(names)
-                names.append(name)
-    names.append("b_V")
+    names = [*dict.fromkeys(name for p in range(q + 1) for name in comps[p].names), "b_V"]
+    index = {name: i for i, name in enumerate(names)}
+    rows = [torch.tensor([index[name] for name in comps[p].names], device=q_vecs.device) for p in range(q + 1)]
     ov = torch.zeros(q + 1, len(names), cfg.d_model, dtype=q_vecs.dtype, device=q_vecs.device)
     for p in range(q + 1):
-        idx = torch.tensor([index[nm] for nm in comps[p].names], device=ov.device)
-        ov[p, idx] = pattern[q, p] * (comps[p].vectors @ W_V @ W_O)
+        ov[p, rows[p]] = pattern[q, p] * (comps[p].vectors @ W_V @ W_O)
     ov[:, -1] = pattern[q, : q + 1, None] * (b_V @ W_O)[None]
 
     projection = None
@@ -356,8 +350,7 @@ def trace_attention_cached(
             head_rows = enc[head * cfg.d_head : (head + 1) * cfg.d_head]
             projection = torch.zeros(ov.shape[:2], device=ov.device)
             for p in range(q + 1):
-                idx = torch.tensor([index[nm] for nm in comps[p].names], device=ov.device)
-                projection[p, idx] = pattern[q, p] * (comps[p].vectors @ W_V @ head_rows)
+                projection[p, rows[p]] = pattern[q, p] * (comps[p].vectors @ W_V @ head_rows)
             projection[:, -1] = pattern[q, : q + 1] * (b_V @ head_rows)
         else:
             projection = ov @ enc
@@ -385,11 +378,7 @@ def trace_attention_cached(
         if isinstance(logit_tokens, str):
             raise ConfigError(f'logit_tokens is a token id, a pair (a, b) or "top", not {logit_tokens!r}')
         a, b = (logit_tokens, None) if isinstance(logit_tokens, int) else logit_tokens
-
-        def piece(t):
-            return repr(model.tokenizer.decode([t]))
-
-        result.logit_target = f"logit({piece(a)})" + (f" - logit({piece(b)})" if b is not None else "")
+        result.logit_target = " - ".join(f"logit({model.tokenizer.decode([t])!r})" for t in (a, b) if t is not None)
         direction = model.W_U[:, a] - (model.W_U[:, b] if b is not None else 0)
         bias = model.b_U[a] - (model.b_U[b] if b is not None else 0)
         result.logit_names = final.names + ["b_U"]
@@ -399,12 +388,8 @@ def trace_attention_cached(
             _close(result.logit_contrib.sum(), want, "logit attribution")
     if check:
         for p in (q, k):
-            resid_hook = f"blocks.{layer}.hook_resid_pre"
-            _close(
-                residual_components(model, cache, layer, p, saes).vectors.sum(0),
-                cache[resid_hook][0, p],
-                "residual decomposition",
-            )
+            resid = residual_components(model, cache, layer, p, saes).vectors.sum(0)
+            _close(resid, cache[f"blocks.{layer}.hook_resid_pre"][0, p], "residual decomposition")
         _close(pair_scores.sum(), torch.tensor(score), "QK pair sum")
         _close(ov.sum((0, 1)), cache[f"blocks.{layer}.attn.hook_z"][0, q, head] @ W_O, "OV sum")
     return result
@@ -433,23 +418,19 @@ def head_scores(model, contexts, n_contexts: int = 32, repeat_len: int = 24) -> 
     position i to the token after i's earlier occurrence (i - repeat_len + 1).
     """
     tokens = contexts.tokens[:n_contexts]
-    _, cache = model.run_with_cache(tokens)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    prev = torch.zeros(L, H)
-    induction = torch.zeros(L, H)
-    n = tokens.shape[1]
-    idx = torch.arange(2, n)
-    for layer in range(L):
-        pat = cache[f"blocks.{layer}.attn.hook_pattern"]  # [batch head q k]
-        prev[layer] = pat[:, :, idx, idx - 1].mean((0, 2)).cpu()
     span = tokens[:, 1 : 1 + repeat_len]
-    rep = torch.cat([tokens[:, :1], span, span], dim=1)
-    _, cache = model.run_with_cache(rep)
+    repeated = torch.cat([tokens[:, :1], span, span], dim=1)
+    idx = torch.arange(2, tokens.shape[1])
     q = torch.arange(1 + repeat_len + 1, 1 + 2 * repeat_len)
-    for layer in range(L):
-        pat = cache[f"blocks.{layer}.attn.hook_pattern"]
-        induction[layer] = pat[:, :, q, q - repeat_len + 1].mean((0, 2)).cpu()
-    return {"prev_token": prev, "induction": induction}
+    prev = [p[:, :, idx, idx - 1].mean((0, 2)).cpu() for p in attention_patterns(model, tokens)[1]]
+    induction = [p[:, :, q, q - repeat_len + 1].mean((0, 2)).cpu() for p in attention_patterns(model, repeated)[1]]
+    return {"prev_token": torch.stack(prev).float(), "induction": torch.stack(induction).float()}
+
+
+def attention_patterns(model, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass that keeps only the attention: (logits, [batch head q k] per layer)."""
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    return logits, [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
 
 
 def repeated_random_tokens(n_seq: int, span: int, vocab_size: int, bos: int, seed: int = 0) -> torch.Tensor:
@@ -482,7 +463,5 @@ def induction_report(model, n_seq: int = 64, span: int = 40, seed: int = 0) -> d
     tokens = repeated_random_tokens(n_seq, span, model.cfg.d_vocab, model.tokenizer.bos_token_id, seed).to(
         model.cfg.device
     )
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
-    return induction_summary(
-        [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)], logits, tokens, span
-    )
+    logits, patterns = attention_patterns(model, tokens)
+    return induction_summary(patterns, logits, tokens, span)

@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from saebench import kernels
+import torch.distributed
+
+from saebench import distributed, kernels
 from saebench.analysis import AnalysisConfig
 from saebench.app_launcher import launch
 from saebench.circuits import trace_attention
@@ -18,6 +20,7 @@ from saebench.evals.suites import DEFAULT_SUITES, SUITES
 from saebench.evaluate import EVAL_METRICS
 from saebench.models import load_model
 from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
+from saebench.readers import first_line
 from saebench.runs import Run
 from saebench.steering import generate, steer, steering_sweep
 from saebench.synthetic import PLANTED_ACTIVATIONS, SyntheticConfig, iter_synthetic_bench
@@ -105,12 +108,6 @@ def _bench_synthetic(args: argparse.Namespace) -> None:
         print(json.dumps(row), flush=True)
 
 
-def _load_run_sae(run: str, hook: str | None):
-
-    r = Run.open(run)
-    return r.load_model(), r.load_sae(hook)
-
-
 def _parse_features(items: list[str]) -> dict[int, float]:
 
     out = {}
@@ -125,7 +122,8 @@ def _parse_features(items: list[str]) -> dict[int, float]:
 
 def _steer(args: argparse.Namespace) -> None:
 
-    model, sae = _load_run_sae(args.run, args.hook)
+    run = Run.open(args.run)
+    model, sae = run.load_model(), run.load_sae(args.hook)
     features = _parse_features(args.feature)
     if args.sweep:
         (feature,) = features if len(features) == 1 else (None,)
@@ -340,39 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from saebench import distributed
-
-        distributed.shutdown()
-
-
-def _peer_lost_errors() -> tuple[type[BaseException], ...]:
-    """What a collective raises on the ranks that survive another rank's death (only under torchrun)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return ()
-    import torch.distributed as dist
-
-    return (
-        (dist.DistBackendError, dist.DistNetworkError)
-        if hasattr(dist, "DistNetworkError")
-        else (dist.DistBackendError,)
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    torchrun = distributed.env_world() > 1
+    rank = f" (rank {os.environ['RANK']})" if torchrun else ""
+    # what a collective raises on the ranks that survive another rank's death
+    peer_lost = (torch.distributed.DistBackendError, torch.distributed.DistNetworkError) if torchrun else ()
     try:
         args.func(args)
-        _leave_process_group()
+        distributed.shutdown()  # leave the process group, if this process joined one
     except SAEBenchError as e:
         print(f"saebench{rank}: error: {e}", file=sys.stderr)
         return 2
-    except _peer_lost_errors() as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except peer_lost as e:
         print(
-            f"saebench{rank}: error: another rank stopped ({first}); its error is above. "
+            f"saebench{rank}: error: another rank stopped ({first_line(e)}); its error is above. "
             f"torchrun restarts from the last checkpoint with --max-restarts, or rerun with --resume",
             file=sys.stderr,
         )

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saebench.errors import DataError
+from saebench.zoo.corpus import iter_documents
 
 LOCAL_FORMATS = {
     ".txt": "text",
@@ -61,17 +62,11 @@ class TokenContexts:
 
 def iter_texts(cfg: DataConfig) -> Iterator[str]:
     """The documents' texts, in a fixed order."""
-    texts = _bundled_texts(cfg.split) if cfg.path == "bundled" else _datasets_texts(cfg)
+    texts = (doc.text for doc in iter_documents(cfg.split)) if cfg.path == "bundled" else _datasets_texts(cfg)
     for i, text in enumerate(texts):
         if cfg.max_documents is not None and i >= cfg.max_documents:
             return
         yield text
-
-
-def _bundled_texts(split: str) -> Iterator[str]:
-    from saebench.zoo.corpus import iter_documents
-
-    return (doc.text for doc in iter_documents(split))
 
 
 def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
@@ -91,7 +86,7 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
         fmt = formats.pop()
         assert fmt is not None
         ds = datasets.load_dataset(fmt, data_files=[str(p) for p in files], split="train")
-    elif looks_like_local_path(cfg.path):
+    elif cfg.path.startswith((".", "/", "~")) or Path(cfg.path).suffix in LOCAL_FORMATS:
         raise DataError(f"dataset file not found: {cfg.path} (check data.path, or use 'bundled')")
     else:
         try:
@@ -107,10 +102,6 @@ def _datasets_texts(cfg: DataConfig) -> Iterator[str]:
                 f"dataset rows have no field {cfg.text_field!r} (fields: {', '.join(row)}): set data.text_field"
             )
         yield row[cfg.text_field]
-
-
-def looks_like_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_FORMATS
 
 
 def pack_texts(

@@ -129,13 +129,9 @@ def gather_cat(t: torch.Tensor, dst: int) -> torch.Tensor | None:
 def all_min_int(value: int) -> int:
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.long, device=_collective_device())
+    t = torch.tensor([value], dtype=torch.long, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,12 @@ def load_model(name: str = "tiny", device: str | torch.device = "cpu", dtype: to
 
     folder = model_folder(name)
     if folder is None:
-        return _load_hub(name, device, dtype)
-    from transformers import AutoTokenizer
+        model = _load_hub(name, device, dtype)
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = TransformerBridge.boot_transformers(str(folder), device=str(device), dtype=dtype, tokenizer=tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = TransformerBridge.boot_transformers(str(folder), device=str(device), dtype=dtype, tokenizer=tokenizer)
     model.eval()
     model.saebench_name = name
     return model
@@ -99,8 +100,6 @@ def _load_hub(name: str, device, dtype):
                 os.environ.pop("HF_HUB_OFFLINE", None)
             else:
                 os.environ["HF_HUB_OFFLINE"] = saved
-    model.eval()
-    model.saebench_name = name
     return model
 
 

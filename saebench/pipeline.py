@@ -126,23 +126,21 @@ def eval_from_config(
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     gradients = any(sae.cfg.family.gradients for sae in saes.values())
     harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special, gradients=gradients)
-    batches = stream_activations(
-        harvester,
-        contexts,
-        batch_tokens=4096,
-        buffer_tokens=8192,
-        n_tokens=cfg.eval.n_tokens,
-        batch_size=cfg.harvest.batch_size,
-        epochs=1,
+    batches = list(
+        stream_activations(
+            harvester,
+            contexts,
+            batch_tokens=4096,
+            buffer_tokens=8192,
+            n_tokens=cfg.eval.n_tokens,
+            batch_size=cfg.harvest.batch_size,
+            epochs=1,
+        )
     )
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in harvester.columns}
-    for batch in batches:
-        for key in parts:
-            parts[key].append(batch[key])
     results = {}
     for hook, sae in saes.items():
-        acts = torch.cat(parts[hook])
-        grads = torch.cat(parts[grad_key(hook)]) if sae.cfg.family.gradients else None
+        acts = torch.cat([batch[hook] for batch in batches])
+        grads = torch.cat([batch[grad_key(hook)] for batch in batches]) if sae.cfg.family.gradients else None
         baseline = random_baseline(sae, acts)
         inputs = EvalInputs(run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, show_progress)
         results[hook] = run_suites(inputs, suites, run.eval(hook))

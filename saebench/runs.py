@@ -65,10 +65,6 @@ class SAEHome:
     def store_path(self) -> Path:
         return self.path / STORE_NAME
 
-    @property
-    def trained(self) -> bool:
-        return (self.sae_dir / "cfg.json").exists()
-
 
 class Run:
     """A run folder (see the module docstring for its layout)."""
@@ -122,10 +118,6 @@ class Run:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     @property
-    def activations_dir(self) -> Path:
-        return activations_dir(self.config)
-
-    @property
     def analysis_state_dir(self) -> Path:
         return self.path / ANALYSIS_STATE
 
@@ -133,19 +125,14 @@ class Run:
     @cached_property
     def saes(self) -> dict[str, SAEHome]:
         """hook -> the folder of its trained SAE, in sorted folder order (empty before training ends)."""
-        if (self.path / SAE_DIR / "cfg.json").exists():
-            folders = [self.path]
-        else:
-            folders = sorted(p.parent.parent for p in self.path.glob(f"*/{SAE_DIR}/cfg.json"))
+        one = (self.path / SAE_DIR / "cfg.json").exists()
+        folders = [self.path] if one else sorted(p.parent.parent for p in self.path.glob(f"*/{SAE_DIR}/cfg.json"))
         homes = {}
         for folder in folders:
             meta = read_json(folder / SAE_DIR / "cfg.json", "retrain the SAE or copy the folder again")
-            hook = meta.get("hook") or (folder.name if folder != self.path else self._only_hook())
+            hook = meta.get("hook") or (folder.name if folder != self.path else self.config.harvest.hooks[0])
             homes[hook] = SAEHome(hook, folder)
         return homes
-
-    def _only_hook(self) -> str:
-        return self.config.harvest.hooks[0]
 
     def trained_homes(self) -> dict[str, SAEHome]:
         """The SAEs of a finished training run; DataError naming the fix otherwise."""
@@ -179,8 +166,7 @@ class Run:
         return {h: load_sae(home.sae_dir, device or self.config.device) for h, home in homes.items()}
 
     def load_model(self):
-        cfg = self.config
-        return load_model(cfg.model, cfg.device, cfg.torch_dtype)
+        return load_model(self.config.model, self.config.device, self.config.torch_dtype)
 
     # -- what was written about them -----------------------------------------------------------
     def eval(self, hook: str | None = None) -> dict | None:
@@ -195,14 +181,9 @@ class Run:
 
     def metrics(self, hook: str | None = None) -> list[dict] | None:
         """The training log of the hook's SAE, one dict per logging step (None when there is none)."""
-        home = self.home(hook)
-        path = next((p for p in (home.metrics_path, self.path / METRICS) if p.exists()), None)
-        if path is None:
-            return None
-        return read_jsonl(path, f"resume the training (`saebench train CONFIG --resume`) to rewrite {path.name}")
-
-    def store_path(self, hook: str | None = None) -> Path:
-        return self.home(hook).store_path
+        path = next((p for p in (self.home(hook).metrics_path, self.path / METRICS) if p.exists()), None)
+        fix = f"resume the training (`saebench train CONFIG --resume`) to rewrite {METRICS}"
+        return read_jsonl(path, fix) if path else None
 
 
 def activations_dir(cfg: RunConfig) -> Path:

@@ -83,8 +83,7 @@ class Steering:
         return torch.where(mask, out, x)
 
     def hook_fn(self, act: torch.Tensor, hook) -> torch.Tensor:
-        flat = flatten_heads(act)
-        return self.edit(flat).reshape(act.shape)
+        return self.edit(flatten_heads(act)).reshape(act.shape)
 
 
 def _check(model, sae: SAE, hook: str | None, features: dict[int, float], mode: str, positions: str) -> None:
@@ -169,9 +168,7 @@ def generate(
                 logits = logits.masked_fill(logits < kth, -math.inf)
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
         tokens = torch.cat([tokens, nxt.to(tokens.device)], dim=1)
-    if return_tokens:
-        return tokens
-    return model.tokenizer.decode(tokens[0, start:])
+    return tokens if return_tokens else model.tokenizer.decode(tokens[0, start:])
 
 
 def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tensor:
@@ -180,11 +177,6 @@ def logit_lens_tokens(model, sae: SAE, feature: int, k: int = 10) -> torch.Tenso
     from saebench.analysis import logit_lens
 
     return logit_lens(model, sae.W_dec[feature : feature + 1].detach(), k)[0][0].to(model.W_U.device)
-
-
-def _concept_tokens(model, sae: SAE, features: dict[int, float], n_lens_tokens: int) -> torch.Tensor:
-    """The union of the features' logit-lens tokens: [m]."""
-    return torch.cat([logit_lens_tokens(model, sae, f, n_lens_tokens) for f in features]).unique()
 
 
 @torch.no_grad()
@@ -211,7 +203,7 @@ def steering_sweep(
     progress(done, total) is called after each scale.
     """
     features = {feature: 1.0} if isinstance(feature, int) else {int(f): float(v) for f, v in feature.items()}
-    lens = _concept_tokens(model, sae, features, n_lens_tokens)
+    lens = torch.cat([logit_lens_tokens(model, sae, f, n_lens_tokens) for f in features]).unique()  # [m]
     rows = []
     for n, scale in enumerate(scales):
         with steer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,7 +124,10 @@ def write_store(
         con.executescript(SCHEMA)
         with con:
             _fill(con, results, contexts, vocab, meta)
-            con.executemany("INSERT INTO labels VALUES (?, ?, ?, ?)", _old_labels(path))
+            con.executemany(
+                "INSERT INTO labels VALUES (?, ?, ?, ?)",
+                _on_old(path, "SELECT feature, label, note, updated FROM labels"),
+            )
             con.execute(
                 "UPDATE search SET label = (SELECT label FROM labels WHERE feature = search.rowid) "
                 "WHERE rowid IN (SELECT feature FROM labels)"
@@ -131,34 +135,23 @@ def write_store(
             con.execute("INSERT INTO meta VALUES ('complete', 'true')")
         con.execute("PRAGMA journal_mode=WAL")
         con.close()
-        _checkpoint_old(path)
+        _on_old(path, "PRAGMA wal_checkpoint(TRUNCATE)")  # fold the old WAL in: no -wal file may meet the new store
 
     atomic_write(path, build)
     return path
 
 
-def _old_labels(path: Path) -> list[tuple]:
+def _on_old(path: Path, sql: str) -> list[tuple]:
+    """sql's rows on the store that `path` holds now; [] when there is none or it is unreadable."""
     if not path.exists():
         return []
     con = sqlite3.connect(path)
     try:
-        return con.execute("SELECT feature, label, note, updated FROM labels").fetchall()
+        return con.execute(sql).fetchall()
     except sqlite3.DatabaseError:
         return []
     finally:
         con.close()
-
-
-def _checkpoint_old(path: Path) -> None:
-    """Fold the old store's WAL into it, so no -wal file outlives it and meets the new file."""
-    if path.exists():
-        con = sqlite3.connect(path)
-        try:
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.DatabaseError:
-            pass
-        finally:
-            con.close()
 
 
 def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vocab: list[str], meta: dict) -> None:
@@ -237,10 +230,7 @@ def _fill(con: sqlite3.Connection, r: FeatureResults, contexts: torch.Tensor, vo
         counts = r.hist[i]
         nzb = counts.nonzero().squeeze(-1).tolist()
         hist = {"bins": nzb, "counts": counts[nzb].tolist()}
-        tok_counts: dict[int, int] = {}
-        for t in per_feature_tokens[i]:
-            tok_counts[t] = tok_counts.get(t, 0) + 1
-        top_tokens = sorted(tok_counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        top_tokens = sorted(Counter(per_feature_tokens[i]).items(), key=lambda kv: (-kv[1], kv[0]))
         if lens is not None:
             ltop = [[int(t), round(float(v), 4)] for t, v in zip(lens[0][i], lens[1][i], strict=True)]
             lbot = [[int(t), round(float(v), 4)] for t, v in zip(lens[2][i], lens[3][i], strict=True)]
@@ -388,14 +378,10 @@ class FeatureStore:
             IntervalExamples(edges[j], edges[j + 1], j / m, (j + 1) / m, by_interval.get(j, []))
             for j in range(len(edges) - 1)
         ]
-        hist = json.loads(f["histogram"])
         label, note = self._label_note(i)
-        lens = None
-        if f["logit_top"] is not None:
-            lens_top, lens_bottom = (
-                [(self.vocab[t], v) for t, v in json.loads(f[key])] for key in ("logit_top", "logit_bottom")
-            )
-            lens = (lens_top, lens_bottom)
+        lens_top, lens_bottom = (
+            [(self.vocab[t], v) for t, v in json.loads(f[key] or "[]")] for key in ("logit_top", "logit_bottom")
+        )
         return FeatureCard(
             id=i,
             density=f["density"],
@@ -405,10 +391,10 @@ class FeatureStore:
             min_activation=f["min"] or 0.0,
             std_activation=f["std"] or 0.0,
             quantiles={q: v for q, v in zip(self.meta["quantiles"], json.loads(f["quantiles"]), strict=False)},
-            histogram=self._histogram(hist),
+            histogram=self._histogram(json.loads(f["histogram"])),
             top_examples=top,
             quantile_examples=intervals,
-            logit_lens=lens,
+            logit_lens=(lens_top, lens_bottom) if f["logit_top"] is not None else None,
             decoder_neighbours=[(j, v) for j, v in json.loads(f["decoder_neighbours"])],
             coactivation_neighbours=[(j, v) for j, v in json.loads(f["coact_neighbours"])],
             top_tokens=[(self.vocab[t], c) for t, c in json.loads(f["top_tokens"])],

@@ -247,8 +247,7 @@ def iter_synthetic_bench(
     trained (lr None = the trainer's default).
 
     train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
-    if data is None:
-        data = SyntheticConfig()
+    data = data or SyntheticConfig()
     planted = PlantedFeatures(data)
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)

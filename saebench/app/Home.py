@@ -15,16 +15,16 @@ import streamlit as st
 from saebench.evaluate import EVAL_METRICS
 
 st.set_page_config(page_title="saebench", layout="wide")
-views = state.runs()
-run, hook = state.pick_run_and_hook(views)
+runs = state.runs()
+run, hook = state.pick_run_and_hook(runs)
 st.title(f"saebench · {run.name}")
-for problem in run.problems:
+if problem := state.problem(run):
     st.error(problem)
 if hook is None:
     st.stop()
 
 st.subheader(f"SAE on `{hook}`")
-result = run.eval(hook)
+result = state.shown(run.eval, hook)
 if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
@@ -33,8 +33,8 @@ else:
     table = {name: [result[c][k] for k in keys] for c, name in columns.items() if c in result}
     st.dataframe(pd.DataFrame({"metric": keys, **table}), hide_index=True)
 
-metrics = run.metrics(hook)
-if metrics is not None and "step" in metrics:
+metrics = pd.DataFrame(state.shown(run.metrics, hook))
+if "step" in metrics:
     curves = [c for c in ("fvu", "l0", "dead_fraction", "loss") if c in metrics]
     if curves:
         st.plotly_chart(
@@ -76,7 +76,7 @@ if query:
         shown.label.str.lower().str.contains(q, regex=False) | shown.top_token.str.lower().str.contains(q, regex=False)
     ]
 assert isinstance(shown, pd.DataFrame)
-run_index = views.index(run)
+run_index = runs.index(run)
 shown.insert(0, "open", [state.feature_url(run_index, hook, f) for f in shown.feature])
 st.dataframe(
     shown.drop(columns=["log10_density"]),

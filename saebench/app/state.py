@@ -10,8 +10,6 @@ import dataclasses
 import html
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import pandas as pd
@@ -19,74 +17,41 @@ import streamlit as st
 
 import saebench as sb
 from saebench.app_launcher import RUNS_ENV
-from saebench.config import RunConfig, parse_dtype
+from saebench.config import parse_dtype
 from saebench.errors import SAEBenchError
-from saebench.runs import Run, SAEHome
+from saebench.runs import Run
 
 _D = TypeVar("_D", int, None)
 
 
-@dataclass
-class RunView:
-    """A run as the app shows it: its Run, and what is wrong with it (shown in the page)."""
-
-    run: Run
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.run.name
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
-
-    @property
-    def saes(self) -> dict[str, SAEHome]:
-        return {} if self.problems else self.run.saes
-
-    @property
-    def config(self) -> RunConfig | None:
-        return None if self.problems else self.run.config
-
-    def eval(self, hook: str) -> dict | None:
-        return _shown(lambda: self.run.eval(hook))
-
-    def metrics(self, hook: str) -> pd.DataFrame | None:
-        rows = _shown(lambda: self.run.metrics(hook))
-        return pd.DataFrame(rows) if rows is not None else None
+@st.cache_resource
+def load_runs(spec: str) -> list[Run]:
+    return [Run(raw) for raw in spec.split(os.pathsep) if raw]
 
 
-def _shown(read):
-    """read(), or None with its error as a message in the page (a damaged file)."""
+def runs() -> list[Run]:
+    found = load_runs(os.environ.get(RUNS_ENV, ""))
+    if not found:
+        st.error("No runs given: start the app with `saebench app RUN [RUN ...]`.")
+        st.stop()
+    return found
+
+
+def problem(run: Run) -> str | None:
+    """What keeps the app from showing the run's SAEs (a damaged file, no trained SAE), or None."""
     try:
-        return read()
+        return None if run.saes and run.config else f"{run.path} holds no trained SAE: train it with `saebench train`"
+    except SAEBenchError as e:
+        return str(e)
+
+
+def shown(read: Callable, *args):
+    """read(*args), or None with its error as a message in the page (a damaged file)."""
+    try:
+        return read(*args)
     except SAEBenchError as e:
         st.error(str(e))
         return None
-
-
-@st.cache_resource
-def load_runs(spec: str) -> list[RunView]:
-    views = []
-    for raw in [s for s in spec.split(os.pathsep) if s]:
-        run = Run(raw)
-        try:
-            problems = (
-                [] if run.saes and run.config else [f"{run.path} holds no trained SAE: train it with `saebench train`"]
-            )
-        except SAEBenchError as e:
-            problems = [str(e)]
-        views.append(RunView(run, problems))
-    return views
-
-
-def runs() -> list[RunView]:
-    views = load_runs(os.environ.get(RUNS_ENV, ""))
-    if not views:
-        st.error("No runs given: start the app with `saebench app RUN [RUN ...]`.")
-        st.stop()
-    return views
 
 
 @st.cache_resource
@@ -94,7 +59,7 @@ def _store(path: str) -> sb.FeatureStore:
     return sb.FeatureStore(path, writable=True)
 
 
-def store(run: RunView, hook: str) -> sb.FeatureStore | None:
+def store(run: Run, hook: str) -> sb.FeatureStore | None:
     """The hook's feature store, or None with a message in the page saying how to make one."""
     path = run.saes[hook].store_path
     if not path.exists():
@@ -103,11 +68,7 @@ def store(run: RunView, hook: str) -> sb.FeatureStore | None:
             f"run `saebench analyze {run.path}` to browse its features."
         )
         return None
-    try:
-        return _store(str(path))
-    except SAEBenchError as e:
-        st.error(str(e))
-        return None
+    return shown(_store, str(path))
 
 
 def _number_param(name: str, default, cast):
@@ -129,12 +90,12 @@ def float_param(name: str, default: float) -> float:
     return _number_param(name, default, float)
 
 
-def pick_run_and_hook(views: list[RunView]) -> tuple[RunView, str | None]:
-    """Run and hook selectors bound to ?run= and ?hook=."""
-    i = index_param("run", len(views), 0, "run")
-    i = st.sidebar.selectbox("run", range(len(views)), index=i, format_func=lambda k: views[k].name)
-    run = views[i]
-    hooks = list(run.saes)
+def pick_run_and_hook(all_runs: list[Run]) -> tuple[Run, str | None]:
+    """Run and hook selectors bound to ?run= and ?hook=; no hook for a run with a problem."""
+    i = index_param("run", len(all_runs), 0, "run")
+    i = st.sidebar.selectbox("run", range(len(all_runs)), index=i, format_func=lambda k: all_runs[k].name)
+    run = all_runs[i]
+    hooks = [] if problem(run) else list(run.saes)
     if not hooks:
         return run, None
     want = st.query_params.get("hook", hooks[0])
@@ -163,49 +124,35 @@ def _sae(path: str, device: str) -> sb.SAE:
     return sb.load_sae(path, device)
 
 
-def run_model(run: RunView):
+def run_model(run: Run):
     """The run's model, loaded once per process (runs on the same model share it)."""
-    config = run.run.config
-    return _model(config.model, config.device, config.dtype)
+    return _model(run.config.model, run.config.device, run.config.dtype)
 
 
-def run_sae(run: RunView, hook: str) -> sb.SAE:
+def run_sae(run: Run, hook: str) -> sb.SAE:
     """The hook's SAE, loaded once per process; a damaged file stops the page with a message."""
-    try:
-        return _sae(str(run.saes[hook].sae_dir), run.run.config.device)
-    except SAEBenchError as e:
-        st.error(str(e))
+    sae = shown(_sae, str(run.saes[hook].sae_dir), run.config.device)
+    if sae is None:
         st.stop()
-        raise
+    return sae
 
 
-def live_store(run: RunView, hook: str) -> sb.FeatureStore | None:
-    """The store, with the run's model and SAE loaded (once per process) for live probing (`sb.features_firing_on`)."""
-    s = store(run, hook)
-    if s is not None:
-        run_model(run)
-        run_sae(run, hook)
-    return s
-
-
-def feature_page(
-    title: str, live: bool = False, need_store: bool = True
-) -> tuple[RunView, int, str, sb.FeatureStore | None]:
-    """The start of a page about one SAE: page config, run and hook selectors, the store (with the
-    model attached if `live`); stops the page with a message when there is no store and the page
-    needs one. -> (run, index of the run, hook, store or None)."""
+def feature_page(title: str, need_store: bool = True) -> tuple[Run, int, str, sb.FeatureStore | None]:
+    """The start of a page about one SAE: page config, run and hook selectors, the store; stops the
+    page with a message when there is no store and the page needs one. -> (run, index of the run,
+    hook, store or None)."""
     st.set_page_config(page_title=f"saebench · {title}", layout="wide")
-    views = runs()
-    run, hook = pick_run_and_hook(views)
+    all_runs = runs()
+    run, hook = pick_run_and_hook(all_runs)
     if hook is None:
         st.error(f"{run.name} holds no trained SAE.")
         st.stop()
     if not need_store and not run.saes[hook].store_path.exists():
-        return run, views.index(run), hook, None
-    s = live_store(run, hook) if live else store(run, hook)
+        return run, all_runs.index(run), hook, None
+    s = store(run, hook)
     if s is None and need_store:
         st.stop()
-    return run, views.index(run), hook, s
+    return run, all_runs.index(run), hook, s
 
 
 def strengths_param(name: str = "features") -> dict[int, float]:
@@ -242,44 +189,38 @@ def progress_callback(text: str) -> Callable[[int, int], None]:
     return move
 
 
-def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, sb.SAE]]:
+def saes_on_model(all_runs: list[Run], base: Run) -> dict[str, tuple[int, sb.SAE]]:
     """Every SAE of the runs on `base`'s model: hook -> (index of its run, SAE); the first run wins a hook."""
     out = {}
-    for i, view in enumerate(views):
-        if view.config is None or view.config.model != base.run.config.model:
+    for i, run in enumerate(all_runs):
+        if problem(run) or run.config.model != base.config.model:
             continue
-        for hook in view.saes:
-            out.setdefault(hook, (i, run_sae(view, hook)))
+        for hook in run.saes:
+            out.setdefault(hook, (i, run_sae(run, hook)))
     return out
 
 
-@st.cache_resource
-def _head_scores(run_path: str, _run: RunView) -> dict:
-    data = dataclasses.replace(_run.run.config.data, split="test", max_documents=200)
-    contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
-    return sb.head_scores(run_model(_run), contexts)
+_BY_PATH: dict = {Run: lambda run: str(run.path)}  # as a cache key, a run is its folder
 
 
-def head_scores(run: RunView) -> dict:
+@st.cache_resource(hash_funcs=_BY_PATH)
+def head_scores(run: Run) -> dict:
     """Previous-token and induction scores per head on the run's held-out text, computed once per run."""
-    return _head_scores(str(run.path), run)
+    data = dataclasses.replace(run.config.data, split="test", max_documents=200)
+    contexts = sb.load_contexts(data, run_model(run).tokenizer, show_progress=False)
+    return sb.head_scores(run_model(run), contexts)
 
 
-def induction_circuit(run: RunView, saes: dict[str, sb.SAE], layer: int, head: int, progress=None):
-    """sb.summarize_induction of one head through the SAEs, on 8 repeated held-out spans of 32 tokens."""
-    return _induction_circuit(str(run.path), run, tuple(sorted(saes)), layer, head, saes, progress)
-
-
-@st.cache_resource(show_spinner=False)
-def _induction_circuit(
-    run_path: str, _run: RunView, hooks: tuple[str, ...], layer: int, head: int, _saes: dict, _progress
-):
+@st.cache_resource(show_spinner=False, hash_funcs={**_BY_PATH, dict: lambda saes: sorted(saes)})
+def induction_circuit(run: Run, saes: dict[str, sb.SAE], layer: int, head: int, _progress=None):
+    """sb.summarize_induction of one head through the SAEs (known by their hooks), on 8 repeated held-out
+    spans of 32 tokens."""
     from saebench.induction import summarize_induction
 
-    data = dataclasses.replace(_run.run.config.data, split="test", max_documents=300)
-    contexts = sb.load_contexts(data, run_model(_run).tokenizer, show_progress=False)
+    data = dataclasses.replace(run.config.data, split="test", max_documents=300)
+    contexts = sb.load_contexts(data, run_model(run).tokenizer, show_progress=False)
     return summarize_induction(
-        run_model(_run), _saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress
+        run_model(run), saes, layer, head, contexts.tokens, span=32, n_prompts=8, progress=_progress
     )
 
 

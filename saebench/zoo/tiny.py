@@ -256,8 +256,7 @@ def _lr_at(step: int, total: int, cfg: TinyConfig) -> float:
 def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig | None = None) -> dict:
     from transformers import GPT2LMHeadModel
 
-    if cfg is None:
-        cfg = TinyConfig()
+    cfg = cfg or TinyConfig()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -327,8 +326,7 @@ def train_tiny(out_dir: Path = TINY_DIR, cfg: TinyConfig | None = None) -> dict:
         "minutes": round((time.time() - started) / 60, 2),
         "torch": torch.__version__,
     }
-    samples = _samples(model, tokenizer)
-    _write_folder(out_dir, model, tokenizer, card, samples)
+    _write_folder(out_dir, model, tokenizer, card, _samples(model, tokenizer))
     return card
 
 
@@ -355,8 +353,7 @@ def _write_folder(out_dir: Path, model, tokenizer, card: dict, samples: list[str
     tokenizer.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(card, indent=2) + "\n")
     (tmp / "MODEL_CARD.md").write_text(_model_card(card, samples))
-    for stray in ("generation_config.json",):
-        (tmp / stray).unlink(missing_ok=True)
+    (tmp / "generation_config.json").unlink(missing_ok=True)
     tmp.chmod(0o755)
     for f in tmp.iterdir():
         f.chmod(0o644)
@@ -376,10 +373,11 @@ def _induction_recipe_lines(c: dict) -> list[str]:
         lo, hi = c["span_len"]
         solo = max(c["copy_task_warm_steps"], c.get("copy_task_solo_steps", 0))
         vocab = f"ids below {c['copy_task_warm_vocab']} for the first {c['copy_task_warm_steps']:,} steps"
-        if c["copy_task_grow_every"] > 0:
-            vocab += f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
-        else:
-            vocab += f", then ids below {c['copy_task_vocab']}"
+        vocab += (
+            f", then twice as many every {c['copy_task_grow_every']} steps up to {c['copy_task_vocab']}"
+            if c["copy_task_grow_every"] > 0
+            else f", then ids below {c['copy_task_vocab']}"
+        )
         lines += [
             f"A copy task ({layout[c.get('copy_task_layout', 'tiled')]}, spans of {lo}-{hi} uniform random tokens, "
             "loss on the repeats only;",

@@ -23,10 +23,6 @@ _, run_index, hook, store = state.feature_page("feature")
 assert store is not None  # feature_page stops the page without one
 
 
-def go_to(feature: int) -> None:
-    st.query_params["feature"] = str(feature)
-
-
 feature = state.int_param("feature", 0)
 search_col, prev_col, next_col, rand_col = st.columns([6, 1, 1, 1])
 query = search_col.text_input(
@@ -52,7 +48,7 @@ elif query.strip():
             ),
             unsafe_allow_html=True,
         )
-go_to(feature)
+st.query_params["feature"] = str(feature)
 
 try:
     card = store.feature(feature)

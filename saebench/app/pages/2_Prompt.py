@@ -12,7 +12,7 @@ import streamlit as st
 
 import saebench as sb
 
-run, run_index, hook, store = state.feature_page("prompt", live=True)
+run, run_index, hook, store = state.feature_page("prompt")
 assert store is not None  # feature_page stops the page without one
 
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)

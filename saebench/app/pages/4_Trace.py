@@ -17,17 +17,17 @@ import saebench as sb
 from saebench.errors import SAEBenchError
 
 st.set_page_config(page_title="saebench · trace", layout="wide")
-views = state.runs()  # all of them: a run's index is its index in the URL
+runs = state.runs()  # all of them: a run's index is its index in the URL
 qp = st.query_params
-base_index = state.index_param("run", len(views), 0, "run")
-base = views[base_index]
-if base.config is None:
+base_index = state.index_param("run", len(runs), 0, "run")
+base = runs[base_index]
+if state.problem(base):
     st.error(f"{base.name} holds no trained SAE to trace through: train one with `saebench train`.")
     st.stop()
 model = state.run_model(base)
-saes = state.saes_on_model(views, base)
+saes = state.saes_on_model(runs, base)
 owners = {hook: i for hook, (i, _) in saes.items()}
-skipped = [v.name for v in views if v.config is not None and v.config.model != base.config.model]
+skipped = [r.name for r in runs if not state.problem(r) and r.config.model != base.config.model]
 st.title("Trace")
 st.caption(
     f"model `{base.config.model}`; SAEs on "
@@ -202,9 +202,7 @@ st.caption(
 if st.button("trace the induction circuit", key="induction") or st.session_state.get("induction_for") == (layer, head):
     st.session_state["induction_for"] = (layer, head)
     try:
-        s = state.induction_circuit(
-            base, upstream, layer, head, progress=state.progress_callback("tracing repeated spans")
-        )
+        s = state.induction_circuit(base, upstream, layer, head, state.progress_callback("tracing repeated spans"))
     except SAEBenchError as e:
         st.error(str(e))
         st.stop()
