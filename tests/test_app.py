@@ -82,6 +82,7 @@ def test_home_shows_each_suite_next_to_the_random_baseline(tmp_path, monkeypatch
         },
     }
     core = {"sae": {"fvu": 0.1, "l0": 6.0}, "random_baseline": {"fvu": 0.9, "l0": 6.0}, "ce_convention": "sae_bench"}
+    core["seconds"] = {"core": 12.5, "probing": 30.0, "consistency": 4.0}  # a caption, not a table
     sb.Run(run).write_eval(rc.harvest.hooks[0], {**core, **sections})
     at = page("Home.py", [run], monkeypatch)
     tables: list[Any] = [d.value for d in at.dataframe]
@@ -94,6 +95,7 @@ def test_home_shows_each_suite_next_to_the_random_baseline(tmp_path, monkeypatch
     assert consistency.set_index("metric").loc["mcc"].tolist() == [0.7, 0.2]
     assert "**probing**" in markdown_text(at) and "**consistency**" in markdown_text(at)
     assert any("`sae_bench` convention" in c.value for c in at.caption)
+    assert any(c.value == "seconds per suite: core 12.5, probing 30.0, consistency 4.0" for c in at.caption)
 
 
 def test_home_filters_the_table(app_runs, monkeypatch):

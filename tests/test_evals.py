@@ -83,6 +83,7 @@ def test_the_consistency_suite_finds_the_second_seed_and_writes_its_matches(seed
     assert matches["best_cos"].tolist() == pytest.approx([-1.0] * 128)
     saved = json.loads((run_a / "eval.json").read_text())
     assert saved["consistency"] == section and "fvu" in saved["sae"]  # the core figures are kept
+    assert set(saved["seconds"]) == {"core", "consistency"}
     rows = {r["metric"]: r for r in section_rows(section)}
     assert rows["mcc"]["sae"] == section["sae"]["mcc"] and rows["mcc"]["random SAE"] == section["random"]["mcc"]
 

@@ -45,11 +45,13 @@ else:
         )
         st.caption(f"CE and KL in the `{result.get('ce_convention', 'non_special')}` convention (saebench.evaluate)")
     for suite, section in result.items():
-        if isinstance(section, dict) and suite not in ("sae", "random_baseline"):
+        if isinstance(section, dict) and suite not in ("sae", "random_baseline", "seconds"):
             st.markdown(f"**{suite}**")
             st.dataframe(pd.DataFrame(section_rows(section)), hide_index=True)
             if section.get("settings"):
                 st.caption(f"settings: {json.dumps(section['settings'])}")
+    if result.get("seconds"):
+        st.caption("seconds per suite: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
 
 metrics = run.metrics(hook)
 if metrics is not None and "step" in metrics:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 from saebench.errors import ConfigError
@@ -25,14 +26,17 @@ def check_suites(names: Sequence[str]) -> list[str]:
 
 
 def run_suites(inputs: EvalInputs, names: Sequence[str], previous: dict | None = None) -> dict:
-    """eval.json for one SAE: `previous` (its last eval.json) with the named suites' sections replaced."""
+    """eval.json for one SAE: `previous` (its last eval.json) with the named suites' sections replaced; "seconds"
+    holds each suite's last run time (the model pass that every suite shares is not in it)."""
     result = {**(previous or {}), "run": str(inputs.home.path), "hook": inputs.hook, "split": inputs.config.eval.split}
     for name in check_suites(names):
+        started = time.perf_counter()
         section = SUITES[name](inputs)
         if name == "core":
             result.update(section)
         else:
             result[name] = section
+        result["seconds"] = {**result.get("seconds", {}), name: round(time.perf_counter() - started, 1)}
     return result
 
 
