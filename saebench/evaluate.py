@@ -4,7 +4,8 @@ FVU comes in three conventions, named; none of them is SAEBench 0.6.0's reported
 which divides by the variance about zero (less (E||x||^2 / d)^2) rather than about the mean (SAELens
 issue 659, PR 665): saebench computes that one as well, as `explained_variance_sae_bench`, only so that
 figures can be compared with SAEBench's. The per-token FVU is the one SAEBench's paper reported (as
-1 - its `explained_variance_legacy`).
+1 - its `explained_variance_legacy`). A latent fires where its code is nonzero (SAEBench counts codes > 0:
+the same for every family but a signed one).
 
 CE-loss recovered and KL follow one of two conventions (`ce_convention`):
 non_special  the SAE (or zero) replaces the activations at non-special positions only (the SAE never saw
