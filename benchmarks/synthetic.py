@@ -8,7 +8,8 @@
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
 correlated firing in groups of 8 (latent correlation 0.3), lognormal magnitudes (sigma 0.5),
-noise 0.02. Every family trains at its defaults on the same stream; the `plain_topk` row is an
+noise 0.02. The `random` row is the floor: random unit decoder directions with TopK codes at matched
+scale (no training). Every family trains at its defaults on the same stream; the `plain_topk` row is an
 independent 25-line TopK (Adam 1e-3 constant, unit-norm tied init, median b_dec, no AuxK, no
 clipping), the reference each family should match; `plain_batchtopk` is the same with BatchTopK's
 selection, the family's own floor. `saelens_topk` / `saelens_batchtopk` train SAELens' own TopK /
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from saebench.sae import SAEConfig
-from saebench.synthetic import PlantedFeatures, SyntheticConfig, iter_synthetic_bench, score_sae
+from saebench.synthetic import PlantedFeatures, SyntheticConfig, iter_synthetic_bench, random_row, score_sae
 
 BASE = SyntheticConfig(
     d=64,
@@ -48,6 +49,7 @@ BASE = SyntheticConfig(
 )
 PEER_FAMILIES = ("saelens_topk", "saelens_batchtopk")
 FAMILIES = (
+    "random",
     "topk",
     "abstopk",
     "batchtopk",
@@ -208,7 +210,9 @@ def run(
     )  # iter_synthetic_bench's held-out set
     for family in families:
         t0 = time.perf_counter()
-        if family in ("plain_topk", "plain_batchtopk"):
+        if family == "random":
+            row = random_row(planted, n_latents, k, held_out, codes)
+        elif family in ("plain_topk", "plain_batchtopk"):
             encode, W_dec = plain_sae(
                 planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_")
             )
@@ -267,8 +271,8 @@ def main() -> None:
         "--families",
         nargs="+",
         default=list(FAMILIES),
-        help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), plain_topk, plain_batchtopk, "
-        "or saelens_topk / saelens_batchtopk[:lr=...]",
+        help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), random, plain_topk, "
+        "plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]",
     )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)

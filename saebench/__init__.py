@@ -11,7 +11,8 @@ from saebench.circuits import TraceResult, head_scores, induction_report, parse_
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
-from saebench.evaluate import evaluate_sae
+from saebench.evals.consistency import Consistency, decoder_consistency
+from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.interop import load_sae, load_saelens, save_saelens
 from saebench.models import load_model, prompt_tokens
@@ -88,6 +89,10 @@ __all__ = [
     "TokenContexts",
     "TrainConfig",
     "evaluate_sae",
+    "random_baseline",
+    "spliced_losses",
+    "Consistency",
+    "decoder_consistency",
     "harvest_from_config",
     "harvest_to_disk",
     "load_config",

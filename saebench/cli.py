@@ -53,12 +53,13 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
 
     suites = args.suite.split(",")
-    for hook, result in eval_from_config(args.run, suites).items():
+    for hook, result in eval_from_config(args.run, suites, overrides=args.set).items():
         print(hook)
         if "core" in suites:
             columns = {"sae": "sae", "sae_without_gradients": "sae no grad", "random_baseline": "random"}
             columns = {c: name for c, name in columns.items() if c in result}
-            print(f"{'metric':<30}" + "".join(f"{name:>12}" for name in columns.values()))
+            print(f"{'metric':<30}" + "".join(f"{name:>12}" for name in columns.values()), end="")
+            print(f"    (CE and KL: {result['ce_convention']} convention)")
             for key in EVAL_METRICS:
                 print(f"{key:<30}" + "".join(f"{result[c][key]:>12.4f}" for c in columns))
         for name in suites:
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated suites, of: {', '.join(SUITES)}")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval key, e.g. eval.n_tokens=50000"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")

@@ -9,13 +9,14 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
+from saebench.evals.settings import ConsistencySettings
 from saebench.sae import SAEConfig
 from saebench.train import TrainConfig
 
@@ -50,6 +51,10 @@ class EvalSection:
     n_tokens: int = 100_000  # held-out activations for the core metrics
     n_contexts: int = 64  # held-out contexts for CE / KL with the SAE spliced in
     split: str = "test"
+    # non_special: splice at non-special positions, count predictions between non-special tokens;
+    # sae_bench: SAEBench 0.6.0's (every position spliced; mask by the input token; KL keeps the last position)
+    ce_convention: Literal["non_special", "sae_bench"] = "non_special"
+    consistency: ConsistencySettings = field(default_factory=ConsistencySettings)
 
 
 @dataclass

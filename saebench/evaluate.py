@@ -1,20 +1,19 @@
-"""SAE metrics, each next to a random-SAE baseline. FVU comes in three conventions, named:
+"""SAE metrics, each next to a random-SAE baseline (EVAL_METRICS says what each one is).
 
-fvu               pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, sums and mean over the whole set
-explained_variance  1 - fvu
-fvu_batched       SAEBench's `explained_variance` (as 1 - it): per batch of `batch_size` tokens
-                  sum_i rss_i / sum_i tss_i with tss_i = ||x_i - batch mean||^2, averaged over batches
-fvu_per_token     SAEBench's `explained_variance_legacy` (as 1 - it): rss_i / tss_i per token, averaged
-cossim            mean over tokens of cos(x, x_hat)
-relative_reconstruction_bias  E||x_hat||^2 / E[x_hat . x] (Rajamanoharan et al. 2024, eq. 10): 1 is
-                  unbiased, < 1 shrinks
-l0                mean active latents per token
-dead_fraction     latents that never fire on the evaluation set; dense_fraction: fire on > 10% of tokens
-shrinkage         mean ||x_hat|| / ||x|| (SAEBench's l2_ratio)
-ce_recovered      (CE_zero - CE_sae) / (CE_zero - CE_clean), the SAE spliced in at its hook
-kl_score          (KL_zero - KL_sae) / KL_zero, KL(clean || patched)
-CE and KL average over the predictions SAEBench keeps: a special token (BOS, EOS, pad) is neither
-the input nor the target; the SAE (or zero) replaces the activations at non-special positions only.
+FVU comes in three conventions, named; none of them is SAEBench 0.6.0's reported `explained_variance`,
+which divides by the variance about zero (less (E||x||^2 / d)^2) rather than about the mean (SAELens
+issue 659, PR 665): saebench computes that one as well, as `explained_variance_sae_bench`, only so that
+figures can be compared with SAEBench's. The per-token FVU is the one SAEBench's paper reported (as
+1 - its `explained_variance_legacy`). A latent fires where its code is nonzero (SAEBench counts codes > 0:
+the same for every family but a signed one).
+
+CE-loss recovered and KL follow one of two conventions (`ce_convention`):
+non_special  the SAE (or zero) replaces the activations at non-special positions only (the SAE never saw
+             BOS, EOS or pad); CE and KL average over the predictions whose input and target are both
+             non-special. The default: the spliced-in SAE is judged only where it was trained.
+sae_bench    SAEBench 0.6.0's default (evals/core/main.py, get_recons_loss): splice the SAE and zero-ablate
+             at every position, BOS included; CE averages over the predictions whose input token is
+             non-special (the target may be special), KL over the non-special positions, the last included.
 """
 
 from __future__ import annotations
@@ -25,16 +24,46 @@ import torch
 import torch.nn.functional as F
 
 from saebench.data import TokenContexts
-from saebench.errors import DataError
-from saebench.harvest import Harvester, check_hooks, flatten_heads, next_token_loss
+from saebench.errors import ConfigError, DataError
+from saebench.harvest import Harvester, check_hooks, flatten_heads
 from saebench.sae import SAE, SAEConfig
 from saebench.train import grad_key
 
-# the figures `saebench eval` prints and the app's Home shows, in this order
-EVAL_METRICS = tuple(
-    "fvu fvu_batched fvu_per_token cossim relative_reconstruction_bias l0 dead_fraction dense_fraction "
-    "shrinkage ce_recovered kl_score".split()
-)
+# the figures `saebench eval` prints and the app's Home shows, in this order, with what each one is
+EVAL_METRICS = {
+    "fvu": "pooled: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the whole set (explained_variance = 1 - fvu)",
+    "fvu_batched": "per batch of batch_size tokens, sum rss / sum ||x - batch mean||^2, averaged over batches",
+    "fvu_per_token": "rss_i / ||x_i - batch mean||^2 averaged over tokens: 1 - SAEBench's explained_variance_legacy, "
+    "the one its paper reported",
+    "explained_variance_sae_bench": "SAEBench 0.6.0's explained_variance, 1 - E rss / (E||x||^2 - (E||x||^2 / d)^2): "
+    "variance about zero, not the mean (SAELens #659); for comparison only",
+    "cossim": "mean over tokens of cos(x, x_hat)",
+    "relative_reconstruction_bias": "E||x_hat||^2 / E[x_hat . x] (Rajamanoharan et al. 2024, eq. 10): 1 unbiased, "
+    "< 1 shrinks",
+    "l0": "mean active latents per token",
+    "dead_fraction": "latents that never fire on the evaluation set (1 - SAEBench's frac_alive)",
+    "dense_fraction": "latents firing on > 10% of tokens (SAEBench's freq_over_10_percent)",
+    "freq_over_1_percent": "latents firing on > 1% of tokens",
+    "normalized_freq_over_1_percent": "share of all firings that belong to latents firing on > 1% of tokens",
+    "normalized_freq_over_10_percent": "share of all firings that belong to latents firing on > 10% of tokens",
+    "average_max_encoder_cosine_sim": "mean over latents of the largest cosine of its encoder column with another's",
+    "average_max_decoder_cosine_sim": "mean over latents of the largest cosine of its decoder row with another's",
+    "shrinkage": "mean ||x_hat|| / ||x|| (SAEBench's l2_ratio)",
+    "ce_recovered": "(CE_zero - CE_sae) / (CE_zero - CE_clean), the SAE spliced in at its hook (ce_convention)",
+    "kl_score": "(KL_zero - KL_sae) / KL_zero, KL(clean || patched) (ce_convention)",
+}
+CE_CONVENTIONS = ("non_special", "sae_bench")
+
+
+def max_cosine(rows: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """rows: [n d] -> [n], each row's largest cosine with any other row (signed, as SAEBench's)."""
+    unit = F.normalize(rows.detach().float(), dim=-1)
+    out = []
+    for i in range(0, len(unit), block):
+        sims = unit[i : i + block] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(i, i + len(sims))] = -torch.inf
+        out.append(sims.max(-1).values)
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -83,6 +112,8 @@ def evaluate_sae(
     variance = sum_sq - float(total.pow(2).sum()) / n
     fvu = sq_err / variance
     freq = fires / n
+    mean_sq = sum_sq / n  # SAEBench's total variance: E||x||^2 - (mean over tokens and dims of x^2)^2
+    sae_bench_ev = 1 - (sq_err / n) / (mean_sq - (mean_sq / sae.cfg.d_in) ** 2)
     hist_edges = [-8, -7, -6, -5, -4, -3, -2, -1, 0.0001]
     log_freq = torch.log10(freq.clamp_min(1e-12))
     hist = torch.histogram(log_freq.float(), bins=torch.tensor(hist_edges, dtype=torch.float32)).hist
@@ -91,11 +122,17 @@ def evaluate_sae(
         "explained_variance": 1 - fvu,
         "fvu_batched": batched_sum / n_batches,
         "fvu_per_token": per_token_sum / n,
+        "explained_variance_sae_bench": sae_bench_ev,
         "cossim": cos_sum / n,
         "relative_reconstruction_bias": hat_sq / hat_dot if hat_dot else float("nan"),
         "l0": l0_sum / n,
         "dead_fraction": float((freq == 0).double().mean()),
         "dense_fraction": float((freq > 0.1).double().mean()),
+        "freq_over_1_percent": float((freq > 0.01).double().mean()),
+        "normalized_freq_over_1_percent": float(freq[freq > 0.01].sum() / freq.sum()) if freq.sum() else 0.0,
+        "normalized_freq_over_10_percent": float(freq[freq > 0.1].sum() / freq.sum()) if freq.sum() else 0.0,
+        "average_max_encoder_cosine_sim": float(max_cosine(sae.W_enc.T).mean()),
+        "average_max_decoder_cosine_sim": float(max_cosine(sae.W_dec).mean()),
         "shrinkage": shrink_sum / n,
         "density_histogram": {
             "log10_edges": hist_edges,
@@ -133,31 +170,37 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
 
 @torch.no_grad()
 def spliced_losses(
-    model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16, gradients: bool = False
+    model,
+    sae: SAE,
+    hook: str,
+    contexts: TokenContexts,
+    batch_size: int = 16,
+    convention: str = "non_special",
+    gradients: bool = False,
 ) -> dict:
-    """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output.
-
-    Special positions (BOS, ...) keep their clean activations, as the SAE never saw them, and
-    CE and KL(clean || patched) average over the predictions from a non-special token to a
-    non-special token (SAEBench's mask).
+    """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output, in one of
+    CE_CONVENTIONS (the module docstring says what each splices and counts).
     gradients: the SAE encodes each activation with the clean run's loss gradient there (one more
     forward and a backward per batch; the gradient reads the true next tokens, as in training)."""
     grads_at = Harvester(model, [hook], gradients=True) if gradients else None
     check_hooks(model, [hook])
+    if convention not in CE_CONVENTIONS:
+        raise ConfigError(f"eval.ce_convention: unknown {convention!r}; use one of {', '.join(CE_CONVENTIONS)}")
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
-    count = 0
+    ce_count = kl_count = 0
     dev = next(model.parameters()).device
     for i in range(0, len(contexts), batch_size):
         tokens = contexts.tokens[i : i + batch_size].to(dev)
         keep = ~contexts.special_mask[i : i + batch_size].to(dev)
         grad = None if grads_at is None else grads_at.forward(tokens, ~keep)[grad_key(hook)]
+        every = convention == "sae_bench"
+        where = torch.ones_like(keep) if every else keep  # the positions spliced or zero-ablated
 
-        def patch(kind, keep=keep, grad=grad):
+        def patch(kind, where=where, grad=grad):
             def fn(act, hook):
                 flat = flatten_heads(act)
                 new = sae(flat, grad) if kind == "sae" else torch.zeros_like(flat)
-                out = torch.where(keep[..., None], new.to(flat.dtype), flat)
-                return out.reshape(act.shape)
+                return torch.where(where[..., None], new.to(flat.dtype), flat).reshape(act.shape)
 
             return fn
 
@@ -167,16 +210,20 @@ def spliced_losses(
         for kind in ("sae", "zero"):
             with model.hooks(fwd_hooks=[(hook, patch(kind))]):
                 results[kind] = model(tokens).float()
-        counted = (keep[:, :-1] & keep[:, 1:]).float()  # [b ctx-1]
+        targets = tokens[:, 1:]
+        ce_mask = (keep[:, :-1] if every else keep[:, :-1] & keep[:, 1:]).float()  # [b ctx-1]
+        kl_mask = keep.float() if every else F.pad(ce_mask, (0, 1))  # [b ctx]
         for kind, logits in results.items():
-            totals[f"ce_{kind}"] += float(next_token_loss(logits, tokens, keep))
+            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            totals[f"ce_{kind}"] += float((ce * ce_mask).sum())
             if kind != "clean":
-                lp = logits.log_softmax(-1)
-                totals[f"kl_{kind}"] += float(((logp_clean.exp() * (logp_clean - lp)).sum(-1)[:, :-1] * counted).sum())
-        count += int(counted.sum())
-    if count == 0:
-        raise DataError("no prediction between two non-special tokens in the evaluation contexts")
-    out = {k: v / count for k, v in totals.items()}
+                kl = (logp_clean.exp() * (logp_clean - logits.log_softmax(-1))).sum(-1)
+                totals[f"kl_{kind}"] += float((kl * kl_mask).sum())
+        ce_count += int(ce_mask.sum())
+        kl_count += int(kl_mask.sum())
+    if ce_count == 0:
+        raise DataError("no prediction from a non-special token in the evaluation contexts")
+    out = {k: v / (kl_count if k.startswith("kl") else ce_count) for k, v in totals.items()}
     out["ce_recovered"] = (out["ce_zero"] - out["ce_sae"]) / (out["ce_zero"] - out["ce_clean"])
     out["kl_score"] = (out["kl_zero"] - out["kl_sae"]) / out["kl_zero"]
     return out

@@ -14,7 +14,7 @@ import torch
 
 from saebench import distributed as dist
 from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, logit_lens
-from saebench.config import RunConfig, load_config
+from saebench.config import RunConfig, apply_overrides, from_dict, load_config, to_dict
 from saebench.data import TokenContexts, load_contexts
 from saebench.errors import ConfigError, DataError
 from saebench.evals.inputs import EvalInputs
@@ -111,16 +111,20 @@ def train_from_config(
 
 
 def eval_from_config(
-    run_dir: str | Path, suites: Sequence[str] = DEFAULT_SUITES, show_progress: bool = True
+    run_dir: str | Path,
+    suites: Sequence[str] = DEFAULT_SUITES,
+    show_progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> dict[str, dict]:
-    """`saebench eval RUN [--suite ...]`: the named suites for every SAE of the run, each SAE next to a
-    random SAE at matched scale, on held-out activations from one model pass for all of them; each SAE's
-    eval.json keeps the sections of suites not run now. Returns hook -> eval.json.
+    """`saebench eval RUN [--suite ...] [--set eval.KEY=VALUE]`: the named suites for every SAE of the run, each
+    SAE next to a random SAE at matched scale, on held-out activations from one model pass for all of them; each
+    SAE's eval.json keeps the sections of suites not run now. `overrides` change the run's config for this
+    evaluation only. Returns hook -> eval.json.
     An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core)."""
     check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
-    cfg = run.config
+    cfg = from_dict(RunConfig, apply_overrides(to_dict(run.config), overrides)) if overrides else run.config
     model = run.load_model()
     saes = run.load_saes()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)

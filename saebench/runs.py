@@ -4,7 +4,7 @@
     RUN/activations/             the activation cache (harvest.py owns what is inside)
     RUN/.analysis/               an interrupted analysis pass (analysis.py owns what is inside)
     one hook:   RUN/sae/ (cfg.json + sae.safetensors), RUN/checkpoints/, RUN/metrics.jsonl,
-                RUN/eval.json, RUN/features.sqlite
+                RUN/eval.json (+ RUN/eval.<suite>.safetensors), RUN/features.sqlite
     several:    the same per SAE under RUN/<hook dir>/ (harvest.hook_dirname)
 
 Every file read here that is damaged or half-written is one DataError naming it and the fix.
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from saebench.atomic import atomic_write_text
+from saebench.atomic import atomic_save_file, atomic_write_text
 from saebench.config import RunConfig, from_dict, to_dict
 from saebench.errors import ConfigError, DataError
 from saebench.harvest import hook_dirname
 from saebench.interop import load_sae
 from saebench.models import load_model
-from saebench.readers import damaged, read_json, read_jsonl, read_yaml
+from saebench.readers import damaged, read_json, read_jsonl, read_safetensors, read_yaml
 from saebench.sae import SAE
 
 CONFIG = "config.yaml"
@@ -56,6 +56,10 @@ class SAEHome:
     @property
     def eval_path(self) -> Path:
         return self.path / EVAL
+
+    def eval_tensors_path(self, suite: str) -> Path:
+        """A suite's per-latent arrays beside eval.json: eval.<suite>.safetensors."""
+        return self.path / f"eval.{suite}.safetensors"
 
     @property
     def metrics_path(self) -> Path:
@@ -86,6 +90,11 @@ class Run:
         if not (run.path / CONFIG).exists():
             raise DataError(f"{run.path} is not a run directory (no {CONFIG}): train one with `saebench train CONFIG`")
         return run
+
+    def siblings(self) -> list[Run]:
+        """The other run folders beside this one (the same runs_dir), by name."""
+        here = self.path.resolve()
+        return [Run(p) for p in sorted(here.parent.iterdir()) if p != here and (p / CONFIG).is_file()]
 
     @classmethod
     def homes_for(cls, run_dir: str | Path, hooks: list[str]) -> dict[str, SAEHome]:
@@ -177,6 +186,17 @@ class Run:
     def write_eval(self, hook: str, result: dict) -> Path:
         path = self.home(hook).eval_path
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        return path
+
+    def eval_tensors(self, suite: str, hook: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The per-latent arrays a suite wrote beside eval.json (None when it wrote none)."""
+        path = self.home(hook).eval_tensors_path(suite)
+        fix = f"rerun `saebench eval {self.path} --suite {suite}`"
+        return read_safetensors(path, "cpu", fix) if path.exists() else None
+
+    def write_eval_tensors(self, hook: str, suite: str, tensors: dict[str, torch.Tensor]) -> Path:
+        path = self.home(hook).eval_tensors_path(suite)
+        atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, path)
         return path
 
     def metrics(self, hook: str | None = None) -> list[dict] | None:

@@ -337,7 +337,7 @@ def input_score(
         toks = contexts.tokens[i : i + 32]
         acts = harvester.forward(toks)[hook]
         z = sae.encode(acts)[..., feature].masked_fill(contexts.special_mask[i : i + 32].to(acts.device), 0)
-        val, pos = z.max(-1)
+        val, pos = (z.abs() if sae.cfg.family.signed else z).max(-1)  # a signed family's strong codes may be < 0
         best += [(float(v), int(toks[j, p])) for j, (v, p) in enumerate(zip(val, pos, strict=True)) if v > 0]
     if len(best) < min_examples:
         return None
@@ -364,9 +364,9 @@ def output_score(
     n_lens_tokens: int = 20,
 ) -> float:
     """Arad, Mueller & Belinkov (2025): at the last token of a neutral prompt, the feature's code is
-    raised by amp_factor x the largest code of any feature there (decode + the SAE error, which is
-    adding that much of W_dec[feature]); score = (1 - min_rank / |V|) * max_prob of its logit-lens
-    tokens in the next-token distribution."""
+    raised by amp_factor x the largest code (|code| for a signed family) of any feature there (decode + the
+    SAE error, which is adding that much of W_dec[feature]); score = (1 - min_rank / |V|) * max_prob of its
+    logit-lens tokens in the next-token distribution."""
     hook = hook or sae.cfg.hook
     _check(model, sae, hook, {feature: 0.0}, "add", "all")
     tokens = prompt_tokens(model, prompt)
@@ -374,7 +374,8 @@ def output_score(
 
     def boost(act: torch.Tensor, hook) -> torch.Tensor:
         flat = flatten_heads(act).clone()
-        top = sae.encode(flat[:, -1].to(sae.W_dec.dtype)).max(-1).values  # [batch]
+        z = sae.encode(flat[:, -1].to(sae.W_dec.dtype))
+        top = (z.abs() if sae.cfg.family.signed else z).max(-1).values  # [batch]
         flat[:, -1] += (amp_factor * top)[:, None].to(flat.dtype) * sae.W_dec[feature].to(flat.dtype)
         return flat.reshape(act.shape)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from saebench.evaluate import evaluate_sae
-from saebench.sae import FAMILIES, SAEConfig
+from saebench.evaluate import evaluate_sae, random_baseline
+from saebench.sae import FAMILIES, SAE, SAEConfig
 from saebench.train import TrainConfig, train_sae
 
 DIRECTIONS_SEED = 104_729
@@ -170,18 +170,25 @@ def absorption(
     parent: torch.Tensor,
     latent: torch.Tensor,
     sim: torch.Tensor,
+    W_dec: torch.Tensor,
+    directions: torch.Tensor,
     min_cos: float = 0.5,
     min_count: int = 20,
+    carry_cos: float = 0.3,
 ) -> dict:
-    """How often a parent's latent goes silent because one of its children fires.
+    """How often a parent's latent goes silent because a child's latent took the parent's direction over.
 
     acts: [n n_latents] the SAE's latents on held-out data; codes: [n n_true] true activations;
-    parent: [n_true] (-1 for roots); latent, sim: match_latents' output.
-    For each parent p whose matched latent has |cos| >= min_cos: miss_child = P(latent silent |
-    p and a child fire), miss_alone = P(latent silent | p fires alone); its absorption is
-    max(0, miss_child - miss_alone). Averaged over the parents with min_count tokens of each kind.
-    Also `parents_matched`: the share of parents with a latent at |cos| >= min_cos (an unmatched
-    parent is one whose direction the SAE lost, often into its children's latents).
+    parent: [n_true] (-1 for roots); latent, sim: match_latents' output; W_dec: [n_latents d];
+    directions: [n_true d]. As Chanin et al. (2024) require, a token counts as absorbed only when the
+    parent's latent is silent and another active latent carries the parent's direction: sign(code) x
+    cos(decoder row, parent) >= carry_cos (a random direction's cosine has std 1/sqrt(d): 0.125 at d 64);
+    a parent's latent merely crowded out by the k budget is not absorption. For each parent p whose
+    matched latent has |cos| >= min_cos: absorbed_child = P(absorbed | p and a child fire), absorbed_alone
+    = P(absorbed | p fires alone) (a split parent); its absorption is max(0, absorbed_child - absorbed_alone),
+    averaged over the parents with min_count tokens of each kind. Also `parents_matched`: the share of
+    parents with a latent at |cos| >= min_cos (an unmatched parent is one whose direction the SAE lost,
+    often into its children's latents).
     """
     parents = torch.unique(parent[parent >= 0])
     if len(parents) == 0:
@@ -190,18 +197,22 @@ def absorption(
     child_on = torch.zeros(len(codes), int(parents.max()) + 1, dtype=torch.bool)
     for j in torch.nonzero(parent >= 0).squeeze(1).tolist():
         child_on[:, parent[j]] |= on[:, j]
+    cos = directions @ (W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T  # [n_true n_latents]
+    sign = acts.sign()
     scores, matched = [], 0
     for p in parents.tolist():
         if latent[p] < 0 or sim[p] < min_cos:
             continue
         matched += 1
-        silent = acts[:, latent[p]] == 0
-        with_child, alone = on[:, p] & child_on[:, p], on[:, p] & ~child_on[:, p]
-        if with_child.sum() < min_count or alone.sum() < min_count:
+        rows = on[:, p]  # the tokens where p fires
+        carries = sign[rows] * cos[p] >= carry_cos  # [rows n_latents]: active latents carrying p's direction
+        carries[:, latent[p]] = False
+        absorbed = (acts[rows, latent[p]] == 0) & carries.any(-1)
+        with_child = child_on[rows, p]
+        if with_child.sum() < min_count or (~with_child).sum() < min_count:
             continue
-        miss_child = silent[with_child].float().mean()
-        miss_alone = silent[alone].float().mean()
-        scores.append(float((miss_child - miss_alone).clamp(min=0)))
+        rate = absorbed[with_child].float().mean() - absorbed[~with_child].float().mean()
+        scores.append(float(rate.clamp(min=0)))
     return {"absorption": sum(scores) / len(scores) if scores else None, "parents_matched": matched / len(parents)}
 
 
@@ -221,11 +232,25 @@ def score_sae(
     l0 = float((acts != 0).sum(-1).float().mean())
     return {
         **recovery_metrics(W_dec, planted.directions),
-        **absorption(acts, codes, planted.parent, latent, sim),
+        **absorption(acts, codes, planted.parent, latent, sim, W_dec, planted.directions),
         "l0": round(l0, 2),
         "true_l0": round(true_l0, 2),
         "l0_error": round((l0 - true_l0) / true_l0, 3),
         "dead_fraction": float((acts != 0).sum(0).eq(0).float().mean()),
+    }
+
+
+def random_row(planted: PlantedFeatures, n_latents: int, k: int, held_out: torch.Tensor, codes: torch.Tensor) -> dict:
+    """The floor of every planted-feature table: random unit decoder directions with TopK codes at matched
+    scale (evaluate.random_baseline), scored like a trained SAE."""
+    sae = random_baseline(SAE(SAEConfig(d_in=planted.cfg.d, n_latents=n_latents, k=k)), held_out)
+    return {
+        "activation": "random",
+        "matryoshka": False,
+        "n_latents": n_latents,
+        "k": k,
+        **score_sae(sae.encode, sae.W_dec.detach(), planted, held_out, codes),
+        "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4),
     }
 
 
@@ -244,7 +269,7 @@ def iter_synthetic_bench(
     sae_overrides: dict | None = None,
 ) -> Iterator[dict]:
     """Train each family on the same planted features, yielding its row of recovery metrics as soon as it is
-    trained (lr None = the trainer's default).
+    trained (lr None = the trainer's default), then the random decoder's row (random_row), the floor.
 
     train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
     data = data or SyntheticConfig()
@@ -279,3 +304,4 @@ def iter_synthetic_bench(
             "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4),
             "train_tokens_per_s": report.get("tokens_per_s"),
         }
+    yield random_row(planted, n_latents, k, held_out, codes)

@@ -14,6 +14,7 @@ from test_analysis import make_run
 import saebench as sb
 from saebench.analysis import AnalysisConfig
 from saebench.app_launcher import RUNS_ENV
+from saebench.evaluate import EVAL_METRICS
 from saebench.pipeline import eval_from_config
 
 APP = Path(__file__).resolve().parents[1] / "saebench" / "app"
@@ -67,6 +68,34 @@ def test_home_shows_eval_and_the_feature_table(app_runs, monkeypatch):
     assert features["feature"].tolist() == want["feature"].tolist()
     assert features["n_fires"].tolist() == want["n_fires"].tolist()
     assert features["open"].iloc[3].endswith("feature=3")
+
+
+def test_home_shows_each_suite_next_to_the_random_baseline(tmp_path, monkeypatch):
+    run, rc = make_run(tmp_path, name="suites")
+    sections = {
+        "probing": {"source": {"dense": 0.97, "sae": {"1": 0.61, "5": 0.88}, "random": {"1": 0.31, "5": 0.42}}},
+        "consistency": {
+            "against": "runs/b",
+            "sae": {"mcc": 0.7},
+            "random": {"mcc": 0.2},
+            "settings": {"against": None},
+        },
+    }
+    core = {"sae": {"fvu": 0.1, "l0": 6.0}, "random_baseline": {"fvu": 0.9, "l0": 6.0}, "ce_convention": "sae_bench"}
+    core["seconds"] = {"core": 12.5, "probing": 30.0, "consistency": 4.0}  # a caption, not a table
+    sb.Run(run).write_eval(rc.harvest.hooks[0], {**core, **sections})
+    at = page("Home.py", [run], monkeypatch)
+    tables: list[Any] = [d.value for d in at.dataframe]
+    core_table, probing, consistency = tables
+    assert core_table.set_index("metric")["random SAE"]["fvu"] == 0.9
+    assert core_table.set_index("metric")["what it is"]["fvu"] == EVAL_METRICS["fvu"]
+    probing = probing.set_index("metric")
+    assert probing.loc["source · 5", "sae"] == 0.88 and probing.loc["source · 5", "random SAE"] == 0.42
+    assert probing.loc["source · dense", "value"] == 0.97
+    assert consistency.set_index("metric").loc["mcc"].tolist() == [0.7, 0.2]
+    assert "**probing**" in markdown_text(at) and "**consistency**" in markdown_text(at)
+    assert any("`sae_bench` convention" in c.value for c in at.caption)
+    assert any(c.value == "seconds per suite: core 12.5, probing 30.0, consistency 4.0" for c in at.caption)
 
 
 def test_home_filters_the_table(app_runs, monkeypatch):

@@ -128,3 +128,80 @@ def test_spliced_losses_average_only_predictions_between_non_special_tokens(tiny
     counted = keep[:, :-1] & keep[:, 1:]
     assert int(counted.sum()) == 4 * 31 - 4 - 2  # BOS -> first token in each row, and row 1's 9 -> 10 and 10 -> 11
     assert out["ce_clean"] == pytest.approx(float(ce[counted].mean()), rel=1e-5)
+
+
+def test_sae_bench_explained_variance_by_hand():
+    """SAEBench 0.6.0's explained_variance: 1 - E rss / (E||x||^2 - (E||x||^2 / d)^2), not the pooled EV."""
+    m = evaluate_sae(identity_sae(), torch.tensor([[1.0, 0.5], [0.0, 2.0]]))
+    mean_sq = (1.25 + 4.0) / 2  # E||x||^2; mean rss 0.125
+    assert m["explained_variance_sae_bench"] == pytest.approx(1 - 0.125 / (mean_sq - (mean_sq / 2) ** 2))
+    # the mean predictor: pooled EV 0, SAEBench's far above it (variance about zero, not the mean)
+    x = torch.randn(4000, 64, generator=torch.Generator().manual_seed(0)) + 1.0
+    sae = sb.SAE(sb.SAEConfig(d_in=64, n_latents=128, k=4))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)  # nothing fires: x_hat = b_dec
+        sae.b_dec.copy_(x.mean(0))
+    m = evaluate_sae(sae, x)
+    assert m["l0"] == 0 and m["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    x64 = x.double()
+    s = float(x64.pow(2).sum(-1).mean())
+    want = 1 - float((x64 - x64.mean(0)).pow(2).sum(-1).mean()) / (s - (s / 64) ** 2)
+    assert m["explained_variance_sae_bench"] == pytest.approx(want, rel=1e-6) and want > 0.4
+
+
+def test_core_extras_by_hand():
+    """SAEBench core's extras: densities over 1% / 10% (counts and shares of all firings), mean max cosines."""
+    r = math.sqrt(0.5)
+    sae = sb.SAE(sb.SAEConfig(d_in=4, n_latents=4, k=1))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [r, r, 0, 0]]))
+        sae.W_enc.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, r], [0, 0, 0, r]]))  # columns
+    eye = torch.eye(4)
+    x = torch.cat([eye[[0]].repeat(180, 1), eye[[1]].repeat(15, 1), eye[[2]], torch.zeros(4, 4)])
+    m = evaluate_sae(sae, x)  # densities 0.9, 0.075, 0.005, 0 (latent 3 loses to latent 2 on e2)
+    assert m["freq_over_1_percent"] == 0.5 and m["dense_fraction"] == 0.25 and m["dead_fraction"] == 0.25
+    assert m["normalized_freq_over_1_percent"] == pytest.approx(0.975 / 0.98)
+    assert m["normalized_freq_over_10_percent"] == pytest.approx(0.9 / 0.98)
+    # decoder rows: 0 and 1 meet row 3 at cos r, row 2 meets none; encoder columns 2 and 3 meet at cos r
+    assert m["average_max_decoder_cosine_sim"] == pytest.approx(3 * r / 4)
+    assert m["average_max_encoder_cosine_sim"] == pytest.approx(2 * r / 4)
+
+
+def test_spliced_losses_in_sae_bench_convention(tiny):
+    """SAEBench 0.6.0's default: SAE and zero spliced at every position, BOS included; CE over predictions
+    from a non-special input (whatever the target), KL over non-special positions, the last included."""
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False
+    )
+    tokens, special = ctx.tokens[:4].clone(), ctx.special_mask[:4].clone()
+    tokens[1, 10], special[1, 10] = tiny.tokenizer.bos_token_id, True  # a document boundary mid-context
+    sae = sb.SAE(sb.SAEConfig(d_in=tiny.cfg.d_model, n_latents=64, k=4))
+    hook = "blocks.0.hook_resid_post"
+    with torch.no_grad():
+        clean = tiny(tokens).float()
+        with tiny.hooks(fwd_hooks=[(hook, lambda act, hook: sae(act))]):
+            spliced = tiny(tokens).float()
+        with tiny.hooks(fwd_hooks=[(hook, lambda act, hook: torch.zeros_like(act))]):
+            zero = tiny(tokens).float()
+    keep = ~special
+    ce_mask, kl_mask = keep[:, :-1], keep
+
+    def ce(logits):
+        per = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        return float(per[ce_mask].mean())
+
+    def kl(logits):
+        p = clean.log_softmax(-1)
+        return float((p.exp() * (p - logits.log_softmax(-1))).sum(-1)[kl_mask].mean())
+
+    out = spliced_losses(tiny, sae, hook, sb.TokenContexts(tokens, special), convention="sae_bench")
+    want = {"ce_clean": ce(clean), "ce_sae": ce(spliced), "ce_zero": ce(zero), "kl_sae": kl(spliced)}
+    assert {k: out[k] for k in want} == pytest.approx(want, rel=1e-5)
+    assert out["kl_zero"] == pytest.approx(kl(zero), rel=1e-5)
+    assert out["ce_recovered"] == pytest.approx(
+        (want["ce_zero"] - want["ce_sae"]) / (want["ce_zero"] - want["ce_clean"])
+    )
+    ours = spliced_losses(tiny, sae, hook, sb.TokenContexts(tokens, special))
+    assert abs(ours["ce_sae"] - out["ce_sae"]) > 1e-3  # the two conventions are different numbers
+    with pytest.raises(sb.ConfigError, match="ce_convention"):
+        spliced_losses(tiny, sae, hook, sb.TokenContexts(tokens, special), convention="SAEBench")

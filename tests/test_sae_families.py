@@ -69,6 +69,30 @@ def test_forward_and_gradients_match_dense_reference(activation, matryoshka, red
         assert torch.allclose(got[name], p.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_matryoshka_means_by_hand():
+    """prefix_mean: the mean of the prefixes' errors (the full SAE's included); bussmann_mean: Bussmann et al.'s
+    code (bartbussmann/matryoshka_sae, GlobalBatchTopKMatryoshkaSAE.get_loss_dict), whose mean also counts the
+    b_dec-only reconstruction: n + 1 terms. The old name "mean" reads as prefix_mean, with a warning."""
+    torch.manual_seed(0)
+    x = torch.randn(B, D)
+    losses = {}
+    for reduce in ("sum", "prefix_mean", "bussmann_mean"):
+        sae = sb.SAE(
+            sb.SAEConfig(d_in=D, n_latents=N, k=K, matryoshka=[8, 32, N], matryoshka_reduce=reduce, aux_coef=0.0),
+            seed=1,
+        )
+        with torch.no_grad():
+            sae.b_dec.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+        losses[reduce] = sae_loss(sae.train(), x).loss.detach()
+    var = ((x - x.mean(0)) ** 2).sum()
+    b_dec_only = float(((x - sae.b_dec.detach()) ** 2).sum() / var)
+    assert float(losses["prefix_mean"]) == pytest.approx(float(losses["sum"]) / 3, rel=1e-6)
+    assert float(losses["bussmann_mean"]) == pytest.approx((float(losses["sum"]) + b_dec_only) / 4, rel=1e-6)
+    with pytest.warns(UserWarning, match="'mean' is now called 'prefix_mean'"):
+        old = sb.SAEConfig(d_in=D, n_latents=N, k=K, matryoshka=[8, N], matryoshka_reduce=cast(Any, "mean"))
+    assert old.matryoshka_reduce == "prefix_mean"
+
+
 def test_random_prefixes_are_log_uniform_nested_and_end_at_n():
     cfg = sb.SAEConfig(d_in=D, n_latents=4096, k=K, matryoshka=[16, 4096], matryoshka_random=3)
     gen = torch.Generator().manual_seed(0)

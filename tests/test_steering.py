@@ -278,3 +278,55 @@ def test_errors(tiny, sae):
     with pytest.raises(sb.ConfigError, match="unknown steering mode"):
         with steer(tiny, sae, {1: 1.0}, mode="push"):
             pass
+
+
+@pytest.fixture(scope="module")
+def signed_sae(sae):
+    """An AbsTopK SAE made from the trained one with every weight negated: its strong codes are negative."""
+    cfg = sb.SAEConfig(d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents, k=sae.cfg.k, activation="abstopk", hook=HOOK)
+    signed = sb.SAE(cfg)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(signed, name).copy_(-getattr(sae, name))
+        signed.b_dec.copy_(sae.b_dec)
+    return signed.eval()
+
+
+def test_output_score_of_a_signed_family_amplifies_by_the_largest_magnitude(tiny, signed_sae):
+    f = 4
+    tokens = torch.tensor(
+        [[tiny.tokenizer.bos_token_id] + tiny.tokenizer(sb.NEUTRAL_PROMPT, add_special_tokens=False)["input_ids"]]
+    )
+    with torch.no_grad():
+        last = signed_sae.encode(sb.Harvester(tiny, [HOOK], exclude_special=False).forward(tokens)[HOOK])[0, -1]
+    assert last.abs().max() > last.max() + 1  # a signed max would amplify by far less
+
+    def amplify(act, hook):
+        act = act.clone()
+        act[:, -1] += 10 * last.abs().max() * signed_sae.W_dec[f]
+        return act
+
+    with torch.no_grad(), tiny.hooks(fwd_hooks=[(HOOK, amplify)]):
+        probs = tiny(tokens)[0, -1].softmax(-1)
+    lens = logit_lens_tokens(tiny, signed_sae, f, 20)
+    assert output_score(tiny, signed_sae, f) == pytest.approx(rank_prob_score(probs, lens), rel=1e-4)
+
+
+def test_input_score_of_a_signed_family_ranks_by_magnitude(tiny, signed_sae):
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=80, context_size=32), tiny.tokenizer, show_progress=False
+    )
+    ctx = sb.TokenContexts(ctx.tokens[:150], ctx.special_mask[:150])
+    with torch.no_grad():
+        z = signed_sae.encode(sb.Harvester(tiny, [HOOK], exclude_special=False).forward(ctx.tokens)[HOOK])
+
+    def score(f, magnitude):
+        lens = set(logit_lens_tokens(tiny, signed_sae, f, 20).tolist())
+        codes = z[..., f].masked_fill(ctx.special_mask, 0)
+        codes = codes.abs() if magnitude else codes
+        val, pos = codes.max(-1)
+        top = sorted((-float(v), int(ctx.tokens[c, pos[c]])) for c, v in enumerate(val) if v > 0)[:100]
+        return sum(t in lens for _, t in top) / len(top) if len(top) >= 10 else None
+
+    f = next(f for f in range(64) if score(f, True) is not None and score(f, True) != score(f, False))
+    assert input_score(tiny, signed_sae, f, ctx) == pytest.approx(score(f, True))

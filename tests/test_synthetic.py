@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from saebench.synthetic import PlantedFeatures, SyntheticConfig, absorption, match_latents, recovery_metrics
+from saebench.sae import SAE, SAEConfig
+from saebench.synthetic import (
+    PlantedFeatures,
+    SyntheticConfig,
+    absorption,
+    iter_synthetic_bench,
+    match_latents,
+    random_row,
+    recovery_metrics,
+)
 
 TREES = SyntheticConfig(
     d=32,
@@ -102,29 +112,59 @@ def test_matching_recovers_a_permuted_sign_flipped_dictionary():
 
 
 def test_absorption_by_hand():
-    # features: 0 = parent, 1 = its child, 2 = a lone feature; latents: 0 <-> parent, 1 <-> child
+    """A token is absorbed when the parent's latent is silent and another active latent carries the parent's
+    direction (Chanin et al.); a latent crowded out by the k budget alone is not absorption."""
+    # features (directions e0, e1, e2): 0 = parent, 1 = its child, 2 = a lone feature
     parent = torch.tensor([-1, 0, -1])
+    directions = torch.eye(4)[:3]
+    r = math.sqrt(0.5)
+    W_dec = torch.tensor(  # latents: 0 = the parent's; 1 = child + parent (absorbing); 2 = a split parent;
+        [  # 3 = the child, barely touching the parent; 4 = latent 1 negated (a signed code's)
+            [1.0, 0.0, 0.0, 0.0],
+            [r, r, 0.0, 0.0],
+            [0.95, 0.0, 0.0, math.sqrt(1 - 0.95**2)],
+            [0.1, math.sqrt(0.99), 0.0, 0.0],
+            [-r, -r, 0.0, 0.0],
+        ]
+    )
     codes = torch.zeros(100, 3)
-    codes[:40, 0] = 1  # parent alone on tokens 0..39
-    codes[40:80, 0] = 1  # parent with child on 40..79
+    codes[:80, 0] = 1  # the parent alone on tokens 0..39, with its child on 40..79
     codes[40:80, 1] = 1
-    acts = torch.zeros(100, 2)
-    acts[:40, 0] = 1
-    acts[:36, 0][:4] = 0  # the parent's latent misses 4 of 40 lone tokens (0.1)
-    acts[40:80, 0] = 1
-    acts[40:70, 0] = 0  # ... and 30 of 40 tokens with the child (0.75)
-    latent, sim = torch.tensor([0, 1, -1]), torch.tensor([0.95, 0.9, 0.0], dtype=torch.float64)
-    got = absorption(acts, codes, parent, latent, sim, min_count=10)
-    assert got["absorption"] == pytest.approx(0.75 - 0.1)
+    acts = torch.zeros(100, 5)
+    acts[4:40, 0] = 1  # the parent's latent misses 4 of 40 lone tokens ...
+    acts[:2, 2] = 1  # ... on 2 of them the split latent carries the parent: absorbed alone 0.05
+    acts[70:80, 0] = 1  # it misses 30 of 40 tokens with the child: on 20 a latent carries the parent
+    acts[40:50, 1] = 1
+    acts[50:60, 4] = -1  # (a negative code on a negated row carries it too)
+    acts[60:70, 3] = 1  # and on 10 the parent is just crowded out: absorbed with child 0.5
+    latent, sim = torch.tensor([0, 3, -1]), torch.tensor([0.95, 0.99, 0.0], dtype=torch.float64)
+    got = absorption(acts, codes, parent, latent, sim, W_dec, directions, min_count=10)
+    assert got["absorption"] == pytest.approx(0.5 - 0.05)  # the old count of silences: 0.75 - 0.1
     assert got["parents_matched"] == 1.0
+    crowded = acts.clone()
+    crowded[:, [1, 4]] = 0  # the same silences, no carrier: no absorption
+    assert absorption(crowded, codes, parent, latent, sim, W_dec, directions, min_count=10)["absorption"] == 0.0
     unmatched = absorption(
-        acts, codes, parent, latent, torch.tensor([0.3, 0.9, 0.0], dtype=torch.float64), min_count=10
+        acts, codes, parent, latent, torch.tensor([0.3, 0.9, 0.0], dtype=torch.float64), W_dec, directions, min_count=10
     )
     assert unmatched == {"absorption": None, "parents_matched": 0.0}
-    assert absorption(acts, codes, torch.tensor([-1, -1, -1]), latent, sim) == {
+    assert absorption(acts, codes, torch.tensor([-1, -1, -1]), latent, sim, W_dec, directions) == {
         "absorption": None,
         "parents_matched": None,
     }
+
+
+def test_every_bench_table_ends_with_the_random_floor():
+    data = SyntheticConfig(d=16, n_true=48, true_l0=3, children=2, seed=0)
+    rows = list(iter_synthetic_bench(("topk",), data, n_tokens=2048, batch_size=1024, held_out_tokens=2048))
+    assert [r["activation"] for r in rows] == ["topk", "random"]
+    planted = PlantedFeatures(data)
+    held_out, codes = planted.sample(2048, torch.Generator().manual_seed(99))
+    floor = random_row(planted, 48, 3, held_out, codes)
+    assert floor == rows[-1]
+    random_dec = SAE(SAEConfig(d_in=16, n_latents=48, k=3), seed=12345).W_dec.detach()  # random_baseline's seed
+    assert floor["mcc"] == pytest.approx(recovery_metrics(random_dec, planted.directions)["mcc"])
+    assert 0 < floor["l0"] <= 3  # TopK codes of random directions: at most k
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -1,6 +1,7 @@
 """Overview: each run's SAEs, eval figures next to the random baseline, training curves, the
 distribution of feature densities and a sortable, filterable feature table."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import plotly.express as px
 import state
 import streamlit as st
 
+from saebench.evals.suites import section_rows
 from saebench.evaluate import EVAL_METRICS
 
 st.set_page_config(page_title="saebench", layout="wide")
@@ -28,10 +30,22 @@ result = state.shown(run.eval, hook)
 if result is None:
     st.info(f"No evaluation yet: run `saebench eval {run.path}` for FVU, L0, dead fraction and CE-loss recovered.")
 else:
-    keys = [k for k in EVAL_METRICS if k in result["sae"]]
+    keys = [k for k in EVAL_METRICS if k in result.get("sae", {})]
     columns = {"sae": "sae", "sae_without_gradients": "sae without gradients", "random_baseline": "random SAE"}
-    table = {name: [result[c][k] for k in keys] for c, name in columns.items() if c in result}
-    st.dataframe(pd.DataFrame({"metric": keys, **table}), hide_index=True)
+    if keys:
+        table = {name: [result[c][k] for k in keys] for c, name in columns.items() if c in result}
+        st.dataframe(
+            pd.DataFrame({"metric": keys, **table, "what it is": [EVAL_METRICS[k] for k in keys]}), hide_index=True
+        )
+        st.caption(f"CE and KL in the `{result.get('ce_convention', 'non_special')}` convention (saebench.evaluate)")
+    for suite, section in result.items():
+        if isinstance(section, dict) and suite not in (*columns, "seconds"):
+            st.markdown(f"**{suite}**")
+            st.dataframe(pd.DataFrame(section_rows(section)), hide_index=True)
+            if section.get("settings"):
+                st.caption(f"settings: {json.dumps(section['settings'])}")
+    if result.get("seconds"):
+        st.caption("seconds per suite: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
 
 metrics = pd.DataFrame(state.shown(run.metrics, hook))
 if "step" in metrics:

@@ -7,24 +7,19 @@ from saebench.evaluate import evaluate_sae, spliced_losses
 
 
 def core(inputs: EvalInputs) -> dict:
-    """-> {"sae": {...}, "random_baseline": {...}}: the figures of EVAL_METRICS and their parts.
+    """-> {"sae": {...}, "random_baseline": {...}, "ce_convention": ...}: the figures of EVAL_METRICS and their
+    parts, CE and KL in the convention eval.ce_convention names.
 
     An SAE that ranks by the loss gradient is evaluated with the held-out gradients ("sae": CE/KL with the
     clean run's gradients) and without them ("sae_without_gradients": plain TopK)."""
     few, model, hook, grads = inputs.splice_contexts, inputs.model, inputs.hook, inputs.grads
-    out = {
-        "sae": {
-            **evaluate_sae(inputs.sae, inputs.acts, grads=grads),
-            **spliced_losses(model, inputs.sae, hook, few, gradients=grads is not None),
-        },
-        "random_baseline": {
-            **evaluate_sae(inputs.baseline, inputs.acts),
-            **spliced_losses(model, inputs.baseline, hook, few),
-        },
-    }
+    convention = inputs.config.eval.ce_convention
+
+    def figures(sae, grads=None) -> dict:
+        spliced = spliced_losses(model, sae, hook, few, gradients=grads is not None, convention=convention)
+        return {**evaluate_sae(sae, inputs.acts, grads=grads), **spliced}
+
+    out = {"sae": figures(inputs.sae, grads), "random_baseline": figures(inputs.baseline), "ce_convention": convention}
     if grads is not None:
-        out["sae_without_gradients"] = {
-            **evaluate_sae(inputs.sae, inputs.acts),
-            **spliced_losses(model, inputs.sae, hook, few),
-        }
+        out["sae_without_gradients"] = figures(inputs.sae)
     return out

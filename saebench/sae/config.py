@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 from saebench.errors import ConfigError
 from saebench.sae.families import ACTIVATIONS, FAMILIES, Activation, Family
 
-MATRYOSHKA_REDUCE = ("sum", "mean")
+MATRYOSHKA_REDUCE = ("sum", "prefix_mean", "bussmann_mean")
 
 
 @dataclass
@@ -25,7 +26,10 @@ class SAEConfig:
     k: int = 32
     expansion: int = 16  # n_latents = expansion * d_in where n_latents is 0
     matryoshka: list[int] | None = None  # nested prefix sizes, ascending, last == n_latents
-    matryoshka_reduce: Literal["sum", "mean"] = "sum"  # sum (Bussmann et al. 2025) or mean of the prefixes' errors
+    # sum: the prefixes' errors summed (Bussmann et al. 2025's equation); prefix_mean: their mean; bussmann_mean:
+    # Bussmann et al.'s code, the mean over the prefixes and a b_dec-only reconstruction (n + 1 terms); the
+    # old name "mean" is read as prefix_mean, with a warning
+    matryoshka_reduce: Literal["sum", "prefix_mean", "bussmann_mean", "mean"] = "sum"
     # > 0: each step draws this many prefix sizes at random (Nabeshima), log-uniform in
     # [matryoshka[0], n_latents), plus n_latents; 0: the fixed `matryoshka` sizes
     matryoshka_random: int = 0
@@ -60,8 +64,18 @@ class SAEConfig:
                 )
         if self.gradient_beta < 0:
             raise ConfigError(f"sae.gradient_beta must be >= 0, got {self.gradient_beta}")
+        if self.matryoshka_reduce == "mean":
+            warnings.warn(
+                "sae.matryoshka_reduce: 'mean' is now called 'prefix_mean' (the mean of the prefixes' errors), read as "
+                "such; Bussmann et al.'s code also averages in a b_dec-only term: that is 'bussmann_mean'",
+                stacklevel=3,
+            )
+            self.matryoshka_reduce = "prefix_mean"
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
-            raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
+            raise ConfigError(
+                "sae.matryoshka_reduce: a sum or mean of the prefixes' errors, one of sum, prefix_mean, bussmann_mean; "
+                f"got {self.matryoshka_reduce!r}"
+            )
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):
             raise ConfigError(
                 "sae.matryoshka_random needs sae.matryoshka (its first size is the smallest prefix drawn) "

@@ -132,8 +132,10 @@ def sae_loss(
     prefixes = prefixes or cfg.matryoshka
     if prefixes:
         recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
-        if cfg.matryoshka_reduce == "mean":
+        if cfg.matryoshka_reduce == "prefix_mean":
             recon = recon / len(prefixes)
+        elif cfg.matryoshka_reduce == "bussmann_mean":  # their code counts the b_dec-only reconstruction too
+            recon = (recon + normalised_mse(x, sae.b_dec.expand_as(x), total_var=total_var)) / (len(prefixes) + 1)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.family.aux == "aux_zipf" and freq is not None:
