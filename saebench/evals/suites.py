@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 from saebench.errors import ConfigError
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
+from saebench.evals.probing import probing
+from saebench.evals.tpp import tpp_suite
 
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {"core": core}
+SUITES: dict[str, Suite] = {"core": core, "probing": probing, "tpp": tpp_suite}
 DEFAULT_SUITES = ("core",)
 
 
