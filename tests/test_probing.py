@@ -24,6 +24,7 @@ from saebench.evals.tasks import (
     balanced,
     class_splits,
     labelled_contexts,
+    masked_activations,
     pooled,
     python_spans,
     text_spans,
@@ -31,6 +32,7 @@ from saebench.evals.tasks import (
 )
 from saebench.evals.tpp import latent_effects, top_effects, tpp_differences, tpp_scores
 from saebench.evaluate import random_baseline
+from saebench.harvest import Harvester
 from saebench.interop import save_saelens
 from saebench.pipeline import eval_from_config
 
@@ -163,6 +165,17 @@ def test_labelled_contexts_pack_as_the_data_module_does(tiny):
     assert first == "def" and CODE_CLASSES[int(classes[0, 1])] == "keyword"
 
 
+def test_masked_activations_are_the_models_at_the_masked_positions(tiny):
+    hook, g = "blocks.0.hook_resid_post", torch.Generator().manual_seed(7)
+    contexts = torch.randint(1, 500, (3, 8), generator=g)
+    a, b = toy_task([3], pos=8), toy_task([2], pos=8)
+    a.tokens, b.tokens = contexts[[0, 1, 0]], contexts[[2, 1]]  # shared contexts run once
+    a.mask, b.mask = torch.rand(3, 8, generator=g) < 0.5, torch.rand(2, 8, generator=g) < 0.5
+    xa, xb = masked_activations(tiny, hook, [a, b], batch_size=2, show_progress=False)
+    full = Harvester(tiny, [hook]).forward(torch.cat([a.tokens, b.tokens]))[hook]
+    torch.testing.assert_close(torch.cat([xa, xb]), full[torch.cat([a.mask, b.mask])])
+
+
 def class_data(per_class: int = 40, n_classes: int = 4, pos: int = 4, d: int = 16, seed: int = 0):
     """Tokens 3 e_c + noise for class c, pooled over positions 1..pos-1 (position 0 is left out, like a BOS)."""
     task = toy_task([per_class] * n_classes, pos, seed)
@@ -242,6 +255,11 @@ def test_probing_settings_from_yaml_and_set(tmp_path):
         load_config(path, ["eval.probing.tasks=[source, verse]"])
     with pytest.raises(sb.ConfigError, match="did you mean 'ks'"):
         load_config(path, ["eval.probing.k=[1]"])
+    sae = class_sae()
+    with pytest.raises(sb.ConfigError, match="eval.probing: ks must be a list of latent counts >= 1"):
+        sb.sparse_probing(None, sae, "h", settings=sb.ProbingSettings(ks=[0, 5]))
+    with pytest.raises(sb.ConfigError, match="eval.tpp.n_ablated must be a list of latent counts >= 1"):
+        sb.tpp(None, sae, "h", settings=sb.TPPSettings(n_ablated=[]))
 
 
 @pytest.mark.slow

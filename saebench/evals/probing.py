@@ -127,12 +127,11 @@ def sparse_probing(
     settings = settings or ProbingSettings()
     check(settings)
     tasks = tasks if tasks is not None else probing_tasks(model.tokenizer, "test", settings)
-    section = {}
-    for task in tasks:
-        x = masked_activations(model, hook, task, show_progress=show_progress)
-        if baseline is None:
-            baseline = random_baseline(sae, x)
-        section[task.name] = probe_scores(task, x, {"sae": sae, "random": baseline}, settings, show_progress)
+    xs = masked_activations(model, hook, tasks, show_progress=show_progress)
+    saes = {"sae": sae, "random": baseline if baseline is not None else random_baseline(sae, xs[0])}
+    section = {
+        task.name: probe_scores(task, x, saes, settings, show_progress) for task, x in zip(tasks, xs, strict=True)
+    }
     section["mean"] = mean_of([section[t.name] for t in tasks], ["sae", "random"])
     return {**section, "settings": {**dataclasses.asdict(settings), "convention": CONVENTION}}
 

@@ -172,22 +172,21 @@ def token_task(name: str, classes, drawn, n_train: int, n_test: int, gen: torch.
 
 @torch.no_grad()
 def masked_activations(
-    model, hook: str, task: ProbeTask, batch_size: int = 64, show_progress: bool = True
-) -> torch.Tensor:
-    """The activations at hook of the task's masked positions, in the order of task.mask.nonzero():
-    [m d] float32 on the CPU; one forward pass per distinct context."""
-    unique, inverse = torch.unique(task.tokens, dim=0, return_inverse=True)
-    rows, cols = task.mask.nonzero(as_tuple=True)
+    model, hook: str, tasks: list[ProbeTask], batch_size: int = 64, show_progress: bool = True
+) -> list[torch.Tensor]:
+    """Per task, the activations at hook of its masked positions in the order of task.mask.nonzero():
+    [m d] float32 on the CPU; one forward pass per distinct context of all the tasks."""
+    unique, inverse = torch.unique(torch.cat([t.tokens for t in tasks]), dim=0, return_inverse=True)
+    rows, cols = torch.cat([t.mask for t in tasks]).nonzero(as_tuple=True)
     src = inverse[rows]
     harvester = Harvester(model, [hook])
     out = torch.empty(0)
-    for i in tqdm(range(0, len(unique), batch_size), desc=f"probing {task.name}", disable=not show_progress):
+    for i in tqdm(range(0, len(unique), batch_size), desc="probing contexts", disable=not show_progress):
         acts = harvester.forward(unique[i : i + batch_size])[hook].float().cpu()
-        if not len(out):
-            out = torch.empty(len(rows), acts.shape[-1])
+        out = out if len(out) else torch.empty(len(rows), acts.shape[-1])
         here = (src >= i) & (src < i + batch_size)
         out[here] = acts[src[here] - i, cols[here]]
-    return out
+    return list(out.split([int(t.mask.sum()) for t in tasks]))
 
 
 @torch.no_grad()

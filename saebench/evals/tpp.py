@@ -50,6 +50,12 @@ def latent_effects(
 
 
 KEYS = ("total", "intended", "unintended")
+CONVENTION = (
+    "SAEBench TPP: per class, zero-ablate the n latents of largest effect (class mean code difference, clamped "
+    "at 0 for unsigned families, times the dense probe's weight along the decoder row), keeping the SAE error; "
+    "total = the class probe's accuracy drop - the mean drop of the other classes' probes, mean over classes; "
+    "pooling over non-special tokens only; probes: the probing suite's dense L2 probes (SAEBench: Adam with L1)"
+)
 
 
 def tpp_scores(
@@ -110,10 +116,11 @@ def tpp(
         raise ConfigError(f"eval.tpp.n_ablated must be a list of latent counts >= 1, got {settings.n_ablated}")
     if task is None:
         (task,) = probing_tasks(model.tokenizer, "test", dataclasses.replace(probing, tasks=["source"]))
-    x = masked_activations(model, hook, task, show_progress=show_progress)
+    (x,) = masked_activations(model, hook, [task], show_progress=show_progress)
     saes = {"sae": sae, "random": baseline if baseline is not None else random_baseline(sae, x)}
     section = tpp_scores(task, x, saes, settings.n_ablated, probing, show_progress)
-    return {**section, "settings": {**dataclasses.asdict(settings), "probing": dataclasses.asdict(probing)}}
+    settings_used = {**dataclasses.asdict(settings), "task": task.name, "probing": dataclasses.asdict(probing)}
+    return {**section, "settings": {**settings_used, "convention": CONVENTION}}
 
 
 def tpp_suite(inputs: EvalInputs) -> dict:
