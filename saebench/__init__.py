@@ -12,6 +12,10 @@ from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
 from saebench.evals.consistency import Consistency, decoder_consistency
+from saebench.evals.probing import sparse_probing
+from saebench.evals.settings import ProbingSettings, TPPSettings
+from saebench.evals.tasks import ProbeTask, probing_tasks
+from saebench.evals.tpp import tpp
 from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.interop import load_sae, load_saelens, save_saelens
@@ -43,6 +47,12 @@ __all__ = [
     "Run",
     "SAEHome",
     "eval_from_config",
+    "ProbeTask",
+    "ProbingSettings",
+    "TPPSettings",
+    "probing_tasks",
+    "sparse_probing",
+    "tpp",
     "load_sae",
     "load_saelens",
     "save_saelens",

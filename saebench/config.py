@@ -16,7 +16,7 @@ import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
-from saebench.evals.settings import ConsistencySettings
+from saebench.evals.settings import ConsistencySettings, ProbingSettings, TPPSettings
 from saebench.sae import SAEConfig
 from saebench.train import TrainConfig
 
@@ -55,6 +55,8 @@ class EvalSection:
     # sae_bench: SAEBench 0.6.0's (every position spliced; mask by the input token; KL keeps the last position)
     ce_convention: Literal["non_special", "sae_bench"] = "non_special"
     consistency: ConsistencySettings = field(default_factory=ConsistencySettings)
+    probing: ProbingSettings = field(default_factory=ProbingSettings)
+    tpp: TPPSettings = field(default_factory=TPPSettings)
 
 
 @dataclass

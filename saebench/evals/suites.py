@@ -9,12 +9,11 @@ from saebench.errors import ConfigError
 from saebench.evals.consistency import consistency
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
+from saebench.evals.probing import probing
+from saebench.evals.tpp import tpp_suite
 
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {
-    "core": core,
-    "consistency": consistency,
-}
+SUITES: dict[str, Suite] = {"core": core, "consistency": consistency, "probing": probing, "tpp": tpp_suite}
 DEFAULT_SUITES = ("core",)
 
 
