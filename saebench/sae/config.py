@@ -10,6 +10,7 @@ from saebench.errors import ConfigError
 from saebench.sae.families import ACTIVATIONS, FAMILIES, Activation, Family
 
 MATRYOSHKA_REDUCE = ("sum", "mean")
+INITS = ("random", "subspace")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class SAEConfig:
     dead_tokens: int = 10_000_000  # a latent that has not fired in this many tokens is dead
     zipf_exponent: float = 1.0  # feature choice capacities and aux_zipf's expected shares
     threshold_decay: float = 0.99  # EMA of the smallest kept value, the inference threshold
+    # decoder rows: Gaussian in all d_in dims, or Gaussian in the init sample's principal subspace (Wang et al. 2025)
+    init: Literal["random", "subspace"] = "random"
+    subspace_variance: float = 0.99  # subspace init keeps the smallest rank holding this share of the variance
     hook: str | None = None
     model: str | None = None
 
@@ -55,6 +59,10 @@ class SAEConfig:
                 raise ConfigError(
                     f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}"
                 )
+        if self.init not in INITS:
+            raise ConfigError(f"sae.init must be random or subspace, got {self.init!r}")
+        if not 0 < self.subspace_variance <= 1:
+            raise ConfigError(f"sae.subspace_variance must lie in (0, 1], got {self.subspace_variance}")
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):

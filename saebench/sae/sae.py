@@ -26,8 +26,14 @@ class SAE(nn.Module):
     meta: dict
 
     def __init__(
-        self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+        self,
+        cfg: SAEConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        basis: torch.Tensor | None = None,
     ):
+        """basis: [d_in r] orthonormal columns U; W_dec = normalise(G U^T), G [n r] Gaussian (subspace init)."""
         super().__init__()
         if not cfg.d_in or not cfg.n_latents:
             raise ConfigError(
@@ -35,7 +41,9 @@ class SAE(nn.Module):
             )
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
+        W_dec = torch.randn(cfg.n_latents, cfg.d_in if basis is None else basis.shape[1], generator=gen)
+        if basis is not None:
+            W_dec = W_dec @ basis.T.cpu().float()
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device, dtype))
         self.W_enc = nn.Parameter(W_dec.T.clone().contiguous().to(device, dtype))  # tied init
