@@ -226,13 +226,15 @@ def score_sae(
         acts = torch.cat([encode(held_out[i : i + block]) for i in range(0, len(held_out), block)])
     true_l0 = float((codes > 0).sum(-1).float().mean())
     l0 = float((acts != 0).sum(-1).float().mean())
+    freq = (acts != 0).float().mean(0)  # [n_latents] share of held-out tokens each latent fires on
     return {
         **recovery_metrics(W_dec, planted.directions),
         **absorption(acts, codes, planted.parent, latent, sim),
         "l0": round(l0, 2),
         "true_l0": round(true_l0, 2),
         "l0_error": round((l0 - true_l0) / true_l0, 3),
-        "dead_fraction": float((acts != 0).sum(0).eq(0).float().mean()),
+        "dead_fraction": float((freq == 0).float().mean()),
+        "dense_fraction": float((freq > 0.1).float().mean()),  # as evaluate_sae's: fires on > 10% of tokens
     }
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal, norm
 
-from saebench.synthetic import PlantedFeatures, SyntheticConfig, absorption, match_latents, recovery_metrics
+from saebench.synthetic import (
+    PlantedFeatures,
+    SyntheticConfig,
+    absorption,
+    match_latents,
+    recovery_metrics,
+    score_sae,
+)
 
 TREES = SyntheticConfig(
     d=32,
@@ -153,3 +160,14 @@ def test_rank_puts_the_directions_in_a_random_subspace_and_keeps_the_other_draws
     assert torch.linalg.matrix_rank(x.double(), atol=1e-3) == 5  # no noise: the data lies in it too
     with pytest.raises(ValueError, match="rank must be in"):
         SyntheticConfig(d=32, rank=33)
+
+
+def test_score_sae_counts_dead_and_dense_latents_by_hand():
+    planted = PlantedFeatures(SyntheticConfig(d=8, n_true=16, true_l0=2))
+    held_out, codes = planted.sample(20, torch.Generator().manual_seed(0))
+    acts = torch.zeros(20, 4)
+    acts[:, 0] = 1.0  # every token
+    acts[:1, 1] = 2.0  # 1 of 20: 5%, not dense
+    acts[:3, 2] = 0.5  # 3 of 20: 15%, dense; latent 3 never fires
+    row = score_sae(lambda x: acts[: len(x)], torch.randn(4, 8), planted, held_out, codes, block=20)
+    assert (row["dead_fraction"], row["dense_fraction"], row["l0"]) == (0.25, 0.5, 1.2)

@@ -64,10 +64,19 @@ def test_default_lr_rule_by_hand():
     assert trainer.lr == pytest.approx(3.2e-3) and trainer.lr_at(0) == pytest.approx(3.2e-3)
 
 
-@pytest.mark.parametrize("extra", [{}, {"matryoshka": [6, 48], "matryoshka_random": 2}])  # the prefix draws resume too
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"matryoshka": [6, 48], "matryoshka_random": 2},  # the prefix draws resume too
+        {"activation": "feature_choice"},  # and the firing rates its capacities follow
+    ],
+)
 def test_resume_is_bit_identical(tmp_path, extra):
     _, x = planted(20_000)
-    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation="batchtopk", dead_tokens=5_000, **extra)
+    cfg = sb.SAEConfig(
+        **{"d_in": 16, "n_latents": 48, "k": 3, "activation": "batchtopk", "dead_tokens": 5_000, **extra}
+    )
     tcfg = TrainConfig(n_tokens=60 * 256, batch_size=256, lr=3e-3, warmup_steps=5, checkpoint_every=7, log_every=5)
     whole, _ = train_sae(cfg, x, tcfg, run_dir=tmp_path / "whole", show_progress=False)
     train_sae(cfg, x, tcfg, run_dir=tmp_path / "part", stop_after_steps=23, show_progress=False)

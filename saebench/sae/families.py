@@ -28,6 +28,8 @@ class SelectContext:
     together (data parallelism), and any per-step state a family's rule needs."""
 
     reduce: Reducer = LOCAL
+    # [n] recent fires per token (the trainer's all-reduced EMA: the same on every rank); None before any step
+    freq: torch.Tensor | None = None
 
 
 SelectFn = Callable[[torch.Tensor, "SAEConfig", SelectContext], sparsify.Selection]
@@ -67,7 +69,7 @@ def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsif
 
 
 def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
-    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce)
+    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce, ctx.freq)
 
 
 BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)

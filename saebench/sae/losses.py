@@ -108,7 +108,7 @@ def sae_loss(
     reduce: Reducer = LOCAL,
     prefixes: list[int] | None = None,
 ) -> StepOutput:
-    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf).
+    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (aux_zipf, feature choice's capacities).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
 
@@ -119,10 +119,10 @@ def sae_loss(
     if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
-        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce), x, pre)
+        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce, freq=freq), x, pre)
     else:
         pre = sae.pre_acts(x)
-        sel = sae.select(pre, train=True, reduce=reduce)
+        sel = sae.select(pre, train=True, reduce=reduce, freq=freq)
     x_hat = sae.decode_selection(sel)
     total_var = variance_sum(x, reduce)
     mse = normalised_mse(x, x_hat, total_var=total_var)

@@ -61,14 +61,20 @@ class SAE(nn.Module):
         pre = x @ self.W_enc
         return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
-    def select(self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL) -> sparsify.Selection:
+    def select(
+        self,
+        pre: torch.Tensor,
+        train: bool | None = None,
+        reduce: Reducer = LOCAL,
+        freq: torch.Tensor | None = None,
+    ) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
-        batch sparsifiers select over together (data parallelism)."""
+        batch sparsifiers select over together (data parallelism); freq: [n] recent fires per token."""
         train = self.training if train is None else train
         family = self.cfg.family
         if family.batch_selection and not train:
             return sparsify.threshold(pre, self.threshold)
-        return family.select(pre, self.cfg, SelectContext(reduce))
+        return family.select(pre, self.cfg, SelectContext(reduce, freq))
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
