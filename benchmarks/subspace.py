@@ -7,7 +7,8 @@ First, per hook, the rank r of the PCA (about the mean, over --test-tokens held-
 99.9% of the variance, and the same for W_O's energy (squared singular values), as shares of d_model. Then one
 model pass over the train split feeds one TopK SAE per (hook, expansion, init in {random, subspace}), all at the
 trainer's defaults but for `init`; each is scored on the held-out tokens: FVU, L0, dead share (never fires on
-them), dense share (fires on > 10%), and the trainer's own dead share at the end (no fire in --dead-tokens).
+them), dense share (fires on > 10%), and the trainer's own dead share at the end (no fire in --dead-tokens,
+whose AuxK revives them).
 One JSON line per hook, then per SAE.
 """
 
@@ -40,7 +41,9 @@ def main() -> None:
     p.add_argument("--expansions", type=int, nargs="+", default=[16, 64])
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--dead-tokens", type=int, default=1_000_000, help="as configs/tiny.yaml")
+    p.add_argument(
+        "--dead-tokens", type=int, default=None, help="default tokens / 20, configs/tiny.yaml's ratio (1M of 20M)"
+    )
     args = p.parse_args()
     model = sb.load_model("tiny")
     harvester = sb.Harvester(model, args.hooks)
@@ -66,7 +69,7 @@ def main() -> None:
             d_in=harvester.widths[hook],
             n_latents=e * harvester.widths[hook],
             k=args.k,
-            dead_tokens=args.dead_tokens,
+            dead_tokens=args.dead_tokens or max(1, args.tokens // 20),
             init=init,
             hook=hook,
         )
