@@ -4,6 +4,7 @@
     python benchmarks/synthetic.py --sweep --steps 1000  # n_latents / n_true and k / true L0 in {0.5, 1, 2}
     python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0 \
  # trainer options
+    python benchmarks/synthetic.py --set rank=16 --cells 4,1 --families topk topk:init=subspace  # low-rank data
 
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
@@ -187,15 +188,22 @@ def saelens_sae(
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _number(value: str) -> int | float | str:
+    """'3' -> 3, '1e-3' -> 0.001, 'subspace' -> 'subspace'."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def parse_spec(spec: str) -> tuple[str, bool, dict, dict]:
     """'topk+matryoshka:enc_init_scale=0.3,k_aux=64' -> (activation, matryoshka, SAEConfig options, \
 TrainConfig options)."""
     name, _, sets = spec.partition(":")
     activation, _, variant = name.partition("+")
-    options = {
-        key: int(value) if value.isdigit() else float(value)
-        for key, value in (item.split("=") for item in sets.split(",") if item)
-    }
+    options = {key: _number(value) for key, value in (item.split("=") for item in sets.split(",") if item)}
     sae_options = {key: options.pop(key) for key in list(options) if key in SAEConfig.__dataclass_fields__}
     return activation, variant == "matryoshka", sae_options, options
 

@@ -7,7 +7,7 @@ blocks.1.hook_resid_post once (train split to train, held-out split to score, as
 benchmarks/peers.py does), then trains one SAE per family spec at n_latents = expansion x d,
 k 32, each from the trainer's defaults with the spec's options changed. A spec is
 activation[+matryoshka][:key=value,...]; keys of SAEConfig go to the SAE, the rest to TrainConfig.
-One JSON line per spec: FVU, L0, dead share on the held-out tokens, training tokens/s.
+One JSON line per spec: FVU, L0, dead and dense shares on the held-out tokens, training tokens/s.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
                     "fvu": round(m["fvu"], 4),
                     "l0": round(m["l0"], 2),
                     "dead_fraction": round(m["dead_fraction"], 4),
+                    "dense_fraction": round(m["dense_fraction"], 4),
                     "tokens_per_s": round(args.tokens // args.batch * args.batch / seconds),
                 }
             ),

@@ -9,7 +9,9 @@ n_true > d), after SynthSAEBench (SAELens `sae_lens.synthetic`):
 - correlation: root features are dealt into groups of `corr_group` whose firing shares a Gaussian
   factor (a Gaussian copula: marginal probabilities unchanged, pairwise latent correlation `correlation`);
 - magnitudes: lognormal with mean 1 (`magnitude_sigma`), or uniform in [0.5, 1.5];
-- isotropic noise of std `noise_std`.
+- isotropic noise of std `noise_std`;
+- `rank` > 0: the directions lie in a random rank-dimensional subspace of the d dims (as attention outputs do,
+  Wang et al. 2025), the noise still in all d.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SyntheticConfig:
     magnitude: str = "uniform"  # uniform | lognormal
     magnitude_sigma: float = 0.5
     noise_std: float = 0.0
+    rank: int = 0  # > 0: the directions span a random subspace of this dimension; 0: all d
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +54,8 @@ class SyntheticConfig:
             raise ValueError(f"magnitude must be uniform or lognormal, not {self.magnitude!r}")
         if not 0 <= self.correlation < 1:
             raise ValueError("correlation must be in [0, 1)")
+        if not 0 <= self.rank <= self.d:
+            raise ValueError(f"rank must be in [0, d={self.d}] (0: all d)")
 
 
 class PlantedFeatures:
@@ -66,6 +71,10 @@ class PlantedFeatures:
         # not manual_seed(seed): a trainer seeded alike would draw these very directions as its init
         gen = torch.Generator().manual_seed(DIRECTIONS_SEED + cfg.seed)
         directions = torch.randn(cfg.n_true, cfg.d, generator=gen)
+        if cfg.rank:  # projected onto the subspace (still isotropic there); the other draws stay as at full rank
+            sub = torch.Generator().manual_seed(DIRECTIONS_SEED + cfg.seed + 1)
+            basis = torch.linalg.qr(torch.randn(cfg.d, cfg.rank, generator=sub)).Q  # [d rank]
+            directions = directions @ basis @ basis.T
         self.directions = directions / directions.norm(dim=-1, keepdim=True)
         c = cfg.children
         self.n_parents = int(cfg.n_true * cfg.tree_fraction) // (1 + c) if c > 0 else 0
@@ -230,13 +239,15 @@ def score_sae(
         acts = torch.cat([encode(held_out[i : i + block]) for i in range(0, len(held_out), block)])
     true_l0 = float((codes > 0).sum(-1).float().mean())
     l0 = float((acts != 0).sum(-1).float().mean())
+    freq = (acts != 0).float().mean(0)  # [n_latents] share of held-out tokens each latent fires on
     return {
         **recovery_metrics(W_dec, planted.directions),
         **absorption(acts, codes, planted.parent, latent, sim, W_dec, planted.directions),
         "l0": round(l0, 2),
         "true_l0": round(true_l0, 2),
         "l0_error": round((l0 - true_l0) / true_l0, 3),
-        "dead_fraction": float((acts != 0).sum(0).eq(0).float().mean()),
+        "dead_fraction": float((freq == 0).float().mean()),
+        "dense_fraction": float((freq > 0.1).float().mean()),  # as evaluate_sae's: fires on > 10% of tokens
     }
 
 

@@ -196,6 +196,19 @@ def geometric_median(x: torch.Tensor, iters: int = 100, eps: float = 1e-6) -> to
     return median
 
 
+@torch.no_grad()
+def principal_subspace(x: torch.Tensor, centre: torch.Tensor, share: float) -> torch.Tensor:
+    """The fewest principal directions of x about `centre` that hold `share` of sum ||x - centre||^2.
+
+    x: [N d], centre: [d] -> U [d r], orthonormal columns, by decreasing variance."""
+    xc = (x - centre).double()
+    var, vecs = torch.linalg.eigh(xc.T @ xc)  # ascending
+    var, vecs = var.flip(0).clamp_min(0), vecs.flip(1)
+    held = var.cumsum(0) / var.sum().clamp_min(1e-300)
+    r = min(int((held < share).sum()) + 1, x.shape[1])
+    return vecs[:, :r].float()
+
+
 class SAETrainer:
     """Owns one SAE, its optimizer and statistics; `step(x)` trains on one batch [batch d_in].
 
@@ -213,15 +226,22 @@ class SAETrainer:
         _check_finite(sample, "the initialisation sample")
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
-        self.sae = SAE(sae_cfg, device=self.device, seed=cfg.seed).train()
         sample = sample.to(self.device, torch.float32)
         self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
+        sample = sample * self.scale
+        if cfg.b_dec_init == "geometric_median":
+            b_dec = geometric_median(sample)
+        elif cfg.b_dec_init == "mean":
+            b_dec = sample.mean(0)
+        else:
+            b_dec = sample.new_zeros(sae_cfg.d_in)
+        # about b_dec: the codes reconstruct x - b_dec, so the decoder's span must hold it, offset included
+        basis = principal_subspace(sample, b_dec, sae_cfg.subspace_variance) if sae_cfg.init == "subspace" else None
+        self.init_meta = {} if basis is None else {"init_rank": basis.shape[1]}  # for the report and cfg.json
+        self.sae = SAE(sae_cfg, device=self.device, seed=cfg.seed, basis=basis).train()
         with torch.no_grad():
             self.sae.W_enc.mul_(cfg.resolved_enc_init_scale(sae_cfg.family))
-            if cfg.b_dec_init == "geometric_median":
-                self.sae.b_dec.copy_(geometric_median(sample * self.scale))
-            elif cfg.b_dec_init == "mean":
-                self.sae.b_dec.copy_((sample * self.scale).mean(0))
+            self.sae.b_dec.copy_(b_dec)
         self.lr = cfg.resolved_lr(sae_cfg.n_latents)
         self.fused = cfg.fused_step if cfg.fused_step is not None else self.device.type == "cuda"
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas, fused=self.fused or None)
@@ -623,9 +643,10 @@ def train_saes(
         if name in mine and finished:
             saes[name].save(
                 mine[name] / "sae",
-                extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count},
+                extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count}
+                | trainer.init_meta,
             )
-        reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale}
+        reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale} | trainer.init_meta
     dist.barrier()  # every SAE is saved before any rank returns
     return saes, reports
 

@@ -12,7 +12,7 @@ from saebench.sae.losses import normalised_mse, random_prefixes, sae_loss
 B, D, N, K = 24, 16, 64, 4
 
 
-def dense_reference(pre: torch.Tensor, activation: str, k: int) -> torch.Tensor:
+def dense_reference(pre: torch.Tensor, activation: str, k: int, freq: torch.Tensor | None = None) -> torch.Tensor:
     b, n = pre.shape
     z = torch.zeros_like(pre)
     if activation == "topk":
@@ -29,14 +29,18 @@ def dense_reference(pre: torch.Tensor, activation: str, k: int) -> torch.Tensor:
         caps = sparsify.zipf_capacities(n, b, k, 1.0)
         acts = pre.clamp(min=0)
         for j in range(n):
-            rows = acts[:, j].argsort(descending=True)[: caps[j]]
+            # j's place when features are ranked by firing rate, ties by index (by index alone without rates)
+            rank = j if freq is None else int((freq > freq[j]).sum() + (freq[:j] == freq[j]).sum())
+            rows = acts[:, j].argsort(descending=True)[: caps[rank]]
             z[rows, j] = acts[rows, j]
     return z
 
 
 @pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"])
 @pytest.mark.parametrize("matryoshka, reduce", [(None, "sum"), ([8, 32, N], "sum"), ([8, 32, N], "mean")])
-def test_forward_and_gradients_match_dense_reference(activation, matryoshka, reduce):
+@pytest.mark.parametrize("rates", [False, True])  # the trainer's firing rates (feature choice's capacities follow them)
+def test_forward_and_gradients_match_dense_reference(activation, matryoshka, reduce, rates):
+    freq = torch.randint(0, 6, (N,), generator=torch.Generator().manual_seed(2)) / 10 if rates else None  # with ties
     torch.manual_seed(0)
     cfg = sb.SAEConfig(
         d_in=D, n_latents=N, activation=activation, k=K, matryoshka=matryoshka, matryoshka_reduce=reduce, aux_coef=0.0
@@ -46,13 +50,13 @@ def test_forward_and_gradients_match_dense_reference(activation, matryoshka, red
         sae.b_enc.normal_(0, 0.3)
         sae.b_dec.normal_(0, 0.3)
     x = torch.randn(B, D)
-    out = sae_loss(sae.train(), x)
+    out = sae_loss(sae.train(), x, freq=freq)
     out.loss.backward()
     got = {n: cast(torch.Tensor, p.grad).clone() for n, p in sae.named_parameters()}
 
     params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
     pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
-    z = dense_reference(pre, activation, K)
+    z = dense_reference(pre, activation, K, freq)
     x_hat = z @ params["W_dec"] + params["b_dec"]
     loss = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     for m in (matryoshka or [])[:-1]:

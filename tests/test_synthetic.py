@@ -18,6 +18,7 @@ from saebench.synthetic import (
     match_latents,
     random_row,
     recovery_metrics,
+    score_sae,
 )
 
 TREES = SyntheticConfig(
@@ -178,3 +179,29 @@ def test_a_freshly_initialised_sae_does_not_already_hold_the_planted_directions(
     torch.manual_seed(seed)
     assert recovery_metrics(sae.W_dec.detach(), planted.directions)["mcc"] < 0.6
     assert recovery_metrics(torch.randn(256, 64), planted.directions)["mcc"] < 0.6
+
+
+def test_rank_puts_the_directions_in_a_random_subspace_and_keeps_the_other_draws():
+    full = PlantedFeatures(SyntheticConfig(d=32, n_true=96, seed=2))
+    low = PlantedFeatures(SyntheticConfig(d=32, n_true=96, rank=5, seed=2))
+    _, s, vt = torch.linalg.svd(low.directions.double())
+    assert s[4] > 0.5 and s[5] < 1e-5  # rank 5 exactly
+    P = vt[:5].T @ vt[:5]  # the subspace's projector
+    projected = full.directions.double() @ P
+    assert torch.allclose(low.directions.double(), projected / projected.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert torch.equal(low.probs, full.probs) and torch.equal(low.group, full.group)
+    x, _ = low.sample(2000, torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(x.double(), atol=1e-3) == 5  # no noise: the data lies in it too
+    with pytest.raises(ValueError, match="rank must be in"):
+        SyntheticConfig(d=32, rank=33)
+
+
+def test_score_sae_counts_dead_and_dense_latents_by_hand():
+    planted = PlantedFeatures(SyntheticConfig(d=8, n_true=16, true_l0=2))
+    held_out, codes = planted.sample(20, torch.Generator().manual_seed(0))
+    acts = torch.zeros(20, 4)
+    acts[:, 0] = 1.0  # every token
+    acts[:1, 1] = 2.0  # 1 of 20: 5%, not dense
+    acts[:3, 2] = 0.5  # 3 of 20: 15%, dense; latent 3 never fires
+    row = score_sae(lambda x: acts[: len(x)], torch.randn(4, 8), planted, held_out, codes, block=20)
+    assert (row["dead_fraction"], row["dense_fraction"], row["l0"]) == (0.25, 0.5, 1.2)

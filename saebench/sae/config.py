@@ -11,6 +11,7 @@ from saebench.errors import ConfigError
 from saebench.sae.families import ACTIVATIONS, FAMILIES, Activation, Family
 
 MATRYOSHKA_REDUCE = ("sum", "prefix_mean", "bussmann_mean")
+INITS = ("random", "subspace")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SAEConfig:
     # gradient_topk's beta (Olmo et al. 2025), for the trainer's inputs (normalised to mean norm sqrt(d_in)); an
     # exported SAE holds beta / input scale, for raw inputs (SAE.fold_input_scale)
     gradient_beta: float = 1.0
+    # decoder rows: Gaussian in all d_in dims, or Gaussian in the init sample's principal subspace (Wang et al. 2025)
+    init: Literal["random", "subspace"] = "random"
+    subspace_variance: float = 0.99  # subspace init keeps the smallest rank holding this share of the variance
     hook: str | None = None
     model: str | None = None
 
@@ -71,6 +75,10 @@ class SAEConfig:
                 stacklevel=3,
             )
             self.matryoshka_reduce = "prefix_mean"
+        if self.init not in INITS:
+            raise ConfigError(f"sae.init must be random or subspace, got {self.init!r}")
+        if not 0 < self.subspace_variance <= 1:
+            raise ConfigError(f"sae.subspace_variance must lie in (0, 1], got {self.subspace_variance}")
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(
                 "sae.matryoshka_reduce: a sum or mean of the prefixes' errors, one of sum, prefix_mean, bussmann_mean; "

@@ -31,6 +31,8 @@ class SelectContext:
     # [batch n] d_i . grad_x L: the model's loss gradient at the input along each decoder row (Family.gradients;
     # None where no gradient is known)
     latent_grads: torch.Tensor | None = None
+    # [n] recent fires per token (the trainer's all-reduced EMA: the same on every rank); None before any step
+    freq: torch.Tensor | None = None
 
 
 SelectFn = Callable[[torch.Tensor, "SAEConfig", SelectContext], sparsify.Selection]
@@ -71,7 +73,7 @@ def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsif
 
 
 def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
-    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce)
+    return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce, ctx.freq)
 
 
 def _gradient_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:

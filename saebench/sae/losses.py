@@ -109,8 +109,8 @@ def sae_loss(
     prefixes: list[int] | None = None,
     grad: torch.Tensor | None = None,
 ) -> StepOutput:
-    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf); grad: [batch d_in]
-    the model's loss gradient at x (for the families that rank by it).
+    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (aux_zipf, feature choice's capacities);
+    grad: [batch d_in] the model's loss gradient at x (for the families that rank by it).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
 
@@ -121,10 +121,10 @@ def sae_loss(
     if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
-        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce, grad=grad), x, pre)
+        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq), x, pre)
     else:
         pre = sae.pre_acts(x)
-        sel = sae.select(pre, train=True, reduce=reduce, grad=grad)
+        sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
     x_hat = sae.decode_selection(sel)
     total_var = variance_sum(x, reduce)
     mse = normalised_mse(x, x_hat, total_var=total_var)

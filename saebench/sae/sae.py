@@ -26,8 +26,14 @@ class SAE(nn.Module):
     meta: dict
 
     def __init__(
-        self, cfg: SAEConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+        self,
+        cfg: SAEConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        basis: torch.Tensor | None = None,
     ):
+        """basis: [d_in r] orthonormal columns U; W_dec = normalise(G U^T), G [n r] Gaussian (subspace init)."""
         super().__init__()
         if not cfg.d_in or not cfg.n_latents:
             raise ConfigError(
@@ -35,7 +41,9 @@ class SAE(nn.Module):
             )
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
+        W_dec = torch.randn(cfg.n_latents, cfg.d_in if basis is None else basis.shape[1], generator=gen)
+        if basis is not None:
+            W_dec = W_dec @ basis.T.cpu().float()
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device, dtype))
         self.W_enc = nn.Parameter(W_dec.T.clone().contiguous().to(device, dtype))  # tied init
@@ -54,11 +62,17 @@ class SAE(nn.Module):
         return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
     def select(
-        self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL, grad: torch.Tensor | None = None
+        self,
+        pre: torch.Tensor,
+        train: bool | None = None,
+        reduce: Reducer = LOCAL,
+        grad: torch.Tensor | None = None,
+        freq: torch.Tensor | None = None,
     ) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
         batch sparsifiers select over together (data parallelism); grad: [batch d_in], the model's loss
-        gradient at the input, read by the families that rank by it (Family.gradients)."""
+        gradient at the input, read by the families that rank by it (Family.gradients); freq: [n] recent
+        fires per token."""
         train = self.training if train is None else train
         family = self.cfg.family
         if family.batch_selection and not train:
@@ -66,7 +80,7 @@ class SAE(nn.Module):
         latent_grads = None
         if grad is not None and family.gradients:
             latent_grads = grad.to(pre.dtype) @ self.W_dec.detach().T.to(pre.dtype)
-        return family.select(pre, self.cfg, SelectContext(reduce, latent_grads=latent_grads))
+        return family.select(pre, self.cfg, SelectContext(reduce, latent_grads=latent_grads, freq=freq))
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,

@@ -6,7 +6,8 @@
                  values z_i: latents that move the model's loss rank higher    (Olmo et al. 2025)
   batchtopk      the batch keeps its k*batch largest ReLU(pre)               (Bussmann et al.;
                  = mutual choice, Ayonrinde 2024)
-  feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped
+  feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped over the
+                 features ranked by recent firing rate (by index before any)
   threshold      inference rule of the batch sparsifiers: ReLU(pre) where pre > threshold[j]
 
 Under data parallelism (`reduce` active) the batch sparsifiers select over the global batch:
@@ -138,10 +139,16 @@ def zipf_capacities(n: int, batch: int, k: int, exponent: float) -> tuple[int, .
     return tuple(int(v) for v in m)
 
 
-def feature_choice(pre: torch.Tensor, k: int, exponent: float = 1.0, reduce: Reducer = LOCAL) -> Selection:
+def feature_choice(
+    pre: torch.Tensor, k: int, exponent: float = 1.0, reduce: Reducer = LOCAL, freq: torch.Tensor | None = None
+) -> Selection:
+    """freq: [n] recent fires per token; the j-th largest capacity goes to the j-th most frequent feature
+    (ties to the lower index), so capacities follow use rather than fixed indices. None: by index."""
     batch, n = pre.shape
     capacities = zipf_capacities(n, batch * reduce.world, k, exponent)
     m = torch.tensor(capacities, device=pre.device)
+    if freq is not None:
+        m = torch.empty_like(m).scatter_(0, freq.argsort(descending=True, stable=True), m)
     acts = pre.relu()
     kmax = min(max(capacities), batch)
     top, tok = acts.topk(kmax, dim=0, sorted=True)  # [kmax n]
