@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,12 @@ class SAEConfig:
     dead_tokens: int = 10_000_000  # a latent that has not fired in this many tokens is dead
     zipf_exponent: float = 1.0  # feature choice capacities and aux_zipf's expected shares
     threshold_decay: float = 0.99  # EMA of the smallest kept value, the inference threshold
+    # JumpReLU: the loss adds l0_coef * (mean L0) / k; None = adapted every step so the mean L0 reaches k
+    l0_coef: float | None = None
+    # JumpReLU's rectangle kernel width per unit of input norm (`epsilon` = bandwidth * sqrt(d_in) on the trainer's
+    # inputs of mean norm sqrt(d_in)); 10x the paper's 0.001, which leaves most latents without a sample in the
+    # kernel in a batch of 4096 (docs/benchmarks.md, "JumpReLU")
+    bandwidth: float = 0.01
     hook: str | None = None
     model: str | None = None
 
@@ -55,6 +62,10 @@ class SAEConfig:
                 raise ConfigError(
                     f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}"
                 )
+        if self.bandwidth <= 0 or (self.l0_coef is not None and self.l0_coef < 0):
+            raise ConfigError(
+                f"sae.bandwidth must be > 0 and sae.l0_coef >= 0 or null, got {self.bandwidth} and {self.l0_coef}"
+            )
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):
@@ -74,6 +85,11 @@ class SAEConfig:
                 f"sae.d_in is {self.d_in} but {hook} of {model} has width {d_in}: set sae.d_in={d_in} or remove it"
             )
         return dataclasses.replace(self, d_in=d_in, hook=hook, model=model)
+
+    @property
+    def epsilon(self) -> float:
+        """JumpReLU's kernel width on the trainer's inputs (mean norm sqrt(d_in))."""
+        return self.bandwidth * math.sqrt(self.d_in)
 
     @property
     def aux_k(self) -> int:

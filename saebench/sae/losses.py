@@ -107,10 +107,13 @@ def sae_loss(
     freq: torch.Tensor | None = None,
     reduce: Reducer = LOCAL,
     prefixes: list[int] | None = None,
+    l0_coef: torch.Tensor | float | None = None,
 ) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (for aux_zipf).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
+    l0_coef: JumpReLU's λ (default cfg.l0_coef); the loss adds λ * mean_tokens(L0) / k, L0 = sum_j H(pre_j -
+    threshold_j) with the step's pseudo-gradient to the threshold (sparsify.step).
 
     reduce: data parallelism; x is this rank's share of the batch, selection and normalisers are the
     global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
@@ -138,4 +141,10 @@ def sae_loss(
             aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward, reduce)
         elif dead is not None:
             aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce)
-    return StepOutput(recon + cfg.aux_coef * aux, mse, aux, sel, x_hat)
+    loss = recon + cfg.aux_coef * aux
+    l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
+    if (theta := sae.learned_threshold()) is not None and l0_coef is not None:
+        at = pre.detach()[sel.rows(), sel.indices]  # the selection holds every entry the kernel reaches
+        l0 = sparsify.step(at, theta[sel.indices], cfg.epsilon).sum() / (len(x) * reduce.world)
+        loss = loss + l0_coef * l0 / cfg.k
+    return StepOutput(loss, mse, aux, sel, x_hat)
