@@ -277,3 +277,22 @@ def test_jumprelu_saves_its_threshold_and_loads_it_back(tmp_path):
     x = torch.randn(B, D) * 2
     assert torch.equal(back.threshold, sae.threshold) and torch.equal(back.encode(x), sae.encode(x))
     assert torch.allclose(back.log_threshold.exp(), sae.threshold)
+
+
+def test_jumprelu_reattached_selection_gives_the_same_gradients(monkeypatch):
+    """The sparse encoder backward (pre without autograd, the selection's entries recomputed) on the torch path:
+    the same loss and gradients as the dense backward, the threshold's pseudo-gradient included."""
+    from saebench.sae import losses
+
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K, bandwidth=0.1, k_aux=3)
+    x, dead = torch.randn(B, D), torch.arange(N) % 5 == 0
+    grads = []
+    for reattach in (False, True):
+        monkeypatch.setattr(losses.sparse, "sparse_encoder_backward", lambda W, r=reattach: r)
+        sae = sb.SAE(cfg, seed=2).train()
+        sae.set_threshold(torch.linspace(0.1, 0.9, N))
+        out = sae_loss(sae, x, dead=dead, l0_coef=0.3)
+        out.loss.backward()
+        grads.append({"loss": out.loss.detach(), **{n: cast(torch.Tensor, p.grad) for n, p in sae.named_parameters()}})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

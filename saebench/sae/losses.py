@@ -70,7 +70,7 @@ def auxk_loss(
         values, idx = torch.where(candidates, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
         values = values.relu()
     if reattach:
-        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre).values
+        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre, jump=False).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
     loss = normalised_mse(error, error_hat, reduce)
     return torch.nan_to_num(loss, nan=0.0)

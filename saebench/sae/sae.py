@@ -71,11 +71,14 @@ class SAE(nn.Module):
         """[n] JumpReLU's exp(log_threshold), differentiable; None for the other families."""
         return self.log_threshold.exp() if self.cfg.family.threshold == "learned" else None
 
-    def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
+    def reattach(
+        self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor, jump: bool = True
+    ) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
-        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's."""
+        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's.
+        jump: JumpReLU's values jump at the threshold (False: ReLU'd, as AuxK's)."""
         at = sparse.pre_acts_at(x, self.b_dec, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
-        if (theta := self.learned_threshold()) is not None:
+        if jump and (theta := self.learned_threshold()) is not None:
             values = sparsify.jump(at, theta[sel.indices], self.cfg.epsilon)
         else:
             values = at if self.cfg.family.signed else at.relu()
