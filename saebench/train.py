@@ -253,8 +253,9 @@ class SAETrainer:
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             prefixes = random_prefixes(self.sae_cfg, self.prefix_gen) if self.sae_cfg.matryoshka_random else None
+            l0_coef = self.l0_coef() if learned else None
             out = sae_loss(
-                self.sae, x, dead, self.fire_rate(), self.reduce, prefixes, self.l0_coef() if learned else None
+                self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes, l0_coef=l0_coef
             )
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(

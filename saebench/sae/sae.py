@@ -65,7 +65,7 @@ class SAE(nn.Module):
         family = self.cfg.family
         if family.threshold and not train:
             return sparsify.threshold(pre, self.threshold)
-        return family.select(pre, self.cfg, SelectContext(reduce, self.learned_threshold()))
+        return family.select(pre, self.cfg, SelectContext(reduce, threshold=self.learned_threshold()))
 
     def learned_threshold(self) -> torch.Tensor | None:
         """[n] JumpReLU's exp(log_threshold), differentiable; None for the other families."""

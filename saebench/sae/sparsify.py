@@ -167,8 +167,9 @@ def step(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> Selection:
-    """JumpReLU's training selection: pre * H(pre - threshold[j]) per token (threshold [n], differentiable).
-    Entries within eps/2 below the threshold are kept at value 0: their pseudo-gradient reaches the threshold."""
+    """JumpReLU's training selection: pre * H(pre - threshold[j]) per token (threshold [n] > 0, differentiable),
+    which is ReLU(pre) * H(pre - threshold), SAELens' inference rule and `threshold`'s. Entries within eps/2 below
+    the threshold are kept at value 0: their pseudo-gradient reaches the threshold."""
     batch, n = pre.shape
     flat = (pre.detach() > threshold.detach() - eps / 2).reshape(-1).nonzero().squeeze(-1)
     sel = _csr(flat, pre.reshape(-1), batch, n)
