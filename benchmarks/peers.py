@@ -1,7 +1,7 @@
-"""saebench against SAELens: TopK SAEs on the same activations, width, k, batch and tokens, in one run.
+"""saebench against SAELens: TopK (or JumpReLU) SAEs on the same activations, width, k, batch and tokens, in one run.
 
     python benchmarks/peers.py [--tokens 2000000] [--batch 4096] [--expansion 16] [--k 32] \
-[--lr-grid 3e-4,1e-3,2e-3,4e-3]
+[--lr-grid 3e-4,1e-3,2e-3,4e-3] [--family jumprelu [--saelens-tries 3]]
 
 Harvests `tiny` blocks.1.hook_resid_post activations once (train split for training, the
 held-out split for FVU), trains saebench's TopK SAE in this process and SAELens' TopK SAE in
@@ -10,12 +10,17 @@ each with its own default learning rate and schedule. Prints one JSON line per t
 with the ratios: FVU (saebench's should be no worse) and training tokens/s.
 --lr-grid then trains both tools again at each learning rate of one shared grid (each with its
 own schedule) and prints a line per (tool, lr) and the best FVU of each.
+--family jumprelu: saebench's JumpReLU reaches L0 = k by itself; SAELens' (its defaults: threshold
+param from 0.01, bandwidth 0.05, "step" L0) needs its l0_coefficient tuned, so it trains at up to
+--saelens-tries coefficients (`l0_search`: the first is saebench's final λ in SAELens' units, the
+next ones step toward L0 = k), a line each, then the FVU of each tool at matched L0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -35,16 +40,21 @@ SAELENS_SCRIPT = r"""
 import json, sys, time
 import torch
 from safetensors.torch import load_file
-from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens import SAETrainer
 from sae_lens.config import SAETrainerConfig
 
 path, n_tokens, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 n_latents, k, out_dir, lr = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], float(sys.argv[7])
+family, l0_coefficient = sys.argv[8], float(sys.argv[9])
 data = load_file(path)
 train, test = data["train"], data["test"]
 torch.manual_seed(0)
-sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=n_latents, k=k, device="cpu", dtype="float32"))
+common = dict(d_in=train.shape[1], d_sae=n_latents, device="cpu", dtype="float32")
+if family == "jumprelu":
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=l0_coefficient))
+else:
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=k))
 steps = n_tokens // batch
 
 def provider():
@@ -67,8 +77,10 @@ with torch.no_grad():
     fvu = float((test - x_hat).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
     l0 = float((sae.encode(test) != 0).float().sum(-1).mean())
 import sae_lens
-print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": lr, "fvu": round(fvu, 4), "l0": round(l0, 2),
-                  "train_seconds": round(seconds, 1), "tokens_per_s": round(steps * batch / seconds)}))
+coef = {"l0_coefficient": l0_coefficient} if family == "jumprelu" else {}
+print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "family": family, "lr": lr, **coef,
+                  "fvu": round(fvu, 4), "l0": round(l0, 2), "train_seconds": round(seconds, 1),
+                  "tokens_per_s": round(steps * batch / seconds)}))
 """
 
 
@@ -98,11 +110,35 @@ def harvest(n_train: int, n_test: int) -> dict[str, torch.Tensor]:
 SAELENS_DEFAULT_LR = 3e-4  # SAELens' SAETrainerConfig default
 
 
+def l0_search(train, k: float, coef: float, tries: int) -> list[dict]:
+    """SAELens' JumpReLU at up to `tries` L0 coefficients toward mean L0 = k. train(coef) -> a row with "l0".
+    Each next coefficient is a secant step in log L0 against log coef (slope -1 at first, kept in [-4, -0.25]),
+    by a factor of at most 100."""
+    rows: list[dict] = []
+    for _ in range(tries):
+        rows.append({**train(coef), "l0_coefficient": coef})
+        slope = -1.0
+        if len(rows) > 1:
+            (c0, l0), (c1, l1) = ((r["l0_coefficient"], max(r["l0"], 1e-2)) for r in rows[-2:])
+            slope = math.log(l1 / l0) / math.log(c1 / c0) if c1 != c0 else -1.0
+        coef *= min(100.0, max(0.01, (max(rows[-1]["l0"], 1e-2) / k) ** (-1 / min(-0.25, max(-4.0, slope)))))
+    return rows
+
+
+def fvu_at_l0(rows: list[dict], l0: float) -> float | None:
+    """FVU at this L0, linear in log L0 between the two rows around it; None when no two rows bracket it."""
+    pts = sorted((r["l0"], r["fvu"]) for r in rows if r["l0"] > 0)
+    for (a, fa), (b, fb) in zip(pts, pts[1:], strict=False):
+        if a <= l0 <= b and a < b:
+            return round(fa + (fb - fa) * math.log(l0 / a) / math.log(b / a), 4)
+    return None
+
+
 def run_saebench(acts: dict[str, torch.Tensor], args: argparse.Namespace, lr: float | None) -> dict:
     d = acts["train"].shape[1]
-    cfg = sb.SAEConfig(d_in=d, n_latents=args.expansion * d, k=args.k, activation="topk")
+    cfg = sb.SAEConfig(d_in=d, n_latents=args.expansion * d, k=args.k, activation=args.family)
     start = time.perf_counter()
-    sae, _ = sb.train_sae(
+    sae, report = sb.train_sae(
         cfg,
         acts["train"],
         sb.TrainConfig(n_tokens=args.tokens, batch_size=args.batch, lr=lr, seed=0),
@@ -113,6 +149,7 @@ def run_saebench(acts: dict[str, torch.Tensor], args: argparse.Namespace, lr: fl
     return {
         "tool": f"saebench {sb.__version__}",
         "lr": lr if lr is not None else round(sb.TrainConfig().resolved_lr(cfg.n_latents), 7),
+        **({"l0_coef": round(report["l0_coef"], 5)} if "l0_coef" in report else {}),
         "fvu": round(m["fvu"], 4),
         "l0": round(m["l0"], 2),
         "train_seconds": round(seconds, 1),
@@ -120,7 +157,9 @@ def run_saebench(acts: dict[str, torch.Tensor], args: argparse.Namespace, lr: fl
     }
 
 
-def run_saelens(python: Path, path: Path, args: argparse.Namespace, n_latents: int, lr: float, tmp: str) -> dict:
+def run_saelens(
+    python: Path, path: Path, args: argparse.Namespace, n_latents: int, lr: float, tmp: str, l0_coefficient: float = 0
+) -> dict:
     run = subprocess.run(
         [
             str(python),
@@ -133,6 +172,8 @@ def run_saelens(python: Path, path: Path, args: argparse.Namespace, n_latents: i
             str(args.k),
             tmp,
             str(lr),
+            args.family,
+            str(l0_coefficient),
         ],
         capture_output=True,
         text=True,
@@ -152,6 +193,15 @@ def main() -> None:
     p.add_argument("--saebench-lr", type=float, default=None, help="saebench's lr (default: its n-scaled rule)")
     p.add_argument(
         "--lr-grid", type=str, default="", help="comma-separated lrs to train both tools at, after the default runs"
+    )
+    p.add_argument("--family", choices=("topk", "jumprelu"), default="topk")
+    p.add_argument("--saelens-tries", type=int, default=3, help="jumprelu: SAELens l0_coefficients tried (l0_search)")
+    p.add_argument(
+        "--saelens-l0-coef",
+        type=float,
+        default=None,
+        help="jumprelu: SAELens' first l0_coefficient (default: "
+        "saebench's final λ in SAELens' units, λ * E||x - mean||^2 / k, as SAELens sums the squared error over d)",
     )
     args = p.parse_args()
     python = ensure_peers_venv()
@@ -173,12 +223,27 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in acts.items()}, str(path))
         ours = run_saebench(acts, args, args.saebench_lr)
         print(json.dumps({**common, **ours}), flush=True)
-        theirs = run_saelens(python, path, args, n_latents, SAELENS_DEFAULT_LR, tmp)
-        print(json.dumps({**common, **theirs}), flush=True)
+
+        def saelens(lr: float, coef: float = 0.0) -> dict:
+            row = run_saelens(python, path, args, n_latents, lr, tmp, coef)
+            print(json.dumps({**common, **row}), flush=True)
+            return row
+
+        matched = {}
+        if args.family == "jumprelu":
+            var = float((acts["train"] - acts["train"].mean(0)).pow(2).sum(-1).mean())
+            start = args.saelens_l0_coef or ours["l0_coef"] * var / args.k
+            rows = l0_search(lambda c: saelens(SAELENS_DEFAULT_LR, c), args.k, start, args.saelens_tries)
+            theirs = min(rows, key=lambda r: abs(math.log(max(r["l0"], 1e-2) / ours["l0"])))  # nearest in L0
+            matched = {"l0_saebench": ours["l0"], "l0_saelens": theirs["l0"]}
+            matched["saelens_fvu_at_saebench_l0"] = fvu_at_l0(rows, ours["l0"])
+        else:
+            theirs = saelens(SAELENS_DEFAULT_LR)
         print(
             json.dumps(
                 {
                     "fvu_saebench_minus_saelens": round(ours["fvu"] - theirs["fvu"], 4),
+                    **matched,
                     "tokens_per_s_ratio_saebench_to_saelens": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
                 }
             ),
@@ -188,11 +253,9 @@ def main() -> None:
             return
         best = {"saebench": ours, "sae_lens": theirs}
         for lr in (float(v) for v in args.lr_grid.split(",")):
-            for name, row in (
-                ("saebench", run_saebench(acts, args, lr)),
-                ("sae_lens", run_saelens(python, path, args, n_latents, lr, tmp)),
-            ):
-                print(json.dumps({**common, **row}), flush=True)
+            ours_lr = run_saebench(acts, args, lr)
+            print(json.dumps({**common, **ours_lr}), flush=True)
+            for name, row in (("saebench", ours_lr), ("sae_lens", saelens(lr, theirs.get("l0_coefficient", 0.0)))):
                 if row["fvu"] < best[name]["fvu"]:
                     best[name] = row
         print(

@@ -13,9 +13,13 @@ noise 0.02. The `random` row is the floor: random unit decoder directions with T
 scale (no training). Every family trains at its defaults on the same stream; the `plain_topk` row is an
 independent 25-line TopK (Adam 1e-3 constant, unit-norm tied init, median b_dec, no AuxK, no
 clipping), the reference each family should match; `plain_batchtopk` is the same with BatchTopK's
-selection, the family's own floor. `saelens_topk` / `saelens_batchtopk` train SAELens' own TopK /
-BatchTopK (its trainer and defaults: lr 3e-4 constant, decoder-norm rescaling, AuxK) on the same
-stream, in the peers venv of benchmarks/peers.py: an independent implementation of each family.
+selection, the family's own floor. `saelens_topk` / `saelens_batchtopk` / `saelens_jumprelu` train
+SAELens' own TopK / BatchTopK / JumpReLU (its trainer and defaults: lr 3e-4 constant, decoder-norm
+rescaling, AuxK; JumpReLU's threshold from 0.01, bandwidth 0.05, "step" L0) on the same stream, in
+the peers venv of benchmarks/peers.py: an independent implementation of each family. SAELens'
+JumpReLU takes an L0 coefficient rather than k: `saelens_jumprelu:l0_coef=0.15,tries=3` trains it at
+`tries` coefficients toward L0 = k (peers.l0_search), the first l0_coef (in saebench's units, λ of
+FVU + λ L0 / k) * E||x - mean||^2 / k in SAELens' (which sums the squared error over d), a row each.
 One JSON line per (regime, family, seed).
 """
 
@@ -48,7 +52,7 @@ BASE = SyntheticConfig(
     noise_std=0.02,
     seed=0,
 )
-PEER_FAMILIES = ("saelens_topk", "saelens_batchtopk")
+PEER_FAMILIES = ("saelens_topk", "saelens_batchtopk", "saelens_jumprelu")
 FAMILIES = (
     "random",
     "topk",
@@ -56,6 +60,7 @@ FAMILIES = (
     "batchtopk",
     "mutual_choice",
     "feature_choice",
+    "jumprelu",
     "topk+matryoshka",
     "batchtopk+matryoshka",
     "plain_topk",
@@ -118,6 +123,7 @@ import sae_lens
 from sae_lens import SAETrainer
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 synthetic_py, args = sys.argv[1], json.loads(sys.argv[2])
@@ -128,11 +134,12 @@ spec.loader.exec_module(planted_mod)
 planted = planted_mod.PlantedFeatures(planted_mod.SyntheticConfig(**args["data"]))
 held_out, codes = planted.sample(16_384, torch.Generator().manual_seed(args["seed"] + 99))
 torch.manual_seed(args["seed"])
-common = dict(d_in=planted.cfg.d, d_sae=args["n_latents"], k=args["k"], device="cpu", dtype="float32")
-batch_rule = args["rule"] == "batchtopk"
+common = dict(d_in=planted.cfg.d, d_sae=args["n_latents"], device="cpu", dtype="float32")
+rule = args["rule"]
 sae = (
-    BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common)) if batch_rule
-    else TopKTrainingSAE(TopKTrainingSAEConfig(**common))
+    BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=args["k"])) if rule == "batchtopk"
+    else JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=args["l0_coefficient"]))
+    if rule == "jumprelu" else TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args["k"]))
 )
 stream = planted.stream(args["batch"], args["seed"])(0)
 cfg = SAETrainerConfig(
@@ -147,8 +154,10 @@ SAETrainer(cfg=cfg, sae=sae, data_provider=stream).fit()
 sae.eval()
 
 def encode(x):  # inference: TopK per token, or BatchTopK's JumpReLU at the learned threshold (SAELens' own conversion)
-    if not batch_rule:
+    if rule == "topk":
         return sae.encode(x)
+    if rule == "jumprelu":  # codes of the unit-norm decoder rows below
+        return sae.encode(x) * sae.W_dec.norm(dim=-1)
     pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc) * sae.W_dec.norm(dim=-1)
     return torch.where(pre > sae.topk_threshold, pre, 0)
 
@@ -162,9 +171,17 @@ print(json.dumps({"tool": f"sae_lens {sae_lens.__version__}", "lr": args["lr"], 
 
 
 def saelens_sae(
-    data: SyntheticConfig, rule: str, n_latents: int, k: int, steps: int, batch: int, seed: int, lr: float = 3e-4
+    data: SyntheticConfig,
+    rule: str,
+    n_latents: int,
+    k: int,
+    steps: int,
+    batch: int,
+    seed: int,
+    lr: float = 3e-4,
+    l0_coefficient: float = 0.0,
 ) -> dict:
-    """Train and score SAELens' own TopK or BatchTopK on the same planted stream (in the peers venv)."""
+    """Train and score SAELens' own TopK, BatchTopK or JumpReLU on the same planted stream (in the peers venv)."""
     from peers import ensure_peers_venv
 
     args = {
@@ -176,6 +193,7 @@ def saelens_sae(
         "batch": batch,
         "seed": seed,
         "lr": lr,
+        "l0_coefficient": l0_coefficient,
     }
     synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
     run = subprocess.run(
@@ -224,53 +242,64 @@ def run(
             encode, W_dec = plain_sae(
                 planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_")
             )
-            row = {
-                "activation": family,
-                "matryoshka": False,
-                "n_latents": n_latents,
-                "k": k,
-                **score_sae(encode, W_dec, planted, held_out, codes),
-            }
+            rows = [
+                {
+                    "activation": family,
+                    "matryoshka": False,
+                    "n_latents": n_latents,
+                    "k": k,
+                    **score_sae(encode, W_dec, planted, held_out, codes),
+                }
+            ]
         elif family.partition(":")[0] in PEER_FAMILIES:
-            name, _, _, options = parse_spec(family)
-            row = {
-                "activation": family,
-                "matryoshka": False,
-                "n_latents": n_latents,
-                "k": k,
-                **saelens_sae(
-                    data, name.removeprefix("saelens_"), n_latents, k, steps, batch, seed, options.get("lr", 3e-4)
-                ),
-            }
+            from peers import l0_search
+
+            name, _, sae_options, options = parse_spec(family)
+            rule, lr = name.removeprefix("saelens_"), options.get("lr", 3e-4)
+
+            def train(coef: float = 0.0, rule=rule, lr=lr, family=family) -> dict:
+                start = time.perf_counter()
+                row = saelens_sae(data, rule, n_latents, k, steps, batch, seed, lr, coef)
+                head = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k}
+                return {**head, **row, "seconds": round(time.perf_counter() - start, 1)}
+
+            if rule == "jumprelu":  # it takes an L0 coefficient, not k: a row at each of `tries` toward L0 = k
+                var = float((held_out - held_out.mean(0)).pow(2).sum(-1).mean())
+                rows = l0_search(train, k, sae_options.get("l0_coef", 0.15) * var / k, int(options.get("tries", 3)))
+            else:
+                rows = [train()]
         else:
             activation, matryoshka, sae_options, train_options = parse_spec(family)
             lr = train_options.pop("lr", None)
-            row = next(
-                iter_synthetic_bench(
-                    (activation,),
-                    data,
-                    n_latents=n_latents,
-                    k=k,
-                    n_tokens=steps * batch,
-                    batch_size=batch,
-                    matryoshka=matryoshka,
-                    lr=lr,
-                    train_overrides=train_options,
-                    sae_overrides=sae_options,
-                    seed=seed,
+            rows = [
+                next(
+                    iter_synthetic_bench(
+                        (activation,),
+                        data,
+                        n_latents=n_latents,
+                        k=k,
+                        n_tokens=steps * batch,
+                        batch_size=batch,
+                        matryoshka=matryoshka,
+                        lr=lr,
+                        train_overrides=train_options,
+                        sae_overrides=sae_options,
+                        seed=seed,
+                    )
                 )
-            )
-        row = {
-            "regime": regime,
-            "family": family,
-            "width": width,
-            "k_ratio": k_ratio,
-            "steps": steps,
-            "seed": seed,
-            **row,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            ]
+        for row in rows:
+            row = {
+                "regime": regime,
+                "family": family,
+                "width": width,
+                "k_ratio": k_ratio,
+                "steps": steps,
+                "seed": seed,
+                **row,
+                "seconds": row.get("seconds", round(time.perf_counter() - t0, 1)),
+            }
+            print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
 
 
 def main() -> None:
@@ -280,7 +309,8 @@ def main() -> None:
         nargs="+",
         default=list(FAMILIES),
         help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), random, plain_topk, "
-        "plain_batchtopk, or saelens_topk / saelens_batchtopk[:lr=...]",
+        "plain_batchtopk, saelens_topk / saelens_batchtopk[:lr=...], "
+        "or saelens_jumprelu[:lr=...,l0_coef=...,tries=...]",
     )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)

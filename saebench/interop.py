@@ -1,7 +1,7 @@
 """SAELens on-disk format: cfg.json + sae_weights.safetensors, both ways (verified against SAELens 6.54.12).
 
 saebench -> SAELens: topk and gradient_topk -> "topk" (SAELens passes no gradients: plain TopK);
-batchtopk / mutual_choice / feature_choice -> "jumprelu" (their inference rule is ReLU(pre) where
+jumprelu / batchtopk / mutual_choice / feature_choice -> "jumprelu" (their inference rule is ReLU(pre) where
 pre > threshold); matryoshka keeps its latent order.
 abstopk is refused (saebench does not export it). The cfg carries sae_lens_version, so SAELens 6 reads
 it as a 6.x config (hook_name and model_name in `metadata`), and model_from_pretrained_kwargs
@@ -10,7 +10,10 @@ which gives the unprocessed activations saebench trains on. hook_z SAEs get resh
 SAELens takes [... n_heads d_head] and flattens it as saebench's harvest does ([... (n_heads d_head)]).
 
 SAELens -> saebench: "topk" and "jumprelu" (apply_b_dec_to_input either way; normalize_activations must
-be "none"). TopK's rescale_acts_by_decoder_norm is folded into the weights (encode and decode unchanged);
+be "none"). A "jumprelu" folder is the jumprelu family (its threshold as given; a trained log-threshold of
+log(max(threshold, 1e-30))), the batchtopk family when SAELens saved a BatchTopK for inference
+(metadata training_architecture), or the family in saebench_activation of a folder saebench wrote.
+TopK's rescale_acts_by_decoder_norm is folded into the weights (encode and decode unchanged);
 reshape_activations "hook_z" is accepted (saebench's hook_z activations are already flattened);
 hook_head_index (an SAE on one head) is refused. model_from_pretrained_kwargs that process the model
 (fold_ln, center_writing_weights, ...) are reported on stderr and in sae.meta["note"]: saebench runs the
@@ -61,7 +64,7 @@ def save_saelens(sae: SAE, folder: str | Path) -> None:
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    arch = "jumprelu" if cfg.family.batch_selection else "topk"
+    arch = "jumprelu" if cfg.family.threshold else "topk"
     hook_z = bool(cfg.hook and cfg.hook.endswith("hook_z"))
     meta: dict[str, Any] = {
         "architecture": arch,
@@ -87,9 +90,7 @@ def save_saelens(sae: SAE, folder: str | Path) -> None:
     }
     if arch == "topk":
         meta.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    tensors = {k: v.detach().float().contiguous() for k, v in sae.named_parameters()}
-    if arch == "jumprelu":
-        tensors["threshold"] = sae.threshold.detach().float().contiguous()
+    tensors = {k: v.float() for k, v in sae.state_tensors().items()}
     atomic_save_file(tensors, folder / WEIGHTS)
     atomic_write_text(folder / "cfg.json", json.dumps(meta, indent=1) + "\n")
 
@@ -140,8 +141,10 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"saebench feeds all heads of {hook} flattened, so use an SAE trained on all heads"
         )
     extra = meta.get("metadata") or {}
-    activation = extra.get("saebench_activation") or ("topk" if arch == "topk" else "batchtopk")
-    k = meta.get("k") or extra.get("saebench_k") or (extra.get("training_architecture_details") or {}).get("k") or 32
+    batchtopk = "batchtopk" in (extra.get("training_architecture") or "")  # SAELens saves BatchTopK as JumpReLU
+    activation = extra.get("saebench_activation") or ("topk" if arch == "topk" else "batchtopk" if batchtopk else arch)
+    details = extra.get("training_architecture_details") or {}
+    k = meta.get("k") or extra.get("saebench_k") or details.get("k") or details.get("target_l0") or 32
     cfg = SAEConfig(
         d_in=meta["d_in"],
         n_latents=meta["d_sae"],
@@ -169,7 +172,7 @@ def load_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
             sae.b_enc *= n
             sae.W_dec /= n[:, None]
         if arch == "jumprelu":
-            sae.threshold.copy_(w["threshold"].float())
+            sae.set_threshold(w["threshold"].float())
     sae.meta = dict(meta)
     if note := processing_note(meta, hook):
         sae.meta["note"] = note

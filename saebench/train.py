@@ -242,9 +242,21 @@ class SAETrainer:
         with torch.no_grad():
             self.sae.W_enc.mul_(cfg.resolved_enc_init_scale(sae_cfg.family))
             self.sae.b_dec.copy_(b_dec)
+            if sae_cfg.family.threshold == "learned":
+                # each latent fires on a share k/n of the sample at the start (mean L0 = k), where the paper's
+                # threshold 0.001 starts at L0 ~ n/2 and log(threshold) needs thousands of steps to climb
+                pre = self.sae.pre_acts(sample[:4096])
+                rank = max(1, round(len(pre) * (1 - sae_cfg.k / sae_cfg.n_latents)))
+                self.sae.set_threshold(pre.kthvalue(rank, dim=0).values.clamp_min(sae_cfg.epsilon))
         self.lr = cfg.resolved_lr(sae_cfg.n_latents)
         self.fused = cfg.fused_step if cfg.fused_step is not None else self.device.type == "cuda"
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=cfg.adam_betas, fused=self.fused or None)
+        groups = [[p for n, p in self.sae.named_parameters() if n != "log_threshold"]]
+        if sae_cfg.family.threshold == "learned":
+            groups.append([self.sae.log_threshold])
+        self.lr_scales = (1.0, THRESHOLD_LR_SCALE)[: len(groups)]
+        self.opt = torch.optim.Adam(
+            [{"params": g} for g in groups], lr=self.lr, betas=cfg.adam_betas, fused=self.fused or None
+        )
         self.bad_step = torch.full(
             (2,), -1, dtype=torch.long, device=self.device
         )  # first step with a bad (batch, loss)
@@ -256,6 +268,8 @@ class SAETrainer:
         self.prefix_gen = torch.Generator().manual_seed(
             cfg.seed + 11
         )  # Matryoshka prefix draws, the same on every rank
+        # JumpReLU's L0 controller state (I, e), see l0_coef
+        self.l0_ctrl = torch.tensor([math.log(L0_COEF_INIT), 0.0], device=self.device)
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, self.cfg.resolved_warmup(self.total_steps)))
@@ -277,14 +291,23 @@ class SAETrainer:
         x = x.to(self.device, torch.float32) * self.scale
         if grad is not None:  # the gradient with respect to scale * x
             grad = grad.to(self.device, torch.float32) / self.scale
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step_count)
+        for group, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
+            group["lr"] = self.lr_at(self.step_count) * scale
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
+        learned = self.sae_cfg.family.threshold == "learned"
         use_bf16 = self.cfg.autocast_bf16 and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             prefixes = random_prefixes(self.sae_cfg, self.prefix_gen) if self.sae_cfg.matryoshka_random else None
+            l0_coef = self.l0_coef() if learned else None
             out = sae_loss(
-                self.sae, x, dead=dead, freq=self.fire_rate(), reduce=self.reduce, prefixes=prefixes, grad=grad
+                self.sae,
+                x,
+                dead=dead,
+                freq=self.fire_rate(),
+                reduce=self.reduce,
+                prefixes=prefixes,
+                l0_coef=l0_coef,
+                grad=grad,
             )
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(
@@ -330,7 +353,19 @@ class SAETrainer:
             "lr": self.lr_at(self.step_count - 1),
             "dead_fraction": float(dead.float().mean()),
             "grad_norm": float(grad_norm),
+            **({"l0_coef": float(self.l0_coef())} if learned else {}),
         }
+
+    def l0_coef(self) -> torch.Tensor:
+        """JumpReLU's λ for the next step: sae.l0_coef, else a PI controller on log λ that brings the mean L0 to k:
+        λ = exp(I + KP e), e = clamp((L0 - k) / k, -1, 1) of the last batch, and I += KI e after each step.
+        The thresholds integrate λ's error themselves (each drifts while λ is off its balance), so an
+        integral-only controller would oscillate: the proportional part turns their drift round as L0 crosses k,
+        the integral part removes the remaining offset. Its state is on the device (no host sync), the same on
+        every rank (L0 is the global batch's) and checkpointed."""
+        if self.sae_cfg.l0_coef is not None:
+            return torch.tensor(self.sae_cfg.l0_coef, device=self.device)
+        return (self.l0_ctrl[0] + L0_KP * self.l0_ctrl[1]).exp()
 
     def raise_if_bad(self) -> None:
         """Raise for the first non-finite batch or loss the fused path skipped (one host sync)."""
@@ -358,6 +393,10 @@ class SAETrainer:
         )
         self.fire_freq.mul_(0.99).add_(fired / batch, alpha=0.01)
         family = self.sae_cfg.family
+        if family.threshold == "learned":
+            self.sae.threshold.copy_(self.sae.log_threshold.detach().exp())
+            err = ((fired.sum() / batch - self.sae_cfg.k) / self.sae_cfg.k).clamp(-1, 1)
+            self.l0_ctrl.copy_(torch.stack([self.l0_ctrl[0] + L0_KI * err, err]))
         if family.batch_selection:  # written with torch.where: no host sync
             per_feature = family.threshold == "per_feature"
             low = min_kept(sel, n, per_feature, self.reduce).float().expand(n)
@@ -374,6 +413,7 @@ class SAETrainer:
         tensors["stats.tokens_since_fired"] = self.tokens_since_fired.clone()
         tensors["stats.fire_freq"] = self.fire_freq.clone()
         tensors["stats.prefix_rng"] = self.prefix_gen.get_state()
+        tensors["stats.l0_ctrl"] = self.l0_ctrl.clone()
         opt = self.opt.state_dict()
         for pid, st in opt["state"].items():
             for key, value in st.items():
@@ -392,6 +432,8 @@ class SAETrainer:
         self.fire_freq.copy_(tensors["stats.fire_freq"])
         if "stats.prefix_rng" in tensors:
             self.prefix_gen.set_state(tensors["stats.prefix_rng"].clone())
+        if "stats.l0_ctrl" in tensors:
+            self.l0_ctrl.copy_(tensors["stats.l0_ctrl"])
         state: dict = {}
         for key, value in tensors.items():
             if key.startswith("opt."):
@@ -418,6 +460,10 @@ def _nonfinite(where: str) -> DataError:
     return DataError(f"NaN or inf in {where}: check the model dtype and the activation source")
 
 
+# JumpReLU: log(threshold) trains at THRESHOLD_LR_SCALE x the lr, so that it keeps up with the encoder's growth;
+# the L0 controller (see SAETrainer.l0_coef) starts at λ = L0_COEF_INIT
+THRESHOLD_LR_SCALE = 5.0
+L0_COEF_INIT, L0_KP, L0_KI = 0.1, 4.0, 0.01
 CHECKPOINT = "state-{step:08d}.safetensors"
 
 

@@ -43,9 +43,8 @@ def make_run(
         sae = sb.SAE(
             sb.SAEConfig(d_in=d_in, n_latents=n_latents, activation=activation, k=k, hook=hook, model=model), seed=n
         )
-        if activation in ("batchtopk", "feature_choice"):
-            with torch.no_grad():
-                sae.threshold.fill_(1.5)
+        if activation in ("batchtopk", "feature_choice", "jumprelu"):
+            sae.set_threshold(torch.full((n_latents,), 1.5))
         sae.save(run / "sae" if len(hooks) == 1 else run / hook / "sae")
     return run, rc
 
@@ -285,7 +284,7 @@ def test_reanalysis_keeps_labels(tmp_path, tiny):
     assert store.search("kept")["feature"].tolist() == [3]
 
 
-@pytest.mark.parametrize("activation", ["abstopk", "batchtopk"])
+@pytest.mark.parametrize("activation", ["abstopk", "batchtopk", "jumprelu"])
 def test_other_families_against_brute_force(tmp_path, tiny, activation):
     run, rc = make_run(tmp_path, activation=activation, n_latents=64, k=4)
     sb.analyze(run, dataclasses.replace(CFG, n_tokens=1500), show_progress=False)

@@ -63,7 +63,7 @@ def test_global_kth_largest_in_one_process_by_brute_force():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "feature_choice"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "feature_choice", "jumprelu"])
 def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, activation):
     job("data", str(tmp_path), activation)
     want, _ = train_sae(dist_job.sae_cfg(activation), dist_job.data(), dist_job.train_cfg(), show_progress=False)

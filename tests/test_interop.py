@@ -10,7 +10,12 @@ from safetensors.torch import load_file, save_file
 import saebench as sb
 from saebench.interop import SAELENS_VERSION, load_saelens, save_saelens
 
-PEER_PYTHON = Path(__file__).resolve().parent.parent / ".cache" / "dashboard-venv" / "bin" / "python"
+CACHE = Path(__file__).resolve().parent.parent / ".cache"
+# SAELens 6.54.12: benchmarks/peers.py's venv, else benchmarks/analyze_peer.py's (SAEDashboard pins the same SAELens)
+PEER_PYTHON = next(
+    (p for p in (CACHE / v / "bin" / "python" for v in ("peers-venv", "dashboard-venv")) if p.exists()),
+    CACHE / "peers-venv" / "bin" / "python",
+)
 
 
 def trained_like(activation, matryoshka=None):
@@ -35,7 +40,7 @@ def trained_like(activation, matryoshka=None):
 
 @pytest.mark.parametrize(
     "activation, matryoshka",
-    [("topk", None), ("batchtopk", None), ("feature_choice", None), ("batchtopk", [10, 20, 40])],
+    [("topk", None), ("batchtopk", None), ("feature_choice", None), ("batchtopk", [10, 20, 40]), ("jumprelu", None)],
 )
 def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     sae = trained_like(activation, matryoshka)
@@ -47,6 +52,32 @@ def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     assert torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back(x), sae(x))
     assert back.cfg.matryoshka == matryoshka and back.cfg.hook == "blocks.0.hook_resid_post"
+    assert back.cfg.activation == activation  # saebench_activation keeps the family of a saebench export
+
+
+@pytest.mark.parametrize(
+    "metadata, family",
+    [
+        ({}, "jumprelu"),
+        ({"training_architecture": "batchtopk"}, "batchtopk"),
+        ({"saebench_activation": "mutual_choice"}, "mutual_choice"),
+    ],
+)
+def test_saelens_jumprelu_folders_load_as_jumprelu(tmp_path, metadata, family):
+    """A SAELens JumpReLU is a JumpReLU here, unless SAELens saved a BatchTopK for inference or saebench saved
+    another family. Any threshold encodes as SAELens' ReLU(pre) * (pre > threshold), negative ones included."""
+    torch.manual_seed(3)
+    thr = torch.rand(9)
+    thr[:2] = torch.tensor([-0.5, 0.0])
+    tensors = {"W_enc": torch.randn(6, 9), "b_enc": torch.randn(9), "W_dec": torch.randn(9, 6), "b_dec": torch.randn(6)}
+    write_saelens(
+        tmp_path, {**tensors, "threshold": thr}, architecture="jumprelu", metadata={"hook_name": "h", **metadata}
+    )
+    sae = load_saelens(tmp_path)
+    assert sae.cfg.activation == family and torch.isfinite(sae.state_dict()["threshold"]).all()
+    x = torch.randn(50, 6)
+    pre = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    assert torch.allclose(sae.encode(x), pre.relu() * (pre > thr), atol=1e-5)
 
 
 def test_reads_a_saelens_jumprelu_without_b_dec_on_input(tmp_path):
@@ -75,6 +106,7 @@ def test_reads_a_saelens_jumprelu_without_b_dec_on_input(tmp_path):
         )
     )
     sae = load_saelens(tmp_path)
+    assert sae.cfg.activation == "jumprelu"
     x = torch.randn(7, 6)
     pre = x @ W_enc + b_enc  # SAELens' JumpReLU by hand
     z = pre.relu() * (pre > thr)
@@ -218,7 +250,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from sae_lens import (
-    SAE, TopKSAE, TopKSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    SAE, TopKSAE, TopKSAEConfig, JumpReLUSAE, JumpReLUSAEConfig, BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig,
 )
 from sae_lens.saes.sae import SAEMetadata
 
@@ -288,6 +321,12 @@ btk.save_inference_model(root / "from" / "batchtopk")
 inference = SAE.load_from_disk(root / "from" / "batchtopk")
 report["batchtopk_inference_class"] = type(inference).__name__
 run(inference, root / "from" / "batchtopk")
+# a trained JumpReLU, saved for inference by SAELens' own code (decoder norms folded into the threshold)
+jr = randomize(JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta())), 10)
+jr.save_inference_model(root / "from" / "jumprelu_trained")
+inference = SAE.load_from_disk(root / "from" / "jumprelu_trained")
+report["jumprelu_inference_class"] = type(inference).__name__
+run(inference, root / "from" / "jumprelu_trained")
 print(json.dumps(report))
 """
 
@@ -295,8 +334,9 @@ TO_SAELENS = {
     "topk": ("topk", "blocks.0.hook_resid_post", "TopKSAE"),
     "batchtopk": ("batchtopk", "blocks.0.hook_resid_post", "JumpReLUSAE"),
     "hook_z": ("topk", "blocks.0.attn.hook_z", "TopKSAE"),
+    "jumprelu": ("jumprelu", "blocks.0.hook_resid_post", "JumpReLUSAE"),
 }
-FROM_SAELENS = ["topk", "topk_rescale", "topk_rescale_hook_z", "jumprelu_no_b_dec_in", "batchtopk"]
+FROM_SAELENS = ["topk", "topk_rescale", "topk_rescale_hook_z", "jumprelu_no_b_dec_in", "batchtopk", "jumprelu_trained"]
 HEADS = 3  # d_in 12 = 3 heads x 4
 
 
@@ -365,4 +405,8 @@ def test_saebench_loads_saelens_saes(peer, name):
         assert peer.report["batchtopk_inference_class"] == "JumpReLUSAE" and (sae.cfg.activation, sae.cfg.k) == (
             "batchtopk",
             5,
+        )
+    if name.startswith("jumprelu"):
+        assert sae.cfg.activation == "jumprelu" and peer.report.get("jumprelu_inference_class", "JumpReLUSAE") == (
+            "JumpReLUSAE"
         )

@@ -147,7 +147,7 @@ def test_sparse_encoder_backward_matches_dense(device, dtype, layout):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "feature_choice"])
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "feature_choice", "jumprelu"])
 def test_training_step_with_kernels_equals_torch_path(activation, monkeypatch):
     """A whole SAE loss (selection, AuxK, Matryoshka) gives the same gradients with and without kernels."""
     _device("cuda")

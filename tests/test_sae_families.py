@@ -4,6 +4,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import saebench as sb
 from saebench.sae import sparsify
@@ -190,12 +191,12 @@ def test_auxk_reconstructs_error_from_dead_latents():
 
 def test_fold_input_scale_keeps_reconstruction():
     torch.manual_seed(0)
-    for activation in ("topk", "batchtopk"):
+    for activation in ("topk", "batchtopk", "jumprelu"):
         sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, k=K, activation=activation)).eval()
         with torch.no_grad():
             sae.b_enc.normal_(0, 0.1)
             sae.b_dec.normal_()
-            sae.threshold.fill_(0.1)
+            sae.set_threshold(torch.full((N,), 0.1))
         x = torch.randn(B, D)
         scale = 2.5
         ref = sae(x * scale) / scale
@@ -235,3 +236,91 @@ def test_fire_rate_starts_from_the_first_batch():
     fired = torch.zeros(N).index_add_(0, sel.indices.reshape(-1), (sel.values != 0).reshape(-1).float()) / 64
     trainer.step(x)
     assert torch.allclose(cast(torch.Tensor, trainer.fire_rate()), fired, atol=1e-6)  # not 1% of it, as the raw EMA
+
+
+def test_jumprelu_pseudo_gradients_by_hand():
+    # eps 0.5: the kernel K((pre - t) / eps) / eps is 2 where |pre - t| < 0.25, else 0
+    pre = torch.tensor([0.9, 1.1, 1.3, 0.7, 2.0], requires_grad=True)
+    t = torch.tensor(1.0, requires_grad=True).expand(5)
+    z = sparsify.jump(pre, t, 0.5)
+    assert z.tolist() == pytest.approx([0.0, 1.1, 1.3, 0.0, 2.0])
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    dpre, dt = torch.autograd.grad(z, (pre, t), g)
+    assert dpre.tolist() == [0.0, 2.0, 3.0, 0.0, 5.0]  # H(pre - t) g
+    assert dt.tolist() == pytest.approx([-2.0, -4.0, 0.0, 0.0, 0.0])  # -(t / eps) K g: 0.9 and 1.1 in the window
+    h = sparsify.step(pre, t, 0.5)
+    assert h.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
+    dpre, dt = torch.autograd.grad(h, (pre, t), g, allow_unused=True)
+    assert dpre is None or not dpre.any()
+    assert dt.tolist() == pytest.approx([-2.0, -4.0, 0.0, 0.0, 0.0])  # -(1 / eps) K g
+
+
+def test_jumprelu_loss_and_gradients_match_dense_reference():
+    """The training selection (active entries plus the kernel's lower half-window at value 0) against a dense
+    JumpReLU: autograd for the weights, eq. 11-12 of Rajamanoharan et al. for the threshold."""
+    torch.manual_seed(0)
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K, aux_coef=0.0, bandwidth=0.1)
+    eps, lam = cfg.epsilon, 0.7
+    sae = sb.SAE(cfg, seed=1).train()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        sae.set_threshold(torch.rand(N) * 0.8 + 0.2)
+    x = torch.randn(B, D)
+    out = sae_loss(sae, x, l0_coef=lam)
+    out.loss.backward()
+    got = {n: cast(torch.Tensor, p.grad).clone() for n, p in sae.named_parameters()}
+
+    p = {n: v.detach().clone().requires_grad_(True) for n, v in sae.named_parameters()}
+    theta = p["log_threshold"].detach().exp()
+    pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    z = torch.where(pre > theta, pre, torch.zeros_like(pre))
+    z_leaf = z.detach().requires_grad_(True)
+    var = ((x - x.mean(0)) ** 2).sum()
+    fvu = ((x - z_leaf @ p["W_dec"] - p["b_dec"]) ** 2).sum() / var
+    l0 = (pre > theta).float().sum(-1).mean()
+    loss = fvu + lam * l0 / K
+    fvu.backward()
+    z.backward(z_leaf.grad)  # the weights' gradients through the active entries
+    window = ((pre.detach() - theta).abs() < eps / 2).float() / eps
+    assert window.sum() > 0 and (z != 0).sum() > 0
+    d_theta = -(window * (theta * cast(torch.Tensor, z_leaf.grad) + lam / (K * B))).sum(0)
+
+    assert torch.allclose(out.loss, loss, rtol=1e-5)
+    assert torch.allclose(out.selection.dense(N), z, atol=1e-6)
+    assert torch.allclose(out.selection.l0().mean(), l0)
+    assert torch.allclose(got["log_threshold"], d_theta * theta, atol=1e-5)  # d/dlog(theta) = theta d/dtheta
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(got[name], cast(torch.Tensor, p[name].grad), atol=1e-5, rtol=1e-4), name
+    sae.eval()
+    assert torch.allclose(sae.encode(x), z, atol=1e-6)  # inference: the same rule
+
+
+def test_jumprelu_saves_its_threshold_and_loads_it_back(tmp_path):
+    sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K)).eval()
+    sae.set_threshold(torch.rand(N))
+    sae.save(tmp_path)
+    assert set(load_file(str(tmp_path / "sae.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    back = sb.SAE.load(tmp_path)
+    x = torch.randn(B, D) * 2
+    assert torch.equal(back.threshold, sae.threshold) and torch.equal(back.encode(x), sae.encode(x))
+    assert torch.allclose(back.log_threshold.exp(), sae.threshold)
+
+
+def test_jumprelu_reattached_selection_gives_the_same_gradients(monkeypatch):
+    """The sparse encoder backward (pre without autograd, the selection's entries recomputed) on the torch path:
+    the same loss and gradients as the dense backward, the threshold's pseudo-gradient included."""
+    from saebench.sae import losses
+
+    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K, bandwidth=0.1, k_aux=3)
+    x, dead = torch.randn(B, D), torch.arange(N) % 5 == 0
+    grads = []
+    for reattach in (False, True):
+        monkeypatch.setattr(losses.sparse, "sparse_encoder_backward", lambda W, r=reattach: r)
+        sae = sb.SAE(cfg, seed=2).train()
+        sae.set_threshold(torch.linspace(0.1, 0.9, N))
+        out = sae_loss(sae, x, dead=dead, l0_coef=0.3)
+        out.loss.backward()
+        grads.append({"loss": out.loss.detach(), **{n: cast(torch.Tensor, p.grad) for n, p in sae.named_parameters()}})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -26,7 +26,7 @@ def test_geometric_median_by_hand():
     assert torch.allclose(geometric_median(torch.tensor([[1.0, 2.0]] * 3)), torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"])
+@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "jumprelu"])
 def test_every_family_learns_planted_features(activation):
     p, x = planted()
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation, dead_tokens=20_000)
@@ -70,6 +70,7 @@ def test_default_lr_rule_by_hand():
         {},
         {"matryoshka": [6, 48], "matryoshka_random": 2},  # the prefix draws resume too
         {"activation": "feature_choice"},  # and the firing rates its capacities follow
+        {"activation": "jumprelu"},  # and JumpReLU's L0 controller
     ],
 )
 def test_resume_is_bit_identical(tmp_path, extra):
@@ -92,6 +93,23 @@ def test_resume_is_bit_identical(tmp_path, extra):
         return [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"} for ln in lines]
 
     assert strip(whole_log) == strip(part_log)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [3, 6])
+def test_jumprelu_adapts_its_l0_coefficient_to_reach_k(tmp_path, k):
+    _, x = planted()
+    cfg = sb.SAEConfig(d_in=16, n_latents=48, k=k, activation="jumprelu", dead_tokens=20_000)
+    tcfg = TrainConfig(n_tokens=400_000, batch_size=512, lr=4e-3, warmup_steps=20)
+    sae, _ = train_sae(cfg, x, tcfg, run_dir=tmp_path / "adaptive", show_progress=False)
+    assert abs(sb.evaluate_sae(sae, x[:10_000])["l0"] - k) < 0.1 * k
+    coefs = [json.loads(line)["l0_coef"] for line in (tmp_path / "adaptive/metrics.jsonl").read_text().splitlines()]
+    assert len(set(coefs)) == len(coefs)  # adapted at every logged step
+    fixed = sb.SAEConfig(**{**cfg.__dict__, "l0_coef": coefs[-1]})  # an explicit coefficient stays as given
+    tcfg.n_tokens = 30 * 512
+    train_sae(fixed, x, tcfg, run_dir=tmp_path / "fixed", show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "fixed/metrics.jsonl").read_text().splitlines()]
+    assert all(r["l0_coef"] == pytest.approx(coefs[-1]) for r in rows) and rows[-1]["l0"] > 1.5 * k
 
 
 def test_resume_after_a_crash_between_checkpoints(tmp_path):
@@ -207,7 +225,7 @@ def test_several_saes_from_one_pass_equal_separate_runs(tmp_path):
         assert (tmp_path / name / "sae" / "sae.safetensors").exists()
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "feature_choice"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "feature_choice", "jumprelu"])
 def test_fused_step_matches_the_reference_step(activation):
     """The fused path (fused Adam, clipping as its grad_scale, no host sync) trains the same SAE as the
     unfused reference, with clipping engaged (grad_clip 0.05) and thresholds tracked on the device."""
@@ -284,7 +302,8 @@ def test_subspace_init_rank_matches_numpy_svd_and_rows_lie_in_its_span(share):
 def test_subspace_init_trains_every_family_and_logs_its_rank(tmp_path):
     x = low_rank(8192)
     tcfg = TrainConfig(n_tokens=8 * 256, batch_size=256, init_tokens=2048, log_every=4)
-    for activation, matryoshka in [(a, None) for a in ACTIVATIONS] + [("batchtopk", [12, 48])]:
+    plain = [a for a in ACTIVATIONS if not sb.FAMILIES[a].gradients]  # no model here, so no loss gradients
+    for activation, matryoshka in [(a, None) for a in plain] + [("batchtopk", [12, 48])]:
         cfg = sb.SAEConfig(
             d_in=16, n_latents=48, k=3, activation=cast(Any, activation), matryoshka=matryoshka, init="subspace"
         )

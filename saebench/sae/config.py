@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +46,12 @@ class SAEConfig:
     # decoder rows: Gaussian in all d_in dims, or Gaussian in the init sample's principal subspace (Wang et al. 2025)
     init: Literal["random", "subspace"] = "random"
     subspace_variance: float = 0.99  # subspace init keeps the smallest rank holding this share of the variance
+    # JumpReLU: the loss adds l0_coef * (mean L0) / k; None = adapted every step so the mean L0 reaches k
+    l0_coef: float | None = None
+    # JumpReLU's rectangle kernel width per unit of input norm (`epsilon` = bandwidth * sqrt(d_in) on the trainer's
+    # inputs of mean norm sqrt(d_in)); 10x the paper's 0.001, which leaves most latents without a sample in the
+    # kernel in a batch of 4096 (docs/benchmarks.md, "JumpReLU")
+    bandwidth: float = 0.01
     hook: str | None = None
     model: str | None = None
 
@@ -79,6 +86,10 @@ class SAEConfig:
             raise ConfigError(f"sae.init must be random or subspace, got {self.init!r}")
         if not 0 < self.subspace_variance <= 1:
             raise ConfigError(f"sae.subspace_variance must lie in (0, 1], got {self.subspace_variance}")
+        if self.bandwidth <= 0 or (self.l0_coef is not None and self.l0_coef < 0):
+            raise ConfigError(
+                f"sae.bandwidth must be > 0 and sae.l0_coef >= 0 or null, got {self.bandwidth} and {self.l0_coef}"
+            )
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(
                 "sae.matryoshka_reduce: a sum or mean of the prefixes' errors, one of sum, prefix_mean, bussmann_mean; "
@@ -101,6 +112,11 @@ class SAEConfig:
                 f"sae.d_in is {self.d_in} but {hook} of {model} has width {d_in}: set sae.d_in={d_in} or remove it"
             )
         return dataclasses.replace(self, d_in=d_in, hook=hook, model=model)
+
+    @property
+    def epsilon(self) -> float:
+        """JumpReLU's kernel width on the trainer's inputs (mean norm sqrt(d_in))."""
+        return self.bandwidth * math.sqrt(self.d_in)
 
     @property
     def aux_k(self) -> int:

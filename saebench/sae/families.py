@@ -19,7 +19,7 @@ from saebench.sae import sparsify
 if TYPE_CHECKING:
     from saebench.sae.config import SAEConfig
 
-Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "gradient_topk"]
+Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "gradient_topk", "jumprelu"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class SelectContext:
     latent_grads: torch.Tensor | None = None
     # [n] recent fires per token (the trainer's all-reduced EMA: the same on every rank); None before any step
     freq: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None  # [n] a learned threshold, differentiable (JumpReLU's exp(log_threshold))
 
 
 SelectFn = Callable[[torch.Tensor, "SAEConfig", SelectContext], sparsify.Selection]
@@ -45,9 +46,9 @@ class Family:
     name: Activation
     select: SelectFn
     signed: bool = False  # codes keep their sign (no ReLU); ranked by |pre|
-    # batch selection: the choice depends on the whole batch, so inference uses a learned threshold,
-    # "global" (one value) or "per_feature", an EMA of the smallest kept value; None: per-token rule
-    threshold: Literal["global", "per_feature"] | None = None
+    # the inference threshold: for a batch selection (the choice depends on the whole batch), "global" (one value)
+    # or "per_feature", an EMA of the smallest kept value; "learned": a trained parameter; None: per-token rule
+    threshold: Literal["global", "per_feature", "learned"] | None = None
     aux: Literal["auxk", "aux_zipf"] = "auxk"  # AuxK on dead latents, or on latents under their Zipf share
     # W_enc = enc_init_scale * W_dec^T, chosen on the defaults suite (docs/benchmarks.md, "Choosing the defaults")
     enc_init_scale: float = 0.3
@@ -57,7 +58,7 @@ class Family:
 
     @property
     def batch_selection(self) -> bool:
-        return self.threshold is not None
+        return self.threshold in ("global", "per_feature")
 
 
 def _topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
@@ -82,6 +83,11 @@ def _gradient_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> spa
     return sparsify.gradient_topk(pre, ctx.latent_grads, cfg.k, cfg.gradient_beta)
 
 
+def _jumprelu(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    assert ctx.threshold is not None, "JumpReLU's training selection needs the learned threshold"
+    return sparsify.jumprelu(pre, ctx.threshold, cfg.epsilon)
+
+
 BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -92,6 +98,7 @@ FAMILIES: dict[str, Family] = {
         Family("mutual_choice", _batchtopk, threshold="global", aux="aux_zipf", enc_init_scale=BATCH_INIT),
         Family("feature_choice", _feature_choice, threshold="per_feature", aux="aux_zipf", enc_init_scale=BATCH_INIT),
         Family("gradient_topk", _gradient_topk, gradients=True),
+        Family("jumprelu", _jumprelu, threshold="learned"),
     )
 }
 ACTIVATIONS = tuple(FAMILIES)

@@ -70,7 +70,7 @@ def auxk_loss(
         values, idx = torch.where(candidates, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
         values = values.relu()
     if reattach:
-        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre).values
+        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre, jump=False).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
     loss = normalised_mse(error, error_hat, reduce)
     return torch.nan_to_num(loss, nan=0.0)
@@ -108,11 +108,14 @@ def sae_loss(
     reduce: Reducer = LOCAL,
     prefixes: list[int] | None = None,
     grad: torch.Tensor | None = None,
+    l0_coef: torch.Tensor | float | None = None,
 ) -> StepOutput:
     """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (aux_zipf, feature choice's capacities);
     grad: [batch d_in] the model's loss gradient at x (for the families that rank by it).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
+    l0_coef: JumpReLU's λ (default cfg.l0_coef); the loss adds λ * mean_tokens(L0) / k, L0 = sum_j H(pre_j -
+    threshold_j) with the step's pseudo-gradient to the threshold (sparsify.step).
 
     reduce: data parallelism; x is this rank's share of the batch, selection and normalisers are the
     global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
@@ -142,4 +145,10 @@ def sae_loss(
             aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward, reduce)
         elif dead is not None:
             aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce)
-    return StepOutput(recon + cfg.aux_coef * aux, mse, aux, sel, x_hat)
+    loss = recon + cfg.aux_coef * aux
+    l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
+    if (theta := sae.learned_threshold()) is not None and l0_coef is not None:
+        at = pre.detach()[sel.rows(), sel.indices]  # the selection holds every entry the kernel reaches
+        l0 = sparsify.step(at, theta[sel.indices], cfg.epsilon).sum() / (len(x) * reduce.world)
+        loss = loss + l0_coef * l0 / cfg.k
+    return StepOutput(loss, mse, aux, sel, x_hat)

@@ -20,9 +20,11 @@ from saebench.sae.families import SelectContext
 
 
 class SAE(nn.Module):
-    """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]."""
+    """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]
+    (JumpReLU: log_threshold [n], the trained parameter, of which `threshold` is the copy inference reads)."""
 
     threshold: torch.Tensor
+    log_threshold: nn.Parameter
     meta: dict
 
     def __init__(
@@ -50,6 +52,9 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
         self.register_buffer("threshold", torch.zeros(cfg.n_latents, device=device, dtype=dtype))
+        if cfg.family.threshold == "learned":  # JumpReLU trains log(threshold); `threshold` follows it
+            self.log_threshold = nn.Parameter(torch.zeros_like(self.threshold))
+            self.set_threshold(torch.full_like(self.threshold, cfg.epsilon))
 
     # -- forward pieces ---------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,18 +80,32 @@ class SAE(nn.Module):
         fires per token."""
         train = self.training if train is None else train
         family = self.cfg.family
-        if family.batch_selection and not train:
+        if family.threshold and not train:
             return sparsify.threshold(pre, self.threshold)
         latent_grads = None
         if grad is not None and family.gradients:
             latent_grads = grad.to(pre.dtype) @ self.W_dec.detach().T.to(pre.dtype)
-        return family.select(pre, self.cfg, SelectContext(reduce, latent_grads=latent_grads, freq=freq))
+        return family.select(
+            pre,
+            self.cfg,
+            SelectContext(reduce, latent_grads=latent_grads, freq=freq, threshold=self.learned_threshold()),
+        )
 
-    def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
+    def learned_threshold(self) -> torch.Tensor | None:
+        """[n] JumpReLU's exp(log_threshold), differentiable; None for the other families."""
+        return self.log_threshold.exp() if self.cfg.family.threshold == "learned" else None
+
+    def reattach(
+        self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor, jump: bool = True
+    ) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
-        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's."""
+        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's.
+        jump: JumpReLU's values jump at the threshold (False: ReLU'd, as AuxK's)."""
         at = sparse.pre_acts_at(x, self.b_dec, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
-        values = at if self.cfg.family.signed else at.relu()
+        if jump and (theta := self.learned_threshold()) is not None:
+            values = sparsify.jump(at, theta[sel.indices], self.cfg.epsilon)
+        else:
+            values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,14 +153,21 @@ class SAE(nn.Module):
         The raw loss gradient is scale x the scaled one, so gradient_beta / scale keeps the ranking."""
         self.b_dec /= scale
         self.b_enc /= scale
-        self.threshold /= scale
+        self.set_threshold(self.threshold / scale)
         if self.cfg.family.gradients:
             self.cfg = dataclasses.replace(self.cfg, gradient_beta=self.cfg.gradient_beta / scale)
 
+    @torch.no_grad()
+    def set_threshold(self, threshold: torch.Tensor) -> None:
+        """The inference threshold [n]; for JumpReLU also the trained log(threshold) (from 1e-30 up)."""
+        self.threshold.copy_(threshold)
+        if self.cfg.family.threshold == "learned":
+            self.log_threshold.copy_(threshold.clamp_min(1e-30).log())
+
     # -- files ------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {k: v.detach().contiguous() for k, v in self.named_parameters()}
-        if self.cfg.family.batch_selection:
+        out = {k: v.detach().contiguous() for k, v in self.named_parameters() if k != "log_threshold"}
+        if self.cfg.family.threshold:
             out["threshold"] = self.threshold.detach().contiguous()
         return out
 
@@ -179,5 +205,6 @@ class SAE(nn.Module):
                         f"{tuple(target.shape)}; the two files are from different SAEs"
                     )
                 target.copy_(value)
+        sae.set_threshold(sae.threshold.clone())
         sae.meta = meta
         return sae

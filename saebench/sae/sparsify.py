@@ -8,7 +8,9 @@
                  = mutual choice, Ayonrinde 2024)
   feature_choice feature j keeps its top m_j tokens; sum_j m_j = k*batch, m_j Zipf-shaped over the
                  features ranked by recent firing rate (by index before any)
-  threshold      inference rule of the batch sparsifiers: ReLU(pre) where pre > threshold[j]
+  jumprelu       each token keeps pre where pre > threshold[j], a trained     (Rajamanoharan et al. 2024)
+                 parameter; straight-through pseudo-gradients to the threshold
+  threshold      inference rule of the batch sparsifiers and JumpReLU: ReLU(pre) where pre > threshold[j]
 
 Under data parallelism (`reduce` active) the batch sparsifiers select over the global batch:
 the cut-off values come from `distributed.global_kth_largest`, and each rank keeps its own entries
@@ -160,6 +162,34 @@ def feature_choice(
     feat = torch.arange(n, device=pre.device)[None, :].expand(kmax, n)
     flat = tok[keep] * n + feat[keep]
     return _csr(flat, acts.reshape(-1), batch, n)
+
+
+def _kernel(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
+    """K((pre - threshold) / eps) / eps, K the unit rectangle; no gradient."""
+    return ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+
+
+def jump(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
+    """pre * H(pre - threshold), elementwise, with the pseudo-gradients d/dpre = H(pre - threshold) and
+    d/dthreshold = -(threshold / eps) K((pre - threshold) / eps) (Rajamanoharan et al. 2024, eq. 11)."""
+    t = threshold.detach()
+    return pre * (pre > t) - (threshold - t) * (t * _kernel(pre.detach(), t, eps))
+
+
+def step(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
+    """H(pre - threshold) with d/dthreshold = -(1 / eps) K((pre - threshold) / eps) and none to pre (eq. 12)."""
+    t = threshold.detach()
+    return (pre > t).to(pre.dtype) - (threshold - t) * _kernel(pre.detach(), t, eps)
+
+
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> Selection:
+    """JumpReLU's training selection: pre * H(pre - threshold[j]) per token (threshold [n] > 0, differentiable),
+    which is ReLU(pre) * H(pre - threshold), SAELens' inference rule and `threshold`'s. Entries within eps/2 below
+    the threshold are kept at value 0: their pseudo-gradient reaches the threshold."""
+    batch, n = pre.shape
+    flat = (pre.detach() > threshold.detach() - eps / 2).reshape(-1).nonzero().squeeze(-1)
+    sel = _csr(flat, pre.reshape(-1), batch, n)
+    return Selection(jump(sel.values, threshold[sel.indices], eps), sel.indices, sel.offsets, batch)
 
 
 def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
