@@ -37,8 +37,10 @@ EVAL_METRICS = tuple(
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096) -> dict:
-    """acts: [n d_in] tensor or iterable of [batch d_in] batches."""
+def evaluate_sae(
+    sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096, k: int | None = None
+) -> dict:
+    """acts: [n d_in] tensor or iterable of [batch d_in] batches; k: encode at k' (SAE.check_k)."""
     sae = sae.eval()
     batches = (
         (acts[i : i + batch_size] for i in range(0, len(acts), batch_size)) if isinstance(acts, torch.Tensor) else acts
@@ -53,7 +55,7 @@ def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_si
         x = x.to(dev, torch.float32)
         if not torch.isfinite(x).all():
             raise DataError("NaN or inf in the evaluation activations")
-        z = sae.encode(x)
+        z = sae.encode(x, k)
         x_hat = sae.decode(z)
         rss = (x - x_hat).double().pow(2).sum(-1)
         tss = (x - x.mean(0)).double().pow(2).sum(-1)
@@ -101,8 +103,8 @@ def evaluate_sae(sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_si
 
 
 @torch.no_grad()
-def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345) -> SAE:
-    """Same shape and k, random unit directions (tied encoder), trained b_dec; the family's per-token
+def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345, k: int | None = None) -> SAE:
+    """Same shape and k (or k'), random unit directions (tied encoder), trained b_dec; the family's per-token
     baseline rule (TopK, or AbsTopK for a signed family).
 
     Matched scale: given acts [n d_in], the codes are scaled (through W_enc) by the least-squares
@@ -113,7 +115,7 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
         d_in=sae.cfg.d_in,
         n_latents=sae.cfg.n_latents,
         activation=sae.cfg.family.baseline,
-        k=sae.cfg.k,
+        k=k or sae.cfg.k,
     )
     base = SAE(cfg, device=sae.W_dec.device, seed=seed)
     base.b_dec.copy_(sae.b_dec)
@@ -126,8 +128,10 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
 
 
 @torch.no_grad()
-def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16) -> dict:
-    """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output.
+def spliced_losses(
+    model, sae: SAE, hook: str, contexts: TokenContexts, batch_size: int = 16, k: int | None = None
+) -> dict:
+    """CE and KL with the SAE's reconstruction (at k', given k) and zero-ablation replacing `hook`'s output.
 
     Special positions (BOS, ...) keep their clean activations, as the SAE never saw them, and
     CE and KL(clean || patched) average over the predictions from a non-special token to a
@@ -145,7 +149,7 @@ def spliced_losses(model, sae: SAE, hook: str, contexts: TokenContexts, batch_si
         def patch(kind, keep=keep):
             def fn(act, hook):
                 flat = flatten_heads(act)
-                new = sae(flat) if kind == "sae" else torch.zeros_like(flat)
+                new = sae(flat, k) if kind == "sae" else torch.zeros_like(flat)
                 out = torch.where(keep[..., None], new.to(flat.dtype), flat)
                 return out.reshape(act.shape)
 

@@ -101,14 +101,19 @@ def train_from_config(
     return {homes[h].path.name: s for h, s in saes.items()}, {"saes": named, "run_dir": str(run.path)}
 
 
-def eval_from_config(run_dir: str | Path) -> dict:
+def eval_from_config(run_dir: str | Path, ks: Sequence[int] = ()) -> dict:
     """`saebench eval RUN`: core metrics on held-out activations (one model pass for every SAE of the
-    run) and CE/KL with each SAE spliced in, each next to a random-SAE baseline; written to eval.json."""
+    run) and CE/KL with each SAE spliced in, each next to a random-SAE baseline; written to eval.json.
+    ks: the same figures at each k' too (`--k 8,16`; per-token families, SAE.check_k), in
+    eval.json's "by_k" section keyed by k' ({"8": {"sae": ..., "random_baseline": ...}, ...})."""
     run = Run(run_dir)
     homes = run.trained_homes()
     cfg = run.config
-    model = run.load_model()
     saes = run.load_saes()
+    for sae in saes.values():
+        for k in ks:
+            sae.check_k(k)
+    model = run.load_model()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     n = min(cfg.eval.n_contexts, len(contexts))
     few = TokenContexts(contexts.tokens[:n], contexts.special_mask[:n])
@@ -129,17 +134,22 @@ def eval_from_config(run_dir: str | Path) -> dict:
     results = {}
     for hook, sae in saes.items():
         acts = torch.cat(parts[hook])
-        baseline = random_baseline(sae, acts)
-        result = {
-            "run": str(homes[hook].path),
-            "hook": hook,
-            "split": cfg.eval.split,
-            "sae": {**evaluate_sae(sae, acts), **spliced_losses(model, sae, hook, few)},
-            "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, few)},
-        }
+        result: dict = {"run": str(homes[hook].path), "hook": hook, "split": cfg.eval.split}
+        result.update(_figures(model, sae, hook, acts, few))
+        if ks:
+            result["by_k"] = {str(k): _figures(model, sae, hook, acts, few, k) for k in ks}
         run.write_eval(hook, result)
         results[hook] = result
     return results
+
+
+def _figures(model, sae, hook: str, acts: torch.Tensor, contexts: TokenContexts, k: int | None = None) -> dict:
+    """eval.json's figures of one SAE (at k', given k) and of its random baseline (at the same k)."""
+    baseline = random_baseline(sae, acts, k=k)
+    return {
+        "sae": {**evaluate_sae(sae, acts, k=k), **spliced_losses(model, sae, hook, contexts, k=k)},
+        "random_baseline": {**evaluate_sae(baseline, acts), **spliced_losses(model, baseline, hook, contexts)},
+    }
 
 
 def whole_contexts(contexts, n_tokens: int) -> tuple[int, int]:
@@ -168,8 +178,11 @@ def analyze(
     run = Run(run_dir)
     homes = run.trained_homes()
     rc = run.config
-    model = run.load_model()
     saes = run.load_saes()
+    for sae in saes.values():
+        if cfg.k is not None:
+            sae.check_k(cfg.k)
+    model = run.load_model()
     harvester = Harvester(model, sorted(saes), exclude_special=True)
     contexts = load_contexts(
         dataclasses.replace(rc.data, split=cfg.split), model.tokenizer, show_progress=show_progress
@@ -234,6 +247,7 @@ def analyze(
             "data": dataclasses.asdict(rc.data),
             "activation": sae.cfg.activation,
             "k": sae.cfg.k,
+            "inference_k": cfg.k,  # k' the codes were taken at (`--k`); None: the SAE's own rule
             "d_in": sae.cfg.d_in,
             "signed": sae.cfg.family.signed,
             "n_examples": cfg.n_examples,

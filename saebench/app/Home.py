@@ -14,6 +14,8 @@ import streamlit as st
 
 from saebench.evaluate import EVAL_METRICS
 
+SIDES = (("sae", "sae"), ("random", "random_baseline"))
+
 st.set_page_config(page_title="saebench", layout="wide")
 views = state.runs()
 run, hook = state.pick_run_and_hook(views)
@@ -39,6 +41,11 @@ else:
         ),
         hide_index=True,
     )
+    if "by_k" in result:
+        st.caption("The same figures at each k′ (latents per token), as `saebench eval --k` wrote them")
+        by_k = result["by_k"]
+        columns = {f"{who} k′={k}": [r[part][m] for m in keys] for k, r in by_k.items() for who, part in SIDES}
+        st.dataframe(pd.DataFrame({"metric": keys, **columns}), hide_index=True)
 
 metrics = run.metrics(hook)
 if metrics is not None and "step" in metrics:
@@ -55,8 +62,10 @@ store = state.store(run, hook)
 if store is None:
     st.stop()
 table = store.table()
+at_k = f" at k′={store.meta['inference_k']}" if store.meta.get("inference_k") else ""
 st.caption(
-    f"{store.n_features} features, analysed on {store.meta['n_tokens']:,} tokens of the {store.meta['split']!r} split"
+    f"{store.n_features} features, analysed{at_k} on {store.meta['n_tokens']:,} tokens "
+    f"of the {store.meta['split']!r} split"
 )
 fired = table[table.density > 0]
 dead = len(table) - len(fired)

@@ -55,6 +55,11 @@ class SAEConfig:
                 raise ConfigError(
                     f"sae.matryoshka must be strictly ascending sizes ending at n_latents={self.n_latents}, got {m}"
                 )
+        if self.matryoshka is not None and self.family.hierarchical:
+            raise ConfigError(
+                f"sae.matryoshka does not combine with {self.activation}, which already nests its reconstructions "
+                "(by rank, not by latent index): drop sae.matryoshka, or use activation: topk with it"
+            )
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(f"sae.matryoshka_reduce must be sum or mean, got {self.matryoshka_reduce!r}")
         if self.matryoshka_random < 0 or (self.matryoshka_random and not self.matryoshka):

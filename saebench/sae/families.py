@@ -19,7 +19,7 @@ from saebench.sae import sparsify
 if TYPE_CHECKING:
     from saebench.sae.config import SAEConfig
 
-Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice"]
+Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "hierarchical_topk"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class Family:
     enc_init_scale: float = 0.3
     # the per-token family of a random baseline at matched scale (evaluate.random_baseline)
     baseline: Activation = "topk"
+    # the selection is sorted by value and the loss averages the error of each of its prefixes
+    # (losses.prefix_errors), so that inference at any k' <= k truncates it (Balagansky et al. 2025)
+    hierarchical: bool = False
 
     @property
     def batch_selection(self) -> bool:
@@ -66,6 +69,10 @@ def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsif
     return sparsify.batchtopk(pre, cfg.k, ctx.reduce)
 
 
+def _hierarchical_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    return sparsify.topk(pre, cfg.k, sorted=True)
+
+
 def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
     return sparsify.feature_choice(pre, cfg.k, cfg.zipf_exponent, ctx.reduce)
 
@@ -79,6 +86,7 @@ FAMILIES: dict[str, Family] = {
         Family("batchtopk", _batchtopk, threshold="global", enc_init_scale=BATCH_INIT),
         Family("mutual_choice", _batchtopk, threshold="global", aux="aux_zipf", enc_init_scale=BATCH_INIT),
         Family("feature_choice", _feature_choice, threshold="per_feature", aux="aux_zipf", enc_init_scale=BATCH_INIT),
+        Family("hierarchical_topk", _hierarchical_topk, hierarchical=True),
     )
 }
 ACTIVATIONS = tuple(FAMILIES)

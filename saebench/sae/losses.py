@@ -1,4 +1,4 @@
-"""Training losses: (Matryoshka) normalised reconstruction error plus AuxK / aux_zipf."""
+"""Training losses: (Matryoshka or hierarchical) normalised reconstruction error plus AuxK / aux_zipf."""
 
 from __future__ import annotations
 
@@ -41,6 +41,43 @@ def variance_sum(x: torch.Tensor, reduce: Reducer = LOCAL) -> torch.Tensor:
     total = reduce.sum(torch.cat([x.sum(0), x.new_tensor([len(x)])]))
     mean = total[:-1] / total[-1]
     return reduce.sum((x - mean).pow(2).sum()).clamp_min(1e-12)
+
+
+class PrefixErrors(torch.autograd.Function):
+    """The squared error of every prefix of a fixed-layout selection, in its order (Balagansky et al. 2025):
+
+        r_j = r0 - sum_{i<=j} z_i W_dec[idx_i];  errs_j = sum over the batch of ||r_j||^2
+
+    r0: [batch d] (x - b_dec); values, indices: [batch k]; W_dec: [n d] -> errs [k] and r_{k-1} [batch d]
+    (the full selection's residual, not differentiable). One selected column at a time, forward and
+    backward, so memory is O(batch d), never [batch k d]: the backward walks back from the last residual
+    (r_{j-1} = r_j + z_j d_j), with S_j = sum_{l>=j} dL/dr_l giving dL/dz_j = -d_j . S_j,
+    dL/dd_j = -z_j S_j and dL/dr0 = S_0. (The reference's cumsum keeps [batch k d] for its backward.)"""
+
+    @staticmethod
+    def forward(ctx, r0: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor):
+        z, r = values.to(W_dec.dtype), r0.to(W_dec.dtype)
+        errs = r.new_empty(z.shape[1])
+        for j in range(z.shape[1]):
+            r = r - z[:, j, None] * W_dec[indices[:, j]]
+            errs[j] = r.pow(2).sum()
+        ctx.save_for_backward(r, values, indices, W_dec)
+        ctx.dtypes = r0.dtype, values.dtype
+        ctx.mark_non_differentiable(r)
+        return errs, r
+
+    @staticmethod
+    def backward(ctx, g_errs: torch.Tensor, _):
+        r, values, indices, W_dec = ctx.saved_tensors
+        z, g = values.to(W_dec.dtype), 2 * g_errs.to(W_dec.dtype)
+        grad_z, grad_W, S = torch.empty_like(z), torch.zeros_like(W_dec), torch.zeros_like(r)
+        for j in reversed(range(z.shape[1])):
+            d = W_dec[indices[:, j]]
+            S = S + g[j] * r
+            grad_z[:, j] = -(d * S).sum(-1)
+            grad_W.index_add_(0, indices[:, j], S * -z[:, j, None])
+            r = r + z[:, j, None] * d
+        return S.to(ctx.dtypes[0]), grad_z.to(ctx.dtypes[1]), None, grad_W
 
 
 def auxk_loss(
@@ -123,10 +160,13 @@ def sae_loss(
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce)
-    x_hat = sae.decode_selection(sel)
     total_var = variance_sum(x, reduce)
-    mse = normalised_mse(x, x_hat, total_var=total_var)
-    recon = mse
+    if cfg.family.hierarchical:  # the mean of every prefix's error; the last prefix is the full selection
+        errs, residual = PrefixErrors.apply(x - sae.b_dec, sel.values, sel.indices, sae.W_dec)
+        x_hat, mse, recon = x - residual, errs[-1] / total_var, errs.mean() / total_var
+    else:
+        x_hat = sae.decode_selection(sel)
+        recon = mse = normalised_mse(x, x_hat, total_var=total_var)
     prefixes = prefixes or cfg.matryoshka
     if prefixes:
         recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse

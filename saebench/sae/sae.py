@@ -53,14 +53,33 @@ class SAE(nn.Module):
         pre = x @ self.W_enc
         return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
 
-    def select(self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL) -> sparsify.Selection:
+    def select(
+        self, pre: torch.Tensor, train: bool | None = None, reduce: Reducer = LOCAL, k: int | None = None
+    ) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
-        batch sparsifiers select over together (data parallelism)."""
+        batch sparsifiers select over together (data parallelism); k: see `check_k`."""
         train = self.training if train is None else train
         family = self.cfg.family
+        if k is not None:
+            self.check_k(k)
+            return family.select(pre, dataclasses.replace(self.cfg, k=k), SelectContext(reduce))
         if family.batch_selection and not train:
             return sparsify.threshold(pre, self.threshold)
         return family.select(pre, self.cfg, SelectContext(reduce))
+
+    def check_k(self, k: int) -> None:
+        """k' for inference: a per-token family keeps the k' latents its rule ranks first (pre, or |pre| for a
+        signed family), i.e. the first k' of a hierarchical SAE's sorted selection. k' < k truncates what the
+        SAE was trained to select, k' > k goes beyond it. ConfigError for the batch families (their inference
+        rule is a threshold) and outside [1, n_latents]."""
+        cfg = self.cfg
+        if cfg.family.batch_selection:
+            raise ConfigError(
+                f"k'={k}: a {cfg.activation} SAE encodes by a learned threshold, not a number of latents per token; "
+                "drop k' (--k) for it, or use a per-token family (topk, hierarchical_topk)"
+            )
+        if not 1 <= k <= cfg.n_latents:
+            raise ConfigError(f"k'={k} must lie in [1, n_latents={cfg.n_latents}] (the SAE was trained at k={cfg.k})")
 
     def reattach(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> sparsify.Selection:
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
@@ -69,11 +88,12 @@ class SAE(nn.Module):
         values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers)."""
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers).
+        k: k' latents per token instead of the SAE's k (per-token families; see `check_k`)."""
         shape = x.shape
         pre = self.pre_acts(x.reshape(-1, shape[-1]))
-        sel = self.select(pre, train=False)
+        sel = self.select(pre, train=False, k=k)
         return sel.dense(pre.shape[-1]).reshape(*shape[:-1], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -88,8 +108,8 @@ class SAE(nn.Module):
             return sparse.decode_fixed(sel.values, sel.indices, self.W_dec, self.b_dec)
         return sparse.decode_ragged(sel.values, sel.indices, sel.offsets, self.W_dec, self.b_dec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, k))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:

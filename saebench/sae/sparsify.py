@@ -1,6 +1,7 @@
 """Sparsifiers: which latents of pre [batch n] fire, and with what value.
 
   topk           each token keeps its k largest pre, ReLU'd                    (Gao et al. 2024)
+                 (hierarchical_topk: the same, sorted by value, descending; Balagansky et al. 2025)
   abstopk        each token keeps its k largest |pre|, sign kept, no ReLU     (AbsTopK 2025)
   batchtopk      the batch keeps its k*batch largest ReLU(pre)               (Bussmann et al.;
                  = mutual choice, Ayonrinde 2024)
@@ -64,8 +65,8 @@ class Selection:
         return torch.zeros(self.batch, device=nz.device).index_add_(0, self.rows(), nz)
 
 
-def topk(pre: torch.Tensor, k: int) -> Selection:
-    values, indices = pre.topk(k, dim=-1, sorted=False)
+def topk(pre: torch.Tensor, k: int, sorted: bool = False) -> Selection:
+    values, indices = pre.topk(k, dim=-1, sorted=sorted)
     return Selection(values.relu(), indices, None, pre.shape[0])
 
 
