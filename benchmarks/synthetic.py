@@ -4,6 +4,7 @@
     python benchmarks/synthetic.py --sweep --steps 1000  # n_latents / n_true and k / true L0 in {0.5, 1, 2}
     python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0 \
  # trainer options
+    python benchmarks/synthetic.py --families hierarchical_topk --cells 1,2 --k-primes 2,4,8,16  # one SAE at each k'
 
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
@@ -14,7 +15,8 @@ clipping), the reference each family should match; `plain_batchtopk` is the same
 selection, the family's own floor. `saelens_topk` / `saelens_batchtopk` train SAELens' own TopK /
 BatchTopK (its trainer and defaults: lr 3e-4 constant, decoder-norm rescaling, AuxK) on the same
 stream, in the peers venv of benchmarks/peers.py: an independent implementation of each family.
-One JSON line per (regime, family, seed).
+One JSON line per (regime, family, seed); with --k-primes, a per-token family's line also holds "by_k": the
+same metrics of the one SAE encoded at each k' (mcc_live counts only the latents that fire at that k').
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ FAMILIES = (
     "batchtopk",
     "mutual_choice",
     "feature_choice",
+    "hierarchical_topk",
     "topk+matryoshka",
     "batchtopk+matryoshka",
     "plain_topk",
@@ -199,7 +202,15 @@ TrainConfig options)."""
 
 
 def run(
-    data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0
+    data: SyntheticConfig,
+    families,
+    width: float,
+    k_ratio: float,
+    steps: int,
+    batch: int,
+    regime: str,
+    seed: int = 0,
+    ks: tuple[int, ...] = (),
 ):
     planted = PlantedFeatures(data)
     n_latents, k = round(width * data.n_true), max(1, round(k_ratio * data.true_l0))
@@ -246,6 +257,7 @@ def run(
                     train_overrides=train_options,
                     sae_overrides=sae_options,
                     seed=seed,
+                    ks=ks,
                 )
             )
         row = {
@@ -258,7 +270,14 @@ def run(
             **row,
             "seconds": round(time.perf_counter() - t0, 1),
         }
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        print(json.dumps(rounded(row)), flush=True)
+
+
+def rounded(value):
+    """Floats to 4 decimals, inside dicts too (by_k)."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def main() -> None:
@@ -283,6 +302,9 @@ def main() -> None:
         help="width,k_ratio cells instead of the base or the sweep, e.g. 1,1 2,1 1,0.5",
     )
     ap.add_argument("--set", nargs="*", default=[], help="override the base regime, e.g. children=0 correlation=0")
+    ap.add_argument(
+        "--k-primes", default="", metavar="K1,K2,...", help="also score each per-token SAE at these k' (by_k)"
+    )
     args = ap.parse_args()
     overrides = {}
     for item in args.set:
@@ -295,9 +317,10 @@ def main() -> None:
     if args.cells:
         cells = [tuple(float(v) for v in cell.split(",")) for cell in args.cells]
     regime = "cells" if args.cells else "sweep" if args.sweep else "base"
+    ks = tuple(int(v) for v in args.k_primes.split(",") if v)
     for width, k_ratio in cells:
         for seed in args.seeds:
-            run(data, families, width, k_ratio, args.steps, args.batch, regime, seed)
+            run(data, families, width, k_ratio, args.steps, args.batch, regime, seed, ks)
 
 
 if __name__ == "__main__":

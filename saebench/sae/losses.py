@@ -137,6 +137,25 @@ def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
     return sorted(set(sizes.tolist())) + [n]
 
 
+def reconstruction_loss(
+    sae: SAE, x: torch.Tensor, sel: sparsify.Selection, total_var: torch.Tensor, prefixes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The family's reconstruction term: the normalised error of the full selection, plus (Matryoshka) that
+    of each latent prefix in `prefixes`, or (hierarchical) the mean over every prefix of the sorted selection.
+    -> (term, the full selection's normalised MSE, x_hat [batch d_in])."""
+    cfg = sae.cfg
+    if cfg.family.hierarchical:  # the last prefix is the full selection
+        errs, residual = PrefixErrors.apply(x - sae.b_dec, sel.values, sel.indices, sae.W_dec)
+        return errs.mean() / total_var, errs[-1] / total_var, x - residual
+    x_hat = sae.decode_selection(sel)
+    recon = mse = normalised_mse(x, x_hat, total_var=total_var)
+    if prefixes:
+        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
+        if cfg.matryoshka_reduce == "mean":
+            recon = recon / len(prefixes)
+    return recon, mse, x_hat
+
+
 def sae_loss(
     sae: SAE,
     x: torch.Tensor,
@@ -160,18 +179,7 @@ def sae_loss(
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce)
-    total_var = variance_sum(x, reduce)
-    if cfg.family.hierarchical:  # the mean of every prefix's error; the last prefix is the full selection
-        errs, residual = PrefixErrors.apply(x - sae.b_dec, sel.values, sel.indices, sae.W_dec)
-        x_hat, mse, recon = x - residual, errs[-1] / total_var, errs.mean() / total_var
-    else:
-        x_hat = sae.decode_selection(sel)
-        recon = mse = normalised_mse(x, x_hat, total_var=total_var)
-    prefixes = prefixes or cfg.matryoshka
-    if prefixes:
-        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
-        if cfg.matryoshka_reduce == "mean":
-            recon = recon / len(prefixes)
+    recon, mse, x_hat = reconstruction_loss(sae, x, sel, variance_sum(x, reduce), prefixes or cfg.matryoshka)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.family.aux == "aux_zipf" and freq is not None:
