@@ -56,28 +56,30 @@ class PrefixErrors(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r0: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor):
-        z, r = values.to(W_dec.dtype), r0.to(W_dec.dtype)
-        errs = r.new_empty(z.shape[1])
-        for j in range(z.shape[1]):
-            r = r - z[:, j, None] * W_dec[indices[:, j]]
-            errs[j] = r.pow(2).sum()
+        zt, r = values.to(W_dec.dtype).t().contiguous(), r0.to(W_dec.dtype, copy=True)
+        d, errs = torch.empty_like(r), r.new_empty(len(zt))
+        for j in range(len(zt)):  # in place: no [batch d] tensor is allocated per column
+            r.addcmul_(zt[j, :, None], torch.index_select(W_dec, 0, indices[:, j], out=d), value=-1)
+            errs[j] = torch.linalg.vector_norm(r).square()
         ctx.save_for_backward(r, values, indices, W_dec)
-        ctx.dtypes = r0.dtype, values.dtype
+        ctx.r0_dtype = r0.dtype
         ctx.mark_non_differentiable(r)
         return errs, r
 
     @staticmethod
     def backward(ctx, g_errs: torch.Tensor, _):
         r, values, indices, W_dec = ctx.saved_tensors
-        z, g = values.to(W_dec.dtype), 2 * g_errs.to(W_dec.dtype)
-        grad_z, grad_W, S = torch.empty_like(z), torch.zeros_like(W_dec), torch.zeros_like(r)
-        for j in reversed(range(z.shape[1])):
-            d = W_dec[indices[:, j]]
-            S = S + g[j] * r
-            grad_z[:, j] = -(d * S).sum(-1)
-            grad_W.index_add_(0, indices[:, j], S * -z[:, j, None])
-            r = r + z[:, j, None] * d
-        return S.to(ctx.dtypes[0]), grad_z.to(ctx.dtypes[1]), None, grad_W
+        zt, g = values.to(W_dec.dtype).t().contiguous(), 2 * g_errs.to(W_dec.dtype)
+        r, S, d, zS = r.clone(), torch.zeros_like(r), torch.empty_like(r), torch.empty_like(r)
+        dot, grad_W = torch.empty_like(zt), torch.zeros_like(W_dec)
+        for j in reversed(range(len(zt))):
+            z = zt[j, :, None]
+            torch.index_select(W_dec, 0, indices[:, j], out=d)
+            S.addcmul_(r, g[j])
+            torch.linalg.vecdot(d, S, out=dot[j])
+            grad_W.index_add_(0, indices[:, j], torch.mul(S, z, out=zS), alpha=-1)
+            r.addcmul_(z, d)
+        return S.to(ctx.r0_dtype), -dot.t().to(values.dtype), None, grad_W
 
 
 def auxk_loss(
