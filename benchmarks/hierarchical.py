@@ -53,9 +53,10 @@ def main() -> None:
     for rc in runs.values():
         sb.Run(rc.run_dir).write_config(rc)
     sae_cfgs = {name: rc.sae.resolve(harvester.widths[hook], hook, base.model) for name, rc in runs.items()}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     sb.train_saes(sae_cfgs, source, base.train, dirs={name: rc.run_dir for name, rc in runs.items()})
-    print(json.dumps({"train_seconds_all_five": round(time.perf_counter() - started), "tokens": args.tokens}))
+    seconds = {"seconds": round(time.perf_counter() - started), "cpu_seconds": round(time.process_time() - cpu)}
+    print(json.dumps({"trained": list(runs), "tokens": args.tokens, **seconds}), flush=True)
     for name, rc in runs.items():
         cfg = sae_cfgs[name]
         result = sb.eval_from_config(rc.run_dir, args.ks if cfg.family.hierarchical else ())[hook]

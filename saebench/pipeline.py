@@ -179,8 +179,8 @@ def analyze(
     homes = run.trained_homes()
     rc = run.config
     saes = run.load_saes()
-    for sae in saes.values():
-        if cfg.k is not None:
+    if cfg.k is not None:
+        for sae in saes.values():
             sae.check_k(cfg.k)
     model = run.load_model()
     harvester = Harvester(model, sorted(saes), exclude_special=True)

@@ -48,8 +48,7 @@ def features_firing_on(
     acts = Harvester(model, [hook], exclude_special=False).forward(torch.tensor([ids]))[hook][0]
     z = sae.encode(acts.to(sae.W_enc.dtype), k)
     special = set(tok.all_special_ids)
-    k = min(top, z.shape[-1])
-    vals, idx = z.abs().topk(k, dim=-1)
+    vals, idx = z.abs().topk(min(top, z.shape[-1]), dim=-1)
     out = []
     for p, t in enumerate(ids):
         feats = (

@@ -49,7 +49,7 @@ class Family:
     # the per-token family of a random baseline at matched scale (evaluate.random_baseline)
     baseline: Activation = "topk"
     # the selection is sorted by value and the loss averages the error of each of its prefixes
-    # (losses.prefix_errors), so that inference at any k' <= k truncates it (Balagansky et al. 2025)
+    # (losses.PrefixErrors), so that inference at any k' <= k truncates it (Balagansky et al. 2025)
     hierarchical: bool = False
 
     @property
