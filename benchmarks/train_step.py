@@ -6,14 +6,15 @@
     python benchmarks/train_step.py --device cpu --n 3072 --d 192 --k 64 --batch 4096 --steps 5 --cases fresh \
         --activation topk hierarchical_topk        # several families side by side; --naive-prefix-errors: see below
 
-One JSON line per (case, path) (CUDA kernels on, torch path): the median step (CUDA events) of
+One JSON line per (case, family, path) (CUDA kernels on, torch path): the median step (CUDA events) of
 SAETrainer.step as the training loop calls it (no host sync between log steps), tokens/s, and the
 share of a step spent in each part (timed separately with device syncs, so the shares are approximate).
 Cases: fresh (a new SAE); zipf (encoder biases that make a few latents fire on 10-50% of tokens,
 as in trained SAEs; the measured share is reported); dead (half the latents dead, so AuxK runs
 with k_aux = d/2 entries per token).
 Memory: saved_mb, what autograd keeps from the forward for the backward (parameters and the batch left
-out), and on CUDA peak_mb, the step's peak allocation above what was allocated before it. On a CPU,
+out), and on CUDA peak_mb, the step's peak allocation above what was allocated before it; max_rss_mb is the
+process's peak resident memory so far (run one --activation per process to read it per family). On a CPU,
 cpu_ms is the process's CPU time per step (all threads), steadier than the wall clock on a shared machine.
 --naive-prefix-errors: hierarchical_topk with the reference's materialised cumsum (autograd keeps
 [batch k d]) instead of losses.PrefixErrors, to see what the recurrence saves.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import torch
@@ -161,6 +163,7 @@ def run(path: str, case: str, activation: Activation, args, x: torch.Tensor, dev
     }
     mark_dead(trainer, case)
     row["saved_mb"], row["peak_mb"] = memory_mb(trainer, x, device)
+    row["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     mark_dead(trainer, case)
     row["share"] = parts_ms(trainer, x, device)
     return row
