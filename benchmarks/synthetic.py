@@ -5,6 +5,7 @@
     python benchmarks/synthetic.py --families topk topk:enc_init_scale=1 topk:lr=1e-3,decay_fraction=0 \
  # trainer options
     python benchmarks/synthetic.py --set rank=16 --cells 4,1 --families topk topk:init=subspace  # low-rank data
+    python benchmarks/synthetic.py --families hierarchical_topk --cells 1,2 --k-primes 2,4,8,16  # one SAE at each k'
 
 The base regime: d 64, 768 planted features (5x superposition), true L0 8, Zipf frequencies, a
 quarter of the features in parent/3-children trees (children exclusive, only with their parent),
@@ -20,7 +21,8 @@ the peers venv of benchmarks/peers.py: an independent implementation of each fam
 JumpReLU takes an L0 coefficient rather than k: `saelens_jumprelu:l0_coef=0.15,tries=3` trains it at
 `tries` coefficients toward L0 = k (peers.l0_search), the first l0_coef (in saebench's units, λ of
 FVU + λ L0 / k) * E||x - mean||^2 / k in SAELens' (which sums the squared error over d), a row each.
-One JSON line per (regime, family, seed).
+One JSON line per (regime, family, seed); with --k-primes, a per-token family's line also holds "by_k": the
+same metrics of the one SAE encoded at each k' (mcc_live counts only the latents that fire at that k').
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ FAMILIES = (
     "mutual_choice",
     "feature_choice",
     "jumprelu",
+    "hierarchical_topk",
     "topk+matryoshka",
     "batchtopk+matryoshka",
     "plain_topk",
@@ -227,7 +230,15 @@ TrainConfig options)."""
 
 
 def run(
-    data: SyntheticConfig, families, width: float, k_ratio: float, steps: int, batch: int, regime: str, seed: int = 0
+    data: SyntheticConfig,
+    families,
+    width: float,
+    k_ratio: float,
+    steps: int,
+    batch: int,
+    regime: str,
+    seed: int = 0,
+    ks: tuple[int, ...] = (),
 ):
     planted = PlantedFeatures(data)
     n_latents, k = round(width * data.n_true), max(1, round(k_ratio * data.true_l0))
@@ -285,6 +296,7 @@ def run(
                         train_overrides=train_options,
                         sae_overrides=sae_options,
                         seed=seed,
+                        ks=ks,
                     )
                 )
             ]
@@ -299,7 +311,14 @@ def run(
                 **row,
                 "seconds": row.get("seconds", round(time.perf_counter() - t0, 1)),
             }
-            print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+            print(json.dumps(rounded(row)), flush=True)
+
+
+def rounded(value):
+    """Floats to 4 decimals, inside dicts too (by_k)."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def main() -> None:
@@ -325,6 +344,9 @@ def main() -> None:
         help="width,k_ratio cells instead of the base or the sweep, e.g. 1,1 2,1 1,0.5",
     )
     ap.add_argument("--set", nargs="*", default=[], help="override the base regime, e.g. children=0 correlation=0")
+    ap.add_argument(
+        "--k-primes", default="", metavar="K1,K2,...", help="also score each per-token SAE at these k' (by_k)"
+    )
     args = ap.parse_args()
     overrides = {}
     for item in args.set:
@@ -337,9 +359,10 @@ def main() -> None:
     if args.cells:
         cells = [tuple(float(v) for v in cell.split(",")) for cell in args.cells]
     regime = "cells" if args.cells else "sweep" if args.sweep else "base"
+    ks = tuple(int(v) for v in args.k_primes.split(",") if v)
     for width, k_ratio in cells:
         for seed in args.seeds:
-            run(data, families, width, k_ratio, args.steps, args.batch, regime, seed)
+            run(data, families, width, k_ratio, args.steps, args.batch, regime, seed, ks)
 
 
 if __name__ == "__main__":

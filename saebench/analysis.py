@@ -53,6 +53,7 @@ class AnalysisConfig:
     batch_size: int = 64  # contexts per model forward
     checkpoint_tokens: int = 500_000
     seed: int = 0
+    k: int | None = None  # k' latents per token (per-token families, SAE.check_k); None: each SAE's own rule
 
     def __post_init__(self) -> None:
         for name in ("n_examples", "n_intervals", "per_interval", "n_samples", "batch_size", "n_neighbours", "n_logit"):
@@ -496,10 +497,11 @@ def logit_lens(
     return top_ids, top_values, bottom_ids, bottom_values
 
 
-def sparse_codes(sae: SAE, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """acts: [rows d_in] -> the SAE's inference codes as (row, feature, value), each [e], row ascending."""
+def sparse_codes(sae: SAE, acts: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """acts: [rows d_in] -> the SAE's inference codes (at k', given k) as (row, feature, value), each [e],
+    row ascending."""
     pre = sae.pre_acts(acts.to(sae.W_enc.dtype))
-    sel = sae.select(pre, train=False)
+    sel = sae.select(pre, train=False, k=k)
     return sel.rows().reshape(-1), sel.indices.reshape(-1), sel.values.reshape(-1)
 
 
@@ -562,7 +564,7 @@ def accumulate(
         b, pos = keep.to(device).nonzero(as_tuple=True)
         row_token = (b + i) * ctx + pos
         for name, (sae, hook) in saes.items():
-            accs[name].update(*sparse_codes(sae, acts[hook]), row_token)
+            accs[name].update(*sparse_codes(sae, acts[hook], cfg.k), row_token)
         tokens_done += len(row_token)
         since_checkpoint += len(row_token)
         bar.update(len(row_token))

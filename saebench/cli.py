@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
 
     suites = args.suite.split(",")
-    for hook, result in eval_from_config(args.run, suites, overrides=args.set).items():
+    for hook, result in eval_from_config(args.run, suites, overrides=args.set, ks=args.k).items():
         print(hook)
         if "core" in suites:
             columns = {"sae": "sae", "sae_without_gradients": "sae no grad", "random_baseline": "random"}
@@ -65,7 +65,22 @@ def _eval(args: argparse.Namespace) -> None:
         for name in suites:
             if name != "core":
                 print(f"{name}: {json.dumps(result[name])}")
+        if args.k and "core" in suites:
+            by_k = result["by_k"]
+            print("at k'".ljust(30) + "".join(f"{f'sae@{k}':>12}{f'random@{k}':>12}" for k in by_k))
+            for key in EVAL_METRICS:
+                row = (f"{r['sae'][key]:>12.4f}{r['random_baseline'][key]:>12.4f}" for r in by_k.values())
+                print(f"{key:<30}" + "".join(row))
         print(f"written to {result['run']}/eval.json")
+
+
+def _k_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give k' values as integers separated by commas, e.g. 8,16,32"
+        ) from None
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -77,6 +92,7 @@ def _analyze(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         checkpoint_tokens=args.checkpoint_tokens,
         seed=args.seed,
+        k=args.k,
     )
     summary = analyze(args.run, cfg, resume=args.resume, restart=args.restart)
     print(json.dumps(summary))
@@ -244,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval key, e.g. eval.n_tokens=50000"
     )
+    p.add_argument(
+        "--k",
+        type=_k_list,
+        default=[],
+        metavar="K1,K2,...",
+        help="also evaluate at these k' latents per token (a per-token SAE, e.g. hierarchical_topk); eval.json by_k",
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")
@@ -257,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=ANALYSIS.n_examples, help="top-activating examples kept per feature")
     p.add_argument("--batch-size", type=int, default=ANALYSIS.batch_size, help="contexts per model forward")
     p.add_argument("--seed", type=int, default=ANALYSIS.seed, help="seed of the per-feature uniform samples")
+    p.add_argument("--k", type=int, default=None, help="encode at k' latents per token (a per-token SAE)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted analysis from its last checkpoint")
     p.add_argument("--restart", action="store_true", help="discard an interrupted analysis and start over")
     p.add_argument("--checkpoint-tokens", type=int, default=ANALYSIS.checkpoint_tokens, help=argparse.SUPPRESS)

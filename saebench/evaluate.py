@@ -68,10 +68,15 @@ def max_cosine(rows: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: SAE, acts: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 4096, grads: torch.Tensor | None = None
+    sae: SAE,
+    acts: torch.Tensor | Iterable[torch.Tensor],
+    batch_size: int = 4096,
+    grads: torch.Tensor | None = None,
+    k: int | None = None,
 ) -> dict:
     """acts: [n d_in] tensor or iterable of [batch d_in] batches. grads: [n d_in], the model's loss gradient
-    at each row of a tensor `acts`, for the families that rank by it (encoded without: plain TopK)."""
+    at each row of a tensor `acts`, for the families that rank by it (encoded without: plain TopK);
+    k: encode at k' (SAE.check_k)."""
     sae = sae.eval()
     if isinstance(acts, torch.Tensor):
         rows = range(0, len(acts), batch_size)
@@ -88,7 +93,7 @@ def evaluate_sae(
         x = x.to(dev, torch.float32)
         if not torch.isfinite(x).all():
             raise DataError("NaN or inf in the evaluation activations")
-        z = sae.encode(x, None if grad is None else grad.to(dev, torch.float32))
+        z = sae.encode(x, None if grad is None else grad.to(dev, torch.float32), k=k)
         x_hat = sae.decode(z)
         rss = (x - x_hat).double().pow(2).sum(-1)
         tss = (x - x.mean(0)).double().pow(2).sum(-1)
@@ -144,8 +149,8 @@ def evaluate_sae(
 
 
 @torch.no_grad()
-def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345) -> SAE:
-    """Same shape and k, random unit directions (tied encoder), trained b_dec; the family's per-token
+def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345, k: int | None = None) -> SAE:
+    """Same shape and k (or k'), random unit directions (tied encoder), trained b_dec; the family's per-token
     baseline rule (TopK, or AbsTopK for a signed family).
 
     Matched scale: given acts [n d_in], the codes are scaled (through W_enc) by the least-squares
@@ -156,7 +161,7 @@ def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 1234
         d_in=sae.cfg.d_in,
         n_latents=sae.cfg.n_latents,
         activation=sae.cfg.family.baseline,
-        k=sae.cfg.k,
+        k=k or sae.cfg.k,
     )
     base = SAE(cfg, device=sae.W_dec.device, seed=seed)
     base.b_dec.copy_(sae.b_dec)
@@ -177,9 +182,10 @@ def spliced_losses(
     batch_size: int = 16,
     convention: str = "non_special",
     gradients: bool = False,
+    k: int | None = None,
 ) -> dict:
     """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output, in one of
-    CE_CONVENTIONS (the module docstring says what each splices and counts).
+    CE_CONVENTIONS (the module docstring says what each splices and counts); k: the SAE at k' (SAE.check_k).
     gradients: the SAE encodes each activation with the clean run's loss gradient there (one more
     forward and a backward per batch; the gradient reads the true next tokens, as in training)."""
     grads_at = Harvester(model, [hook], gradients=True) if gradients else None
@@ -199,7 +205,7 @@ def spliced_losses(
         def patch(kind, where=where, grad=grad):
             def fn(act, hook):
                 flat = flatten_heads(act)
-                new = sae(flat, grad) if kind == "sae" else torch.zeros_like(flat)
+                new = sae(flat, grad, k=k) if kind == "sae" else torch.zeros_like(flat)
                 return torch.where(where[..., None], new.to(flat.dtype), flat).reshape(act.shape)
 
             return fn

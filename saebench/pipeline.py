@@ -115,18 +115,23 @@ def eval_from_config(
     suites: Sequence[str] = DEFAULT_SUITES,
     show_progress: bool = True,
     overrides: Sequence[str] = (),
+    ks: Sequence[int] = (),
 ) -> dict[str, dict]:
     """`saebench eval RUN [--suite ...] [--set eval.KEY=VALUE]`: the named suites for every SAE of the run, each
     SAE next to a random SAE at matched scale, on held-out activations from one model pass for all of them; each
     SAE's eval.json keeps the sections of suites not run now. `overrides` change the run's config for this
-    evaluation only. Returns hook -> eval.json.
+    evaluation only. ks: the core figures at each k' too (`--k 8,16`; per-token families, SAE.check_k), in
+    eval.json's "by_k" section keyed by k'. Returns hook -> eval.json.
     An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core)."""
     check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
     cfg = from_dict(RunConfig, apply_overrides(to_dict(run.config), overrides)) if overrides else run.config
-    model = run.load_model()
     saes = run.load_saes()
+    for sae in saes.values():
+        for k in ks:
+            sae.check_k(k)
+    model = run.load_model()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     gradients = any(sae.cfg.family.gradients for sae in saes.values())
     harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special, gradients=gradients)
@@ -146,7 +151,7 @@ def eval_from_config(
         acts = torch.cat([batch[hook] for batch in batches])
         grads = torch.cat([batch[grad_key(hook)] for batch in batches]) if sae.cfg.family.gradients else None
         baseline = random_baseline(sae, acts)
-        inputs = EvalInputs(run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, show_progress)
+        inputs = EvalInputs(run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, ks, show_progress)
         results[hook] = run_suites(inputs, suites, run.eval(hook))
         run.write_eval(hook, results[hook])
     return results
@@ -178,8 +183,11 @@ def analyze(
     run = Run(run_dir)
     homes = run.trained_homes()
     rc = run.config
-    model = run.load_model()
     saes = run.load_saes()
+    if cfg.k is not None:
+        for sae in saes.values():
+            sae.check_k(cfg.k)
+    model = run.load_model()
     harvester = Harvester(model, sorted(saes), exclude_special=True)
     contexts = load_contexts(
         dataclasses.replace(rc.data, split=cfg.split), model.tokenizer, show_progress=show_progress
@@ -244,6 +252,7 @@ def analyze(
             "data": dataclasses.asdict(rc.data),
             "activation": sae.cfg.activation,
             "k": sae.cfg.k,
+            "inference_k": cfg.k,  # k' the codes were taken at (`--k`); None: the SAE's own rule
             "d_in": sae.cfg.d_in,
             "signed": sae.cfg.family.signed,
             "n_examples": cfg.n_examples,

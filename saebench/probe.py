@@ -31,10 +31,11 @@ class PromptFeatures:
 
 @torch.no_grad()
 def features_firing_on(
-    model, sae: SAE, hook: str, prompt: str, top: int = 10, vocab: list[str] | None = None
+    model, sae: SAE, hook: str, prompt: str, top: int = 10, vocab: list[str] | None = None, k: int | None = None
 ) -> PromptFeatures:
     """Encode `prompt` (BOS first, cut to the model's context) at `hook` and list per token its `top`
     features by |code|. Special tokens (BOS) are listed with no features, as in the analysis.
+    k: encode at k' latents per token (a per-token SAE, e.g. a hierarchical one; SAE.check_k).
 
     vocab: each token id's text (a store's `FeatureStore.vocab`, so pieces read as in its cards);
     ids beyond it, or all ids when None, are decoded by the model's tokenizer."""
@@ -45,7 +46,7 @@ def features_firing_on(
     truncated = len(ids) > n_ctx
     ids = ids[:n_ctx]
     acts = Harvester(model, [hook], exclude_special=False).forward(torch.tensor([ids]))[hook][0]
-    z = sae.encode(acts.to(sae.W_enc.dtype))
+    z = sae.encode(acts.to(sae.W_enc.dtype), k=k)
     special = set(tok.all_special_ids)
     vals, idx = z.abs().topk(min(top, z.shape[-1]), dim=-1)
     out = []

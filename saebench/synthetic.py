@@ -233,15 +233,20 @@ def score_sae(
     codes: torch.Tensor,
     block: int = 4096,
 ) -> dict:
-    """Every recovery metric for one trained SAE. encode: [b d] -> [b n_latents] dense latents."""
+    """Every recovery metric for one trained SAE. encode: [b d] -> [b n_latents] dense latents.
+
+    mcc_live: MCC with only the latents that fire on the held-out set (under this encode) matched, over the
+    same min(n_true, n_latents) pairs: a latent that never fires recovers nothing (e.g. at a small k')."""
     latent, sim = match_latents(W_dec, planted.directions)
     with torch.no_grad():
         acts = torch.cat([encode(held_out[i : i + block]) for i in range(0, len(held_out), block)])
     true_l0 = float((codes > 0).sum(-1).float().mean())
     l0 = float((acts != 0).sum(-1).float().mean())
     freq = (acts != 0).float().mean(0)  # [n_latents] share of held-out tokens each latent fires on
+    live = freq > 0
     return {
         **recovery_metrics(W_dec, planted.directions),
+        "mcc_live": float(match_latents(W_dec[live], planted.directions)[1].sum() / min(len(sim), len(W_dec))),
         **absorption(acts, codes, planted.parent, latent, sim, W_dec, planted.directions),
         "l0": round(l0, 2),
         "true_l0": round(true_l0, 2),
@@ -278,12 +283,15 @@ def iter_synthetic_bench(
     held_out_tokens: int = 16_384,
     train_overrides: dict | None = None,
     sae_overrides: dict | None = None,
+    ks: tuple[int, ...] = (),
 ) -> Iterator[dict]:
     """Train each family on the same planted features, yielding its row of recovery metrics as soon as it is
     trained (lr None = the trainer's default), then the random decoder's row (random_row), the floor.
 
-    train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults."""
-    data = data or SyntheticConfig()
+    train_overrides / sae_overrides: TrainConfig / SAEConfig fields to change from their defaults.
+    ks: a per-token family's row also scores the one SAE at each k' (SAE.check_k): "by_k" {k': metrics}."""
+    if data is None:
+        data = SyntheticConfig()
     planted = PlantedFeatures(data)
     n_latents = n_latents or data.n_true
     k = k or round(data.true_l0)
@@ -306,13 +314,15 @@ def iter_synthetic_bench(
         )
         sae, report = train_sae(cfg, planted.stream(batch_size, seed), train, show_progress=False)
         sae.eval()
-        yield {
-            "activation": activation,
-            "matryoshka": bool(prefixes),
-            "n_latents": n_latents,
-            "k": k,
-            **score_sae(sae.encode, sae.W_dec.detach().cpu(), planted, held_out, codes),
-            "fvu": round(evaluate_sae(sae, held_out)["fvu"], 4),
-            "train_tokens_per_s": report.get("tokens_per_s"),
-        }
+
+        def scores(k_prime: int | None = None, sae=sae) -> dict:
+            return {
+                **score_sae(lambda x: sae.encode(x, k=k_prime), sae.W_dec.detach().cpu(), planted, held_out, codes),
+                "fvu": round(evaluate_sae(sae, held_out, k=k_prime)["fvu"], 4),
+            }
+
+        row = {"activation": activation, "matryoshka": bool(prefixes), "n_latents": n_latents, "k": k, **scores()}
+        if ks and not cfg.family.threshold:
+            row["by_k"] = {str(k_prime): scores(k_prime) for k_prime in ks}
+        yield {**row, "train_tokens_per_s": report.get("tokens_per_s")}
     yield random_row(planted, n_latents, k, held_out, codes)

@@ -49,13 +49,13 @@ def make_run(
     return run, rc
 
 
-def brute_force(model, rc, sae):
-    """Dense codes of every analysed token: z [rows n], token ids [rows], contexts [n_ctx ctx]."""
+def brute_force(model, rc, sae, k=None):
+    """Dense codes (at k', given k) of every analysed token: z [rows n], token ids [rows], contexts [n_ctx ctx]."""
     contexts = sb.load_contexts(rc.data, model.tokenizer, show_progress=False)
     acts, keep = Harvester(model, [sae.cfg.hook]).activations(contexts.tokens, contexts.special_mask)
     b, pos = keep.nonzero(as_tuple=True)
     with torch.no_grad():
-        z = sae.encode(acts[sae.cfg.hook])
+        z = sae.encode(acts[sae.cfg.hook], k=k)
     return z, b * contexts.tokens.shape[1] + pos, contexts.tokens
 
 
@@ -100,6 +100,23 @@ def test_statistics_equal_brute_force(analysed):
         exact = torch.quantile(values.double(), torch.tensor(list(card.quantiles), dtype=torch.float64))
         # read from 20-per-decade bins, each quantile lies within two bins of the exact one
         assert (torch.tensor(list(card.quantiles.values())).double().log10() - exact.log10()).abs().max() <= 2 / 20
+
+
+@pytest.mark.slow
+def test_analysis_at_k_prime_equals_brute_force(tmp_path, tiny):
+    run, rc = make_run(tmp_path, activation="hierarchical_topk", k=6)
+    n = sb.analyze(run, dataclasses.replace(CFG, k=2, n_tokens=2000), show_progress=False)["n_tokens"]
+    z, token, _ = brute_force(tiny, rc, sb.SAE.load(run / "sae"), k=2)
+    z, token = z[:n], token[:n]  # the analysed contexts: the first ones, whole
+    store = sb.FeatureStore(run)
+    assert (store.meta["inference_k"], store.meta["k"]) == (2, 6) and (z != 0).sum(-1).max() == 2
+    assert store.table()["n_fires"].tolist() == (z != 0).sum(0).tolist()
+    for f in range(0, 128, 9):
+        want = top_by_brute_force(z, token, f, CFG.n_examples)
+        assert [v for v in (ex.value for ex in store.feature(f).top_examples)] == pytest.approx([v for _, v in want])
+    batch, _ = make_run(tmp_path, activation="batchtopk", name="batch")
+    with pytest.raises(sb.ConfigError, match="learned threshold"):
+        sb.analyze(batch, dataclasses.replace(CFG, k=2), show_progress=False)
 
 
 def test_top_examples_are_the_exact_top_activations(analysed):

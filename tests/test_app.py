@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 from streamlit.testing.v1 import AppTest
-from test_analysis import make_run
+from test_analysis import HOOK, make_run
 
 import saebench as sb
 from saebench.analysis import AnalysisConfig
@@ -201,6 +201,52 @@ def test_prompt_page_empty_and_too_long_prompts(app_runs, monkeypatch):
     assert any("Type some text" in i.value for i in at.info)
     at = page("pages/2_Prompt.py", [run], monkeypatch, prompt="word " * 400)
     assert any("longer than the model's context" in w.value for w in at.warning)
+
+
+@pytest.fixture(scope="module")
+def hierarchical_run(tmp_path_factory):
+    run, _ = make_run(tmp_path_factory.mktemp("hierarchical"), activation="hierarchical_topk", k=6, name="hier")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["eval"].update(n_tokens=2000, n_contexts=4)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    eval_from_config(run, ks=[2, 6])
+    sb.analyze(run, AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, k=2), show_progress=False)
+    return run
+
+
+@pytest.mark.slow
+def test_a_hierarchical_sae_gets_a_k_prime_selector_and_its_eval_at_each_k(
+    hierarchical_run, app_runs, monkeypatch, tiny
+):
+    run, prompt = hierarchical_run, "And God said, Let there be light"
+    result = json.loads((run / "eval.json").read_text())
+    at = page("Home.py", [run], monkeypatch)
+    by_k: Any = at.dataframe[1].value.set_index("metric")
+    assert by_k["sae k′=2"]["fvu"] == pytest.approx(result["by_k"]["2"]["sae"]["fvu"])
+    assert by_k["random k′=6"]["ce_recovered"] == pytest.approx(result["by_k"]["6"]["random_baseline"]["ce_recovered"])
+    assert any("analysed at k′=2" in c.value for c in at.caption)
+
+    sae, store = sb.SAE.load(run / "sae"), sb.FeatureStore(run)
+    at = page("pages/2_Prompt.py", [run], monkeypatch, prompt=prompt, k=2)
+    assert at.select_slider(key="k").value == 2 and at.query_params["k"] == "2"
+
+    def shown_features(at):
+        return [row for row in at.dataframe[0].value["features"]]
+
+    for k in (2, 5):
+        want = sb.features_firing_on(tiny, sae, HOOK, prompt, top=64, vocab=store.vocab, k=k)
+        assert shown_features(at) == [
+            "" if t.special else ", ".join(f"{f} ({v:.2f})" for f, v in t.features[:5]) for t in want.tokens
+        ]
+        assert max(len(t.features) for t in want.tokens) == k
+        at.select_slider(key="k").set_value(5).run()
+    assert at.query_params["k"] == "5"
+    at = page("pages/2_Prompt.py", [run], monkeypatch, prompt=prompt, k=99)
+    assert any("outside 1..6" in w.value for w in at.warning) and at.select_slider(key="k").value == 6
+
+    plain, _ = app_runs  # a topk SAE: no selector, and an eval without --k has no by_k
+    assert not page("pages/2_Prompt.py", [plain], monkeypatch, prompt=prompt).select_slider
+    assert "by_k" not in json.loads((plain / "eval.json").read_text())
 
 
 @pytest.fixture(scope="module")

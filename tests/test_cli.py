@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import saebench as sb
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -156,6 +158,37 @@ def test_train_d_in_mismatch_names_both_numbers(config, tmp_path):
 
 def test_eval_of_a_missing_run(tmp_path):
     assert "is not a finished training run" in one_error_line(run_cli("eval", "runs/nothing", cwd=tmp_path))
+
+
+@pytest.mark.slow
+def test_eval_and_analyze_at_k_prime_from_the_cli(tmp_path):
+    from test_analysis import make_run
+
+    run, _ = make_run(tmp_path, activation="hierarchical_topk", k=6)
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(
+        cfg.replace("n_tokens: 100000", "n_tokens: 2000").replace("n_contexts: 64", "n_contexts: 4")
+    )
+    result = run_cli("eval", str(run), "--k", "2,6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval.json").read_text())
+    assert list(report["by_k"]) == ["2", "6"] and report["by_k"]["6"]["sae"] == report["sae"]
+    assert report["by_k"]["2"]["sae"]["l0"] <= 2 and report["by_k"]["2"]["random_baseline"]["l0"] <= 2
+    assert report["by_k"]["2"]["sae"]["fvu"] != report["sae"]["fvu"]
+    assert {"ce_recovered", "kl_score"} <= report["by_k"]["2"]["sae"].keys() & report["by_k"]["2"][
+        "random_baseline"
+    ].keys()
+    table = result.stdout.splitlines()
+    header = next(line for line in table if line.startswith("at k'"))
+    assert header.split()[2:] == ["sae@2", "random@2", "sae@6", "random@6"]
+    fvu = [line for line in table if line.startswith("fvu ")][1].split()
+    assert float(fvu[1]) == pytest.approx(report["by_k"]["2"]["sae"]["fvu"], abs=1e-4)
+    assert run_cli("analyze", str(run), "--k", "2", "--tokens", "300", cwd=tmp_path).returncode == 0
+    assert sb.FeatureStore(run).meta["inference_k"] == 2
+    batch, _ = make_run(tmp_path, activation="batchtopk", name="batch")
+    assert "learned threshold" in one_error_line(run_cli("eval", str(batch), "--k", "4", cwd=tmp_path))
+    bad = run_cli("eval", str(run), "--k", "2,x", cwd=tmp_path)
+    assert bad.returncode == 2 and "integers separated by commas" in bad.stderr
 
 
 def test_two_hooks_train_in_one_pass_and_evaluate(config, tmp_path):

@@ -205,3 +205,37 @@ def test_spliced_losses_in_sae_bench_convention(tiny):
     assert abs(ours["ce_sae"] - out["ce_sae"]) > 1e-3  # the two conventions are different numbers
     with pytest.raises(sb.ConfigError, match="ce_convention"):
         spliced_losses(tiny, sae, hook, sb.TokenContexts(tokens, special), convention="SAEBench")
+
+
+def at_k(sae: sb.SAE, k: int) -> sb.SAE:
+    """The same weights in an SAE whose own k is k (the path a k' must agree with)."""
+    import dataclasses
+
+    other = sb.SAE(dataclasses.replace(sae.cfg, k=k))
+    other.load_state_dict(sae.state_dict())
+    return other.eval()
+
+
+def test_figures_at_k_prime_are_those_of_the_sae_at_that_k(tiny):
+    torch.manual_seed(0)
+    d = tiny.cfg.d_model
+    sae = sb.SAE(sb.SAEConfig(d_in=d, n_latents=4 * d, k=12, activation="hierarchical_topk")).eval()
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2)
+    x = torch.randn(500, d) * 2
+    got = evaluate_sae(sae, x, k=3)
+    with torch.no_grad():  # brute force: the 3 largest, ReLU'd
+        top = sae.pre_acts(x).topk(3, dim=-1)
+        z = torch.zeros(500, 4 * d).scatter(1, top.indices, top.values.clamp(min=0))
+        rss = (x - z @ sae.W_dec - sae.b_dec).pow(2).sum()
+    assert got["fvu"] == pytest.approx(float(rss / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
+    assert got["l0"] <= 3 and got == evaluate_sae(at_k(sae, 3), x)
+    assert random_baseline(sae, x, k=3).cfg.k == 3 and evaluate_sae(random_baseline(sae, x, k=3), x)["l0"] <= 3
+    ctx = sb.load_contexts(
+        sb.DataConfig(split="test", max_documents=40, context_size=32), tiny.tokenizer, show_progress=False
+    )
+    ctx = sb.TokenContexts(ctx.tokens[:4], ctx.special_mask[:4])
+    hook = "blocks.0.hook_resid_post"
+    spliced = spliced_losses(tiny, sae, hook, ctx, k=3)
+    assert spliced == spliced_losses(tiny, at_k(sae, 3), hook, ctx)
+    assert spliced["ce_sae"] != spliced_losses(tiny, sae, hook, ctx)["ce_sae"]

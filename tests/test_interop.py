@@ -40,19 +40,27 @@ def trained_like(activation, matryoshka=None):
 
 @pytest.mark.parametrize(
     "activation, matryoshka",
-    [("topk", None), ("batchtopk", None), ("feature_choice", None), ("batchtopk", [10, 20, 40]), ("jumprelu", None)],
+    [
+        ("topk", None),
+        ("batchtopk", None),
+        ("feature_choice", None),
+        ("batchtopk", [10, 20, 40]),
+        ("jumprelu", None),
+        ("hierarchical_topk", None),
+    ],
 )
 def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     sae = trained_like(activation, matryoshka)
     save_saelens(sae, tmp_path)
     meta = json.loads((tmp_path / "cfg.json").read_text())
-    assert meta["architecture"] == ("topk" if activation == "topk" else "jumprelu") and meta["d_sae"] == 40
+    # a hierarchical SAE at its k is a plain TopK SAE for SAELens; saebench reads it back as hierarchical
+    assert meta["architecture"] == ("jumprelu" if sae.cfg.family.batch_selection else "topk") and meta["d_sae"] == 40
     back = sb.load_sae(tmp_path)
     x = torch.randn(30, 12) * 2
     assert torch.equal(back.encode(x), sae.encode(x))
     assert torch.equal(back(x), sae(x))
     assert back.cfg.matryoshka == matryoshka and back.cfg.hook == "blocks.0.hook_resid_post"
-    assert back.cfg.activation == activation  # saebench_activation keeps the family of a saebench export
+    assert (back.cfg.activation, back.cfg.k) == (activation, 5)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +86,15 @@ def test_saelens_jumprelu_folders_load_as_jumprelu(tmp_path, metadata, family):
     x = torch.randn(50, 6)
     pre = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
     assert torch.allclose(sae.encode(x), pre.relu() * (pre > thr), atol=1e-5)
+
+
+def test_a_hierarchical_sae_round_trips_in_saebench_format_at_every_k(tmp_path):
+    sae = trained_like("hierarchical_topk")
+    sae.save(tmp_path)
+    back = sb.SAE.load(tmp_path)
+    x = torch.randn(30, 12) * 2
+    assert back.cfg == sae.cfg and back.cfg.family.hierarchical
+    assert all(torch.equal(back.encode(x, k=k), sae.encode(x, k=k)) for k in range(1, 6))
 
 
 def test_reads_a_saelens_jumprelu_without_b_dec_on_input(tmp_path):
@@ -335,6 +352,7 @@ TO_SAELENS = {
     "batchtopk": ("batchtopk", "blocks.0.hook_resid_post", "JumpReLUSAE"),
     "hook_z": ("topk", "blocks.0.attn.hook_z", "TopKSAE"),
     "jumprelu": ("jumprelu", "blocks.0.hook_resid_post", "JumpReLUSAE"),
+    "hierarchical": ("hierarchical_topk", "blocks.0.hook_resid_post", "TopKSAE"),  # SAELens' TopK at its k
 }
 FROM_SAELENS = ["topk", "topk_rescale", "topk_rescale_hook_z", "jumprelu_no_b_dec_in", "batchtopk", "jumprelu_trained"]
 HEADS = 3  # d_in 12 = 3 heads x 4

@@ -324,3 +324,119 @@ def test_jumprelu_reattached_selection_gives_the_same_gradients(monkeypatch):
         grads.append({"loss": out.loss.detach(), **{n: cast(torch.Tensor, p.grad) for n, p in sae.named_parameters()}})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- HierarchicalTopK (Balagansky et al. 2025) ----------------------------------------------------
+def naive_prefix_errors(r0, values, indices, W_dec):
+    """The reference's way: every prefix sum materialised, [batch k d], and autograd through it."""
+    prefix = (values[..., None] * W_dec[indices]).cumsum(1)
+    return (r0[:, None] - prefix).pow(2).sum((0, 2))
+
+
+def test_prefix_errors_and_gradients_match_the_naive_cumsum():
+    from saebench.sae.losses import PrefixErrors
+
+    torch.manual_seed(0)
+    r0 = torch.randn(B, D, requires_grad=True)
+    values = torch.randn(B, K + 3, requires_grad=True)  # any values: zeros and negatives too
+    with torch.no_grad():
+        values[:3, -2:] = 0
+    indices = torch.randint(0, N, (B, K + 3))  # repeats within a token too
+    W_dec = (torch.randn(N, D) * 1.7).requires_grad_()  # rows not unit-norm: the recurrence must not assume it
+    weights = torch.rand(K + 3)  # a general upstream gradient, not only the mean
+    errs, residual = PrefixErrors.apply(r0, values, indices, W_dec)
+    (errs * weights).sum().backward()
+    got = [cast(torch.Tensor, t.grad).clone() for t in (r0, values, W_dec)]
+    for t in (r0, values, W_dec):
+        t.grad = None
+    want = naive_prefix_errors(r0, values, indices, W_dec)
+    (want * weights).sum().backward()
+    assert torch.allclose(errs, want, rtol=1e-5)
+    assert torch.allclose(residual, r0 - (values[..., None] * W_dec[indices]).sum(1), atol=1e-5)
+    for g, t in zip(got, (r0, values, W_dec), strict=True):
+        assert torch.allclose(g, cast(torch.Tensor, t.grad), atol=1e-4, rtol=1e-4)
+
+
+def test_hierarchical_loss_and_gradients_match_a_dense_reference():
+    torch.manual_seed(0)
+    k = 6
+    sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, activation="hierarchical_topk", k=k, k_aux=5), seed=1)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+    x = torch.randn(B, D)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True
+    out = sae_loss(sae.train(), x, dead=dead)
+    out.loss.backward()
+    got = {n: cast(torch.Tensor, p.grad).clone() for n, p in sae.named_parameters()}
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    order = pre.argsort(dim=-1, descending=True)[:, :k]  # sorted by value, descending
+    values = pre.gather(1, order).clamp(min=0)
+    var = ((x - x.mean(0)) ** 2).sum()
+    prefix = (values[..., None] * params["W_dec"][order]).cumsum(1) + params["b_dec"]  # [B k D]
+    recon = ((x[:, None] - prefix) ** 2).sum((0, 2)).mean() / var
+    x_hat = prefix[:, -1]
+    # AuxK on the full top-k's error, as for topk
+    cand = torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(5, dim=-1)
+    e_hat = torch.zeros(B, N).scatter(1, cand.indices, cand.values.clamp(min=0)) @ params["W_dec"]
+    error = (x - x_hat).detach()
+    aux = ((error - e_hat) ** 2).sum() / ((error - error.mean(0)) ** 2).sum()
+    loss = recon + sae.cfg.aux_coef * aux
+    loss.backward()
+
+    assert torch.equal(out.selection.indices, order) and torch.allclose(out.selection.values, values, atol=1e-6)
+    assert torch.allclose(out.x_hat, x_hat, atol=1e-5)
+    assert torch.allclose(out.mse, ((x - x_hat) ** 2).sum() / var, rtol=1e-5)
+    assert torch.allclose(out.aux, aux, rtol=1e-5) and out.aux > 0
+    assert torch.allclose(out.loss, loss, rtol=1e-5)
+    for name, p in params.items():
+        assert torch.allclose(got[name], cast(torch.Tensor, p.grad), atol=1e-5, rtol=1e-4), name
+
+
+def largest_saved_for_backward(fn) -> int:
+    """The most elements of any one tensor that autograd keeps for the backward of fn()."""
+    saved = [0]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        fn()
+    return max(saved)
+
+
+def test_hierarchical_loss_keeps_no_batch_k_d_tensor_for_the_backward():
+    torch.manual_seed(0)
+    b, d, n, k = 64, 32, 48, 16  # batch * k * d is 8x larger than anything the step needs: pre is [b n]
+    sae = sb.SAE(sb.SAEConfig(d_in=d, n_latents=n, activation="hierarchical_topk", k=k, aux_coef=0.0)).train()
+    x = torch.randn(b, d)
+    assert largest_saved_for_backward(lambda: sae_loss(sae, x)) < b * k * d
+    values, indices = torch.rand(b, k, requires_grad=True), torch.randint(0, n, (b, k))
+    assert largest_saved_for_backward(lambda: naive_prefix_errors(x, values, indices, sae.W_dec)) == b * k * d
+
+
+def test_hierarchical_with_matryoshka_is_refused():
+    with pytest.raises(sb.ConfigError, match="does not combine with hierarchical_topk"):
+        sb.SAEConfig(d_in=D, n_latents=N, activation="hierarchical_topk", k=K, matryoshka=[8, N])
+
+
+def test_encode_at_k_prime_truncates_the_per_token_selection():
+    torch.manual_seed(0)
+    x = torch.randn(B, D)
+    for activation in ("hierarchical_topk", "topk", "abstopk"):
+        sae = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=8)).eval()
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.3)
+        pre = sae.pre_acts(x)
+        for k in (1, 3, 8, 20):
+            z = sae.encode(x, k=k)
+            assert torch.equal(z, dense_reference(pre, "abstopk" if activation == "abstopk" else "topk", k))
+            assert torch.equal(sae(x, k=k), sae.decode(z))
+        assert torch.equal(sae.encode(x, k=8), sae.encode(x))
+    sel = sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, activation="hierarchical_topk", k=8)).select(pre, train=False)
+    assert (sel.values[:, :-1] >= sel.values[:, 1:]).all()  # sorted: its first k' are the top k'
+    for bad in (0, N + 1):
+        with pytest.raises(sb.ConfigError, match=f"k'={bad} must lie in"):
+            sae.encode(x, k=bad)
+    for activation in ("batchtopk", "mutual_choice", "feature_choice"):
+        with pytest.raises(sb.ConfigError, match="learned threshold"):
+            sb.SAE(sb.SAEConfig(d_in=D, n_latents=N, activation=activation, k=K)).encode(x, k=2)

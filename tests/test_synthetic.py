@@ -112,6 +112,32 @@ def test_matching_recovers_a_permuted_sign_flipped_dictionary():
     assert half["mcc"] == pytest.approx(1.0) and half["recovered"] == 0.5
 
 
+def test_mcc_live_counts_only_the_latents_that_fire():
+    planted = PlantedFeatures(SyntheticConfig(d=16, n_true=24))
+    x, codes = planted.sample(500, torch.Generator().manual_seed(0))
+    half = torch.arange(24) < 12
+
+    def encode(x):  # the exact dictionary, but only latents 0..11 ever fire
+        return torch.ones(len(x), 24) * half
+
+    got = score_sae(encode, planted.directions, planted, x, codes)
+    assert got["mcc"] == pytest.approx(1.0) and got["mcc_live"] == pytest.approx(0.5)
+    assert score_sae(lambda x: torch.zeros(len(x), 24), planted.directions, planted, x, codes)["mcc_live"] == 0
+
+
+def test_the_bench_scores_a_per_token_sae_at_each_k_prime():
+    from saebench.synthetic import iter_synthetic_bench
+
+    data = SyntheticConfig(d=16, n_true=24, true_l0=3)
+    rows = iter_synthetic_bench(
+        ("hierarchical_topk", "batchtopk"), data, k=4, n_tokens=2048, batch_size=512, held_out_tokens=2000, ks=(1, 4)
+    )
+    hierarchical, batch = list(rows)
+    assert list(hierarchical["by_k"]) == ["1", "4"] and "by_k" not in batch  # a batch family has no k'
+    assert hierarchical["by_k"]["1"]["l0"] <= 1 < hierarchical["by_k"]["4"]["l0"] <= 4
+    assert hierarchical["by_k"]["4"] == {k: hierarchical[k] for k in hierarchical["by_k"]["4"]}
+
+
 def test_absorption_by_hand():
     """A token is absorbed when the parent's latent is silent and another active latent carries the parent's
     direction (Chanin et al.); a latent crowded out by the k budget alone is not absorption."""

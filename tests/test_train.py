@@ -26,7 +26,9 @@ def test_geometric_median_by_hand():
     assert torch.allclose(geometric_median(torch.tensor([[1.0, 2.0]] * 3)), torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.parametrize("activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "jumprelu"])
+@pytest.mark.parametrize(
+    "activation", ["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "jumprelu", "hierarchical_topk"]
+)
 def test_every_family_learns_planted_features(activation):
     p, x = planted()
     cfg = sb.SAEConfig(d_in=16, n_latents=48, k=3, activation=activation, dead_tokens=20_000)
@@ -37,6 +39,21 @@ def test_every_family_learns_planted_features(activation):
     assert metrics["fvu"] < 0.35, metrics
     assert recovery_metrics(sae.W_dec.detach(), p.directions)["mcc"] > 0.8
     assert abs(metrics["l0"] - 3) < 1.5
+
+
+@pytest.mark.slow
+def test_a_hierarchical_sae_truncates_better_than_topk():
+    """The point of the prefix loss: cut to its first k' < k latents, a hierarchical SAE reconstructs better
+    than a TopK SAE trained on the same stream at the same k and cut the same way."""
+    p, x = planted()
+    fvu = {}
+    for activation in ("topk", "hierarchical_topk"):
+        cfg = sb.SAEConfig(d_in=16, n_latents=48, k=6, activation=activation, dead_tokens=20_000)
+        tcfg = TrainConfig(n_tokens=100_000, batch_size=512, lr=4e-3, warmup_steps=20)
+        sae, _ = train_sae(cfg, x, tcfg, show_progress=False)
+        fvu[activation] = [sb.evaluate_sae(sae, x[:10_000], k=k)["fvu"] for k in (1, 2, 3, 6)]
+    assert all(h < t - 0.03 for h, t in zip(fvu["hierarchical_topk"][:3], fvu["topk"][:3], strict=True)), fvu
+    assert fvu["hierarchical_topk"][-1] < 0.2, fvu  # and it still reconstructs at its k
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ import streamlit as st
 from saebench.evals.suites import section_rows
 from saebench.evaluate import EVAL_METRICS
 
+SIDES = (("sae", "sae"), ("random", "random_baseline"))
+
 st.set_page_config(page_title="saebench", layout="wide")
 runs = state.runs()
 run, hook = state.pick_run_and_hook(runs)
@@ -39,11 +41,17 @@ else:
         )
         st.caption(f"CE and KL in the `{result.get('ce_convention', 'non_special')}` convention (saebench.evaluate)")
     for suite, section in result.items():
-        if isinstance(section, dict) and suite not in (*columns, "seconds"):
+        if isinstance(section, dict) and suite not in (*columns, "seconds", "by_k"):
             st.markdown(f"**{suite}**")
             st.dataframe(pd.DataFrame(section_rows(section)), hide_index=True)
             if section.get("settings"):
                 st.caption(f"settings: {json.dumps(section['settings'])}")
+    if "by_k" in result:
+        st.caption("The same figures at each k′ (latents per token), as `saebench eval --k` wrote them")
+        table = {
+            f"{who} k′={k}": [r[part].get(m) for m in keys] for k, r in result["by_k"].items() for who, part in SIDES
+        }
+        st.dataframe(pd.DataFrame({"metric": keys, **table}), hide_index=True)
     if result.get("seconds"):
         st.caption("seconds per suite: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
 
@@ -62,8 +70,10 @@ store = state.store(run, hook)
 if store is None:
     st.stop()
 table = store.table()
+at_k = f" at k′={store.meta['inference_k']}" if store.meta.get("inference_k") else ""
 st.caption(
-    f"{store.n_features} features, analysed on {store.meta['n_tokens']:,} tokens of the {store.meta['split']!r} split"
+    f"{store.n_features} features, analysed{at_k} on {store.meta['n_tokens']:,} tokens "
+    f"of the {store.meta['split']!r} split"
 )
 fired = table[table.density > 0]
 dead = len(table) - len(fired)

@@ -114,6 +114,21 @@ def feature_link(run_index: int, hook: str, feature: int, text: str | None = Non
     return f'<a href="{href}" target="_self">{html.escape(text or str(feature))}</a>'
 
 
+def k_param(sae: sb.SAE) -> int | None:
+    """k' (latents per token) for a hierarchical SAE, a sidebar slider bound to ?k= (default: its k);
+    None for the others, which encode by their own rule."""
+    if not sae.cfg.family.hierarchical:
+        return None
+    top = sae.cfg.k
+    k = int_param("k", top)
+    if not 1 <= k <= top:
+        st.warning(f"k'={k} in the URL is outside 1..{top}; using {top}.")
+        k = top
+    k = st.sidebar.select_slider("k′ (latents per token)", options=list(range(1, top + 1)), value=k, key="k")
+    st.query_params["k"] = str(k)
+    return k
+
+
 @st.cache_resource
 def _model(name: str, device: str, dtype: str):
     return sb.load_model(name, device, parse_dtype(dtype))

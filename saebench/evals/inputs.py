@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class EvalInputs:
     acts: torch.Tensor  # [n d_in] held-out activations at the SAE's hook (config.eval.n_tokens)
     contexts: TokenContexts  # the held-out split (config.eval.split)
     grads: torch.Tensor | None = None  # [n d_in] loss gradients at those rows, for an SAE that ranks by them
+    ks: Sequence[int] = ()  # the core suite also at these k' latents per token (eval.json "by_k")
     show_progress: bool = True
 
     @property

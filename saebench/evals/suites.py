@@ -12,6 +12,7 @@ from saebench.evals.inputs import EvalInputs
 from saebench.evals.probing import probing
 from saebench.evals.tpp import tpp_suite
 
+CORE_KEYS = ("sae", "random_baseline", "sae_without_gradients", "ce_convention", "by_k")
 Suite = Callable[[EvalInputs], dict]
 SUITES: dict[str, Suite] = {"core": core, "consistency": consistency, "probing": probing, "tpp": tpp_suite}
 DEFAULT_SUITES = ("core",)
@@ -31,8 +32,8 @@ def run_suites(inputs: EvalInputs, names: Sequence[str], previous: dict | None =
     for name in check_suites(names):
         started = time.perf_counter()
         section = SUITES[name](inputs)
-        if name == "core":
-            result.update(section)
+        if name == "core":  # its figures sit at the top level; a rerun replaces all of them
+            result = {k: v for k, v in result.items() if k not in CORE_KEYS} | section
         else:
             result[name] = section
         result["seconds"] = {**result.get("seconds", {}), name: round(time.perf_counter() - started, 1)}

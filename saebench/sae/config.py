@@ -90,6 +90,11 @@ class SAEConfig:
             raise ConfigError(
                 f"sae.bandwidth must be > 0 and sae.l0_coef >= 0 or null, got {self.bandwidth} and {self.l0_coef}"
             )
+        if self.matryoshka is not None and self.family.hierarchical:
+            raise ConfigError(
+                f"sae.matryoshka does not combine with {self.activation}, which already nests its reconstructions "
+                "(by rank, not by latent index): drop sae.matryoshka, or use activation: topk with it"
+            )
         if self.matryoshka_reduce not in MATRYOSHKA_REDUCE:
             raise ConfigError(
                 "sae.matryoshka_reduce: a sum or mean of the prefixes' errors, one of sum, prefix_mean, bussmann_mean; "

@@ -19,7 +19,9 @@ from saebench.sae import sparsify
 if TYPE_CHECKING:
     from saebench.sae.config import SAEConfig
 
-Activation = Literal["topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "gradient_topk", "jumprelu"]
+Activation = Literal[
+    "topk", "abstopk", "batchtopk", "mutual_choice", "feature_choice", "hierarchical_topk", "gradient_topk", "jumprelu"
+]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class Family:
     # the per-token family of a random baseline at matched scale (evaluate.random_baseline)
     baseline: Activation = "topk"
     gradients: bool = False  # selection ranks by the model's loss gradient (harvest.gradients), TopK without it
+    # the selection is sorted by value and the loss averages the error of each of its prefixes
+    # (losses.PrefixErrors), so that inference at any k' <= k truncates it (Balagansky et al. 2025)
+    hierarchical: bool = False
 
     @property
     def batch_selection(self) -> bool:
@@ -71,6 +76,10 @@ def _abstopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.
 
 def _batchtopk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
     return sparsify.batchtopk(pre, cfg.k, ctx.reduce)
+
+
+def _hierarchical_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
+    return sparsify.topk(pre, cfg.k, sorted=True)
 
 
 def _feature_choice(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
@@ -99,6 +108,7 @@ FAMILIES: dict[str, Family] = {
         Family("feature_choice", _feature_choice, threshold="per_feature", aux="aux_zipf", enc_init_scale=BATCH_INIT),
         Family("gradient_topk", _gradient_topk, gradients=True),
         Family("jumprelu", _jumprelu, threshold="learned"),
+        Family("hierarchical_topk", _hierarchical_topk, hierarchical=True),
     )
 }
 ACTIVATIONS = tuple(FAMILIES)

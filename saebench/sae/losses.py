@@ -1,4 +1,4 @@
-"""Training losses: (Matryoshka) normalised reconstruction error plus AuxK / aux_zipf."""
+"""Training losses: (Matryoshka or hierarchical) normalised reconstruction error plus AuxK / aux_zipf."""
 
 from __future__ import annotations
 
@@ -41,6 +41,45 @@ def variance_sum(x: torch.Tensor, reduce: Reducer = LOCAL) -> torch.Tensor:
     total = reduce.sum(torch.cat([x.sum(0), x.new_tensor([len(x)])]))
     mean = total[:-1] / total[-1]
     return reduce.sum((x - mean).pow(2).sum()).clamp_min(1e-12)
+
+
+class PrefixErrors(torch.autograd.Function):
+    """The squared error of every prefix of a fixed-layout selection, in its order (Balagansky et al. 2025):
+
+        r_j = r0 - sum_{i<=j} z_i W_dec[idx_i];  errs_j = sum over the batch of ||r_j||^2
+
+    r0: [batch d] (x - b_dec); values, indices: [batch k]; W_dec: [n d] -> errs [k] and r_{k-1} [batch d]
+    (the full selection's residual, not differentiable). One selected column at a time, forward and
+    backward, so memory is O(batch d), never [batch k d]: the backward walks back from the last residual
+    (r_{j-1} = r_j + z_j d_j), with S_j = sum_{l>=j} dL/dr_l giving dL/dz_j = -d_j . S_j,
+    dL/dd_j = -z_j S_j and dL/dr0 = S_0. (The reference's cumsum keeps [batch k d] for its backward.)"""
+
+    @staticmethod
+    def forward(ctx, r0: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor):
+        zt, r = values.to(W_dec.dtype).t().contiguous(), r0.to(W_dec.dtype, copy=True)
+        d, errs = torch.empty_like(r), r.new_empty(len(zt))
+        for j in range(len(zt)):  # in place: no [batch d] tensor is allocated per column
+            r.addcmul_(zt[j, :, None], torch.index_select(W_dec, 0, indices[:, j], out=d), value=-1)
+            errs[j] = torch.linalg.vector_norm(r).square()
+        ctx.save_for_backward(r, values, indices, W_dec)
+        ctx.r0_dtype = r0.dtype
+        ctx.mark_non_differentiable(r)
+        return errs, r
+
+    @staticmethod
+    def backward(ctx, g_errs: torch.Tensor, _):
+        r, values, indices, W_dec = ctx.saved_tensors
+        zt, g = values.to(W_dec.dtype).t().contiguous(), 2 * g_errs.to(W_dec.dtype)
+        r, S, d, zS = r.clone(), torch.zeros_like(r), torch.empty_like(r), torch.empty_like(r)
+        dot, grad_W = torch.empty_like(zt), torch.zeros_like(W_dec)
+        for j in reversed(range(len(zt))):
+            z = zt[j, :, None]
+            torch.index_select(W_dec, 0, indices[:, j], out=d)
+            S.addcmul_(r, g[j])
+            torch.linalg.vecdot(d, S, out=dot[j])
+            grad_W.index_add_(0, indices[:, j], torch.mul(S, z, out=zS), alpha=-1)
+            r.addcmul_(z, d)
+        return S.to(ctx.r0_dtype), -dot.t().to(values.dtype), None, grad_W
 
 
 def auxk_loss(
@@ -100,6 +139,27 @@ def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
     return sorted(set(sizes.tolist())) + [n]
 
 
+def reconstruction_loss(
+    sae: SAE, x: torch.Tensor, sel: sparsify.Selection, total_var: torch.Tensor, prefixes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The family's reconstruction term: the normalised error of the full selection, plus (Matryoshka) that
+    of each latent prefix in `prefixes`, or (hierarchical) the mean over every prefix of the sorted selection.
+    -> (term, the full selection's normalised MSE, x_hat [batch d_in])."""
+    cfg = sae.cfg
+    if cfg.family.hierarchical:  # the last prefix is the full selection
+        errs, residual = PrefixErrors.apply(x - sae.b_dec, sel.values, sel.indices, sae.W_dec)
+        return errs.mean() / total_var, errs[-1] / total_var, x - residual
+    x_hat = sae.decode_selection(sel)
+    recon = mse = normalised_mse(x, x_hat, total_var=total_var)
+    if prefixes:
+        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
+        if cfg.matryoshka_reduce == "prefix_mean":
+            recon = recon / len(prefixes)
+        elif cfg.matryoshka_reduce == "bussmann_mean":  # their code counts the b_dec-only reconstruction too
+            recon = (recon + normalised_mse(x, sae.b_dec.expand_as(x), total_var=total_var)) / (len(prefixes) + 1)
+    return recon, mse, x_hat
+
+
 def sae_loss(
     sae: SAE,
     x: torch.Tensor,
@@ -128,17 +188,8 @@ def sae_loss(
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
-    x_hat = sae.decode_selection(sel)
     total_var = variance_sum(x, reduce)
-    mse = normalised_mse(x, x_hat, total_var=total_var)
-    recon = mse
-    prefixes = prefixes or cfg.matryoshka
-    if prefixes:
-        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
-        if cfg.matryoshka_reduce == "prefix_mean":
-            recon = recon / len(prefixes)
-        elif cfg.matryoshka_reduce == "bussmann_mean":  # their code counts the b_dec-only reconstruction too
-            recon = (recon + normalised_mse(x, sae.b_dec.expand_as(x), total_var=total_var)) / (len(prefixes) + 1)
+    recon, mse, x_hat = reconstruction_loss(sae, x, sel, total_var, prefixes or cfg.matryoshka)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.family.aux == "aux_zipf" and freq is not None:

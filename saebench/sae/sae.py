@@ -73,27 +73,46 @@ class SAE(nn.Module):
         reduce: Reducer = LOCAL,
         grad: torch.Tensor | None = None,
         freq: torch.Tensor | None = None,
+        k: int | None = None,
     ) -> sparsify.Selection:
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
         batch sparsifiers select over together (data parallelism); grad: [batch d_in], the model's loss
         gradient at the input, read by the families that rank by it (Family.gradients); freq: [n] recent
-        fires per token."""
+        fires per token; k: k' latents per token at inference (see `check_k`)."""
         train = self.training if train is None else train
         family = self.cfg.family
-        if family.threshold and not train:
+        cfg = self.cfg
+        if k is not None:
+            self.check_k(k)
+            cfg = dataclasses.replace(cfg, k=k)
+        elif family.threshold and not train:
             return sparsify.threshold(pre, self.threshold)
         latent_grads = None
         if grad is not None and family.gradients:
             latent_grads = grad.to(pre.dtype) @ self.W_dec.detach().T.to(pre.dtype)
         return family.select(
             pre,
-            self.cfg,
+            cfg,
             SelectContext(reduce, latent_grads=latent_grads, freq=freq, threshold=self.learned_threshold()),
         )
 
     def learned_threshold(self) -> torch.Tensor | None:
         """[n] JumpReLU's exp(log_threshold), differentiable; None for the other families."""
         return self.log_threshold.exp() if self.cfg.family.threshold == "learned" else None
+
+    def check_k(self, k: int) -> None:
+        """k' for inference: a per-token family keeps the k' latents its rule ranks first (pre, or |pre| for a
+        signed family), i.e. the first k' of a hierarchical SAE's sorted selection. k' < k truncates what the
+        SAE was trained to select, k' > k goes beyond it. ConfigError for the batch families (their inference
+        rule is a threshold) and outside [1, n_latents]."""
+        cfg = self.cfg
+        if cfg.family.threshold:
+            raise ConfigError(
+                f"k'={k}: a {cfg.activation} SAE encodes by a learned threshold, not a number of latents per token; "
+                "drop k' (--k) for it, or use a per-token family (topk, hierarchical_topk)"
+            )
+        if not 1 <= k <= cfg.n_latents:
+            raise ConfigError(f"k'={k} must lie in [1, n_latents={cfg.n_latents}] (the SAE was trained at k={cfg.k})")
 
     def reattach(
         self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor, jump: bool = True
@@ -108,12 +127,13 @@ class SAE(nn.Module):
             values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)
 
-    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None, *, k: int | None = None) -> torch.Tensor:
         """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers).
-        grad: [... d_in], the model's loss gradient at x, for the families that rank by it (TopK without)."""
+        grad: [... d_in], the model's loss gradient at x, for the families that rank by it (TopK without);
+        k: k' latents per token instead of the SAE's k (per-token families; see `check_k`)."""
         shape = x.shape
         pre = self.pre_acts(x.reshape(-1, shape[-1]))
-        sel = self.select(pre, train=False, grad=None if grad is None else grad.reshape(-1, shape[-1]))
+        sel = self.select(pre, train=False, grad=None if grad is None else grad.reshape(-1, shape[-1]), k=k)
         return sel.dense(pre.shape[-1]).reshape(*shape[:-1], -1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -128,8 +148,8 @@ class SAE(nn.Module):
             return sparse.decode_fixed(sel.values, sel.indices, self.W_dec, self.b_dec)
         return sparse.decode_ragged(sel.values, sel.indices, sel.offsets, self.W_dec, self.b_dec)
 
-    def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-        return self.decode(self.encode(x, grad))
+    def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None, *, k: int | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, grad, k=k))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:

@@ -1,6 +1,7 @@
 """Sparsifiers: which latents of pre [batch n] fire, and with what value.
 
   topk           each token keeps its k largest pre, ReLU'd                    (Gao et al. 2024)
+                 (hierarchical_topk: the same, sorted by value, descending; Balagansky et al. 2025)
   abstopk        each token keeps its k largest |pre|, sign kept, no ReLU     (AbsTopK 2025)
   gradient_topk  each token keeps the k largest z_i (1 + beta |d_i . grad_x L|), z = ReLU(pre), with
                  values z_i: latents that move the model's loss rank higher    (Olmo et al. 2025)
@@ -69,8 +70,8 @@ class Selection:
         return torch.zeros(self.batch, device=nz.device).index_add_(0, self.rows(), nz)
 
 
-def topk(pre: torch.Tensor, k: int) -> Selection:
-    values, indices = pre.topk(k, dim=-1, sorted=False)
+def topk(pre: torch.Tensor, k: int, sorted: bool = False) -> Selection:
+    values, indices = pre.topk(k, dim=-1, sorted=sorted)
     return Selection(values.relu(), indices, None, pre.shape[0])
 
 

@@ -15,6 +15,7 @@ import saebench as sb
 run, run_index, hook, store = state.feature_page("prompt")
 assert store is not None  # feature_page stops the page without one
 
+k = state.k_param(state.run_sae(run, hook))
 prompt = st.text_area("text", value=st.query_params.get("prompt", ""), key="prompt", height=100)
 top = st.slider("features per token", 1, 20, 5)
 if not prompt.strip():
@@ -24,7 +25,7 @@ st.query_params["prompt"] = prompt
 
 with st.spinner("encoding"):
     result = sb.features_firing_on(
-        state.run_model(run), state.run_sae(run, hook), hook, prompt, top=max(top, 64), vocab=store.vocab
+        state.run_model(run), state.run_sae(run, hook), hook, prompt, top=max(top, 64), vocab=store.vocab, k=k
     )
 if result.truncated:
     st.warning(f"The text is longer than the model's context: only its first {len(result.tokens)} tokens are encoded.")
