@@ -54,7 +54,7 @@ def test_round_trip_through_saelens_format(tmp_path, activation, matryoshka):
     save_saelens(sae, tmp_path)
     meta = json.loads((tmp_path / "cfg.json").read_text())
     # a hierarchical SAE at its k is a plain TopK SAE for SAELens; saebench reads it back as hierarchical
-    assert meta["architecture"] == ("jumprelu" if sae.cfg.family.batch_selection else "topk") and meta["d_sae"] == 40
+    assert meta["architecture"] == ("jumprelu" if sae.cfg.family.threshold else "topk") and meta["d_sae"] == 40
     back = sb.load_sae(tmp_path)
     x = torch.randn(30, 12) * 2
     assert torch.equal(back.encode(x), sae.encode(x))

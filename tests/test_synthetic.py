@@ -132,7 +132,8 @@ def test_the_bench_scores_a_per_token_sae_at_each_k_prime():
     rows = iter_synthetic_bench(
         ("hierarchical_topk", "batchtopk"), data, k=4, n_tokens=2048, batch_size=512, held_out_tokens=2000, ks=(1, 4)
     )
-    hierarchical, batch = list(rows)
+    hierarchical, batch, random = list(rows)  # the random floor ends every table
+    assert random["activation"] == "random"
     assert list(hierarchical["by_k"]) == ["1", "4"] and "by_k" not in batch  # a batch family has no k'
     assert hierarchical["by_k"]["1"]["l0"] <= 1 < hierarchical["by_k"]["4"]["l0"] <= 4
     assert hierarchical["by_k"]["4"] == {k: hierarchical[k] for k in hierarchical["by_k"]["4"]}
