@@ -11,6 +11,8 @@ from saebench.circuits import TraceResult, head_scores, induction_report, parse_
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
+from saebench.evals.absorption import absorption
+from saebench.evals.settings import AbsorptionSettings
 from saebench.evaluate import evaluate_sae
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.interop import load_sae, load_saelens, save_saelens
@@ -37,6 +39,8 @@ from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
+    "AbsorptionSettings",
+    "absorption",
     "FAMILIES",
     "Family",
     "Run",

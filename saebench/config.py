@@ -16,6 +16,7 @@ import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
+from saebench.evals.settings import AbsorptionSettings
 from saebench.sae import SAEConfig
 from saebench.train import TrainConfig
 
@@ -47,6 +48,7 @@ class EvalSection:
     n_tokens: int = 100_000  # held-out activations for the core metrics
     n_contexts: int = 64  # held-out contexts for CE / KL with the SAE spliced in
     split: str = "test"
+    absorption: AbsorptionSettings = field(default_factory=AbsorptionSettings)
 
 
 @dataclass

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 
 from saebench import distributed as dist
-from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, logit_lens
-from saebench.config import RunConfig, load_config
+from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, logit_lens, whole_contexts
+from saebench.config import RunConfig, apply_overrides, from_dict, load_config, to_dict
 from saebench.data import TokenContexts, load_contexts
 from saebench.errors import ConfigError, DataError
 from saebench.evals.inputs import EvalInputs
 from saebench.evals.suites import DEFAULT_SUITES, check_suites, run_suites
 from saebench.evaluate import random_baseline
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, store_dtype, stream_activations
-from saebench.models import is_causal, load_model
+from saebench.models import is_causal, load_model, token_pieces
 from saebench.runs import Run, activations_dir
 from saebench.store import write_store
 from saebench.train import local_batch_size, refuse_overwrite, train_saes
@@ -104,15 +104,18 @@ def train_from_config(
 
 
 def eval_from_config(
-    run_dir: str | Path, suites: Sequence[str] = DEFAULT_SUITES, show_progress: bool = True
+    run_dir: str | Path,
+    suites: Sequence[str] = DEFAULT_SUITES,
+    show_progress: bool = True,
+    overrides: Sequence[str] = (),
 ) -> dict[str, dict]:
-    """`saebench eval RUN [--suite ...]`: the named suites for every SAE of the run, each SAE next to a
-    random SAE at matched scale, on held-out activations from one model pass for all of them; each SAE's
-    eval.json keeps the sections of suites not run now. Returns hook -> eval.json."""
+    """`saebench eval RUN [--suite ...] [--set eval.absorption.max_k=5]`: the named suites for every SAE of
+    the run, each SAE next to a random SAE at matched scale, on held-out activations from one model pass for all
+    of them; each SAE's eval.json keeps the sections of suites not run now. Returns hook -> eval.json."""
     check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
-    cfg = run.config
+    cfg = from_dict(RunConfig, apply_overrides(to_dict(run.config), overrides)) if overrides else run.config
     model = run.load_model()
     saes = run.load_saes()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
@@ -139,13 +142,6 @@ def eval_from_config(
         results[hook] = run_suites(inputs, suites, run.eval(hook))
         run.write_eval(hook, results[hook])
     return results
-
-
-def whole_contexts(contexts, n_tokens: int) -> tuple[int, int]:
-    """The fewest leading contexts holding at least n_tokens non-special tokens: (contexts, their tokens)."""
-    cum = (~contexts.special_mask).sum(1).cumsum(0)
-    n_ctx = min(int(torch.searchsorted(cum, torch.tensor(n_tokens))) + 1, len(cum))
-    return n_ctx, int(cum[n_ctx - 1])
 
 
 DEFAULT_ANALYSIS_TOKENS = 2_000_000
@@ -206,9 +202,7 @@ def analyze(
     )
 
     finish_started = time.perf_counter()
-    tok = model.tokenizer
-    vocab = tok.batch_decode([[t] for t in range(len(tok))])
-    vocab += [f"<{t}>" for t in range(len(vocab), int(model.cfg.d_vocab))]
+    vocab = token_pieces(model)
     stores = []
     for hook, sae in saes.items():
         home = homes[hook]

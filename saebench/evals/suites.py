@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from saebench.errors import ConfigError
+from saebench.evals.absorption import absorption_suite
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
 
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {"core": core}
+SUITES: dict[str, Suite] = {"core": core, "absorption": absorption_suite}
 DEFAULT_SUITES = ("core",)
 
 
