@@ -16,13 +16,16 @@ from saebench.evals.absorption import (
     LetterData,
     absorption_rates,
     f1_scores,
+    first_letter_data,
     fit_logistic,
     letter_words,
     main_latents,
     train_probe,
     word_absorption,
 )
+from saebench.harvest import Harvester
 from saebench.interop import save_saelens
+from saebench.models import token_pieces
 
 SAEBENCH_PYTHON = Path(__file__).resolve().parent.parent / ".cache" / "saebench-venv" / "bin" / "python"
 D, PER_LETTER = 64, 40
@@ -73,10 +76,16 @@ def test_logistic_fit_is_the_optimum_autograd_finds():
     assert grad.abs().max() < 1e-4  # float32 rounding of the returned weights; float64 inside
 
 
-def test_probe_separates_planted_letters_and_not_shuffled_ones():
+@pytest.fixture(scope="module")
+def planted_probe():
     data, *_ = planted()
-    probe = train_probe(data.x_train, data.y_train, batch_size=64, weight_decay=1e-4)
-    assert f1_scores(probe(data.x_test), data.y_test).min() == 1.0
+    return train_probe(data.x_train, data.y_train, batch_size=64, weight_decay=1e-4)
+
+
+@pytest.mark.slow
+def test_probe_separates_planted_letters_and_not_shuffled_ones(planted_probe):
+    data, *_ = planted()
+    assert f1_scores(planted_probe(data.x_test), data.y_test).min() == 1.0
     shuffled = data.y_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))]
     probe = train_probe(data.x_train, shuffled, batch_size=64, weight_decay=1e-4)
     assert f1_scores(probe(data.x_test), data.y_test).mean() < 0.15  # chance: about 1/26 precision
@@ -96,15 +105,14 @@ def test_a_child_latent_replacing_the_parent_is_full_absorption():
     assert sorted(r.absorber.tolist()) == list(range(26, 26 + len(a_test)))
 
 
-def test_rates_end_to_end_equal_the_planted_share():
+@pytest.mark.slow
+def test_rates_end_to_end_equal_the_planted_share(planted_probe):
     """Letter a's held-out words 0 and 1 and two training words get children: the k-sparse probes keep the
     parent alone (the children add too little F1), so a's rate is 2 / its held-out words; the truth gives 0."""
     data, x, tr, te = planted()
     a_test = [int(i) for i in te if i < PER_LETTER]
     a_train = [int(i) for i in tr if i < PER_LETTER]
-    probe = train_probe(data.x_train, data.y_train, batch_size=64, weight_decay=1e-4)
-    s = sb.AbsorptionSettings()
-    letters = list(range(26))
+    probe, s, letters = planted_probe, sb.AbsorptionSettings(), list(range(26))
     got = absorption_rates(dictionary_sae(x, a_test[:2] + a_train[:2]), data, probe, letters, s)
     a = got["letters"]["a"]
     assert a["main_latents"] == [0] and a["n_probe_true_positives"] == len(a_test)
@@ -121,14 +129,20 @@ def test_rates_end_to_end_equal_the_planted_share():
     assert absorption_rates(dictionary_sae(x, []), data, probe, letters[:3], s)["mean_absorption_fraction"] is None
 
 
-@pytest.mark.slow
-def test_suite_on_tiny_says_first_letters_are_not_represented(tiny):
-    s = sb.AbsorptionSettings(n_icl=2)
-    sae = sb.SAE(sb.SAEConfig(d_in=192, n_latents=256, k=8))
-    out = sb.absorption(tiny, sae, "blocks.0.hook_resid_post", s, baseline=sae, show_progress=False)
-    assert out["probe"]["n_train_words"] + out["probe"]["n_test_words"] == 3534
-    assert len(out["probe"]["letters"]) < s.min_letters and "does not represent first letters" in out["note"]
-    assert out["sae"]["mean_absorption_fraction"] is None and out["random"]["mean_absorption_fraction"] is None
+def test_prompts_on_tiny_read_the_word(tiny):
+    """Without in-context lines each prompt is BOS, newline, the word, " has the first letter:"; the row read is
+    the word's activation, and labels and words stay aligned through the split."""
+    hook, s = "blocks.0.hook_resid_post", sb.AbsorptionSettings(n_icl=0, test_fraction=0.5, batch_size=1024)
+    data = first_letter_data(tiny, hook, s, show_progress=False)
+    ids, words = letter_words(token_pieces(tiny))
+    assert len(data.y_train) + len(data.y_test) == len(ids) == 3534
+    for i in (0, 17, len(data.words_test) - 1):
+        word = data.words_test[i]
+        assert data.y_test[i] == LETTERS.index(word.strip()[0].lower())
+        tokens = tiny.tokenizer("\n" + word + " has the first letter:", add_special_tokens=False)["input_ids"]
+        acts = Harvester(tiny, [hook], exclude_special=False).forward(torch.tensor([[0, *tokens]]))[hook]
+        assert tokens[1] == ids[words.index(word)]  # the text tokenizes to the same ids here
+        torch.testing.assert_close(data.x_test[i], acts[0, 2])
 
 
 PEER_SCRIPT = r"""
@@ -210,14 +224,14 @@ print(json.dumps(out))
 
 @pytest.mark.peers
 @pytest.mark.slow
-def test_saebench_absorption_functions_agree(tmp_path):
+def test_saebench_absorption_functions_agree(tmp_path, planted_probe):
     """SAEBench 0.6.0's calculator, aggregation, feature-split rule and sklearn's probe on our arrays: its
     model is an adapter that returns our activations at the word (its own model loading needs the hub)."""
     if not SAEBENCH_PYTHON.exists():
         pytest.skip(f"no SAEBench venv at {SAEBENCH_PYTHON}")
     data, x, tr, te = planted()
     a_test, a_train = [int(i) for i in te if i < PER_LETTER], [int(i) for i in tr if i < PER_LETTER]
-    probe = train_probe(data.x_train, data.y_train, batch_size=64, weight_decay=1e-4)
+    probe = planted_probe
     s = sb.AbsorptionSettings(max_k=4)
     noisy = sb.SAE(sb.SAEConfig(d_in=D, n_latents=96, k=6, hook="h", model="m"), seed=3).eval()
     with torch.no_grad():  # partial absorption: several latents share the letter directions

@@ -137,7 +137,7 @@ def train_probe(
                 opt.zero_grad()
                 logits = x[idx] @ W.T + b
                 loss = F.binary_cross_entropy_with_logits(logits, target[idx], pos_weight=pos_weight)
-                (loss + l1 * W.abs().sum(-1).mean()).backward()
+                (loss + l1 * W.abs().sum(-1).mean() if l1 else loss).backward()
                 opt.step()
             sched.step()
     return Probe(W.detach(), b.detach())
@@ -241,7 +241,7 @@ def absorption_rates(sae: SAE, data: LetterData, probe: Probe, letters: list[int
     """One SAE's absorption on the letters evaluated: the means and each letter's figures and absorbing latents."""
     encode = lambda x: torch.cat([sae.encode(b.to(sae.W_dec.device)).float().cpu() for b in x.split(4096)])  # noqa: E731
     z_train, z_test = encode(data.x_train), encode(data.x_test)
-    main, _ = main_latents(z_train, data.y_train, z_test, data.y_test, s)
+    main = main_latents(z_train, data.y_train, z_test, data.y_test, s)[0] if letters else []
     found = probe(data.x_test) > 0  # [n c]
     W_dec = sae.W_dec.detach().float().cpu()
     per_letter = {}
