@@ -12,7 +12,9 @@ from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
 from saebench.evals.absorption import absorption
-from saebench.evals.settings import AbsorptionSettings
+from saebench.evals.explainers import ChatExplainer, OfflineExplainer
+from saebench.evals.interp import explain_features, score_explanations
+from saebench.evals.settings import AbsorptionSettings, InterpSettings
 from saebench.evaluate import evaluate_sae
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.interop import load_sae, load_saelens, save_saelens
@@ -35,12 +37,18 @@ from saebench.steering import (
     steer,
     steering_sweep,
 )
-from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples
+from saebench.store import Example, Explanation, FeatureCard, FeatureStore, IntervalExamples
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
     "AbsorptionSettings",
+    "ChatExplainer",
+    "Explanation",
+    "InterpSettings",
+    "OfflineExplainer",
     "absorption",
+    "explain_features",
+    "score_explanations",
     "FAMILIES",
     "Family",
     "Run",

@@ -51,7 +51,9 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
 
     suites = args.suite.split(",")
-    for hook, result in eval_from_config(args.run, suites, overrides=args.set).items():
+    given = {"explainer": args.explainer, "explainer_model": args.explainer_model}
+    overrides = args.set + [f"eval.interp.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    for hook, result in eval_from_config(args.run, suites, overrides=overrides).items():
         print(hook)
         if "core" in suites:
             print(f"{'metric':<30}{'sae':>12}{'random':>12}")
@@ -241,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated suites, of: {', '.join(SUITES)}")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.absorption.max_k=5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.interp.n_features=100")
+    p.add_argument("--explainer", default=None, metavar="URL", help="interp: an OpenAI-compatible chat endpoint")
+    p.add_argument("--explainer-model", default=None, metavar="NAME", help="interp: the model the endpoint serves")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")

@@ -16,7 +16,7 @@ import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
-from saebench.evals.settings import AbsorptionSettings
+from saebench.evals.settings import AbsorptionSettings, InterpSettings
 from saebench.sae import SAEConfig
 from saebench.train import TrainConfig
 
@@ -49,6 +49,7 @@ class EvalSection:
     n_contexts: int = 64  # held-out contexts for CE / KL with the SAE spliced in
     split: str = "test"
     absorption: AbsorptionSettings = field(default_factory=AbsorptionSettings)
+    interp: InterpSettings = field(default_factory=InterpSettings)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def eval_from_config(
     show_progress: bool = True,
     overrides: Sequence[str] = (),
 ) -> dict[str, dict]:
-    """`saebench eval RUN [--suite ...] [--set eval.absorption.max_k=5]`: the named suites for every SAE of
+    """`saebench eval RUN [--suite ...] [--set eval.interp.n_features=100]`: the named suites for every SAE of
     the run, each SAE next to a random SAE at matched scale, on held-out activations from one model pass for all
     of them; each SAE's eval.json keeps the sections of suites not run now. Returns hook -> eval.json."""
     check_suites(suites)

@@ -8,9 +8,10 @@ from saebench.errors import ConfigError
 from saebench.evals.absorption import absorption_suite
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
+from saebench.evals.interp import interp_suite
 
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {"core": core, "absorption": absorption_suite}
+SUITES: dict[str, Suite] = {"core": core, "absorption": absorption_suite, "interp": interp_suite}
 DEFAULT_SUITES = ("core",)
 
 
