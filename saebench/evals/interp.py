@@ -241,7 +241,9 @@ def interpret(
     return summary, records
 
 
-def random_store(model, sae: SAE, hook: str, contexts: TokenContexts, n_tokens: int, like: dict, folder: Path):
+def random_store(
+    model, sae: SAE, hook: str, contexts: TokenContexts, n_tokens: int, like: dict, folder: Path, show_progress=True
+) -> FeatureStore:
     """An analysis pass of `sae` (e.g. the random baseline) over the first n_tokens of `contexts`, with the
     example settings of the store whose meta is `like`, written to folder/random.sqlite."""
     cfg = AnalysisConfig(
@@ -253,7 +255,15 @@ def random_store(model, sae: SAE, hook: str, contexts: TokenContexts, n_tokens: 
     n_ctx, n_tokens = whole_contexts(contexts, n_tokens)
     harvester = Harvester(model, [hook])
     accs, _, _ = accumulate(
-        harvester, {hook: (sae, hook)}, contexts, n_ctx, n_tokens, cfg, folder / "state", "", show_progress=False
+        harvester,
+        {hook: (sae, hook)},
+        contexts,
+        n_ctx,
+        n_tokens,
+        cfg,
+        folder / "state",
+        "",
+        show_progress=show_progress,
     )
     meta = {
         **{k: like[k] for k in ("n_intervals", "per_interval", "data")},
@@ -274,17 +284,16 @@ def interp_suite(inputs: EvalInputs) -> dict:
     if not inputs.home.store_path.exists():
         raise DataError(f"the interp suite reads the feature store: run `saebench analyze {inputs.run.path}` first")
     explainer = make_explainer(s)
-    store = FeatureStore(inputs.home.store_path, writable=True)
     bg_sae, bg_random = background(inputs.model, [inputs.sae, inputs.baseline], inputs.hook, inputs.contexts, s)
-    sae_summary, records = interpret(store, bg_sae, s, explainer, inputs.show_progress)
-    store.set_explanations(explainer.name, records)
+    with FeatureStore(inputs.home.store_path, writable=True) as store:
+        sae_summary, records = interpret(store, bg_sae, s, explainer, inputs.show_progress)
+        store.set_explanations(explainer.name, records)
+        meta = store.meta
     with tempfile.TemporaryDirectory() as tmp:
-        n_tokens = s.random_tokens or store.meta["n_tokens"]
-        rstore = random_store(
-            inputs.model, inputs.baseline, inputs.hook, inputs.contexts, n_tokens, store.meta, Path(tmp)
-        )
-        random_summary, _ = interpret(rstore, bg_random, s, explainer, inputs.show_progress)
-        rstore.close()
+        n_tokens = s.random_tokens or meta["n_tokens"]
+        args = (inputs.model, inputs.baseline, inputs.hook, inputs.contexts, n_tokens, meta, Path(tmp))
+        with random_store(*args, show_progress=inputs.show_progress) as rstore:
+            random_summary, _ = interpret(rstore, bg_random, s, explainer, inputs.show_progress)
     return {
         "sae": sae_summary,
         "random": random_summary,
