@@ -13,7 +13,7 @@ from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
 from saebench.evals.absorption import absorption
 from saebench.evals.explainers import ChatExplainer, OfflineExplainer
-from saebench.evals.interp import explain_features, score_explanations
+from saebench.evals.interp import explain_features, interpretability, score_explanations
 from saebench.evals.settings import AbsorptionSettings, InterpSettings
 from saebench.evaluate import evaluate_sae
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
@@ -48,6 +48,7 @@ __all__ = [
     "OfflineExplainer",
     "absorption",
     "explain_features",
+    "interpretability",
     "score_explanations",
     "FAMILIES",
     "Family",

@@ -184,6 +184,9 @@ def test_suite_writes_its_section_and_the_stores_explanations(analysed_run, tiny
     nothing = sb.score_explanations(tiny, sae, hook, store, contexts, {f: "nothing quoted"}, settings=settings)[f]
     assert nothing["detection"] == {frozenset({True, False}): 0.5, frozenset({True}): 0.0}[classes]
     assert nothing["fuzzing"] == 0.5
+    small = sb.InterpSettings(n_features=12, random_contexts=32)
+    alone = sb.interpretability(tiny, sae, hook, sb.FeatureStore(analysed_run), contexts, small, show_progress=False)
+    assert alone["sae"] == section["sae"] and "random" not in alone  # the notebook call, without a baseline
     again = eval_from_config(analysed_run, ["interp"], show_progress=False, overrides=SMALL)
     assert next(iter(again.values()))["interp"] == section  # seeded: the same figures
 

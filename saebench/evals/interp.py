@@ -276,29 +276,49 @@ def random_store(
     return FeatureStore(path)
 
 
-def interp_suite(inputs: EvalInputs) -> dict:
-    """The interp section: the SAE's sampled features (explanations and scores also go to its store) and the
-    random SAE's, explained and scored alike."""
-    s = inputs.config.eval.interp
+def interpretability(
+    model,
+    sae: SAE,
+    hook: str,
+    store: FeatureStore,
+    contexts: TokenContexts,
+    settings: InterpSettings | None = None,
+    baseline: SAE | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """The interp suite's section: a sample of the store's live features (the store of `sae`) explained and
+    scored, and the baseline's (e.g. the random SAE's) alike from an analysis pass of its own over `contexts`.
+    A store opened writable keeps each sampled feature's explanation and scores.
+
+    sb.interpretability(model, sae, hook, sb.FeatureStore("runs/tiny", writable=True), contexts)["sae"]"""
+    s = settings or InterpSettings()
     check_settings(s)
-    if not inputs.home.store_path.exists():
-        raise DataError(f"the interp suite reads the feature store: run `saebench analyze {inputs.run.path}` first")
     explainer = make_explainer(s)
-    bg_sae, bg_random = background(inputs.model, [inputs.sae, inputs.baseline], inputs.hook, inputs.contexts, s)
-    with FeatureStore(inputs.home.store_path, writable=True) as store:
-        sae_summary, records = interpret(store, bg_sae, s, explainer, inputs.show_progress)
+    backgrounds = background(model, [sae] if baseline is None else [sae, baseline], hook, contexts, s)
+    out, records = interpret(store, backgrounds[0], s, explainer, show_progress)
+    if store.writable:
         store.set_explanations(explainer.name, records)
-        meta = store.meta
-    with tempfile.TemporaryDirectory() as tmp:
-        n_tokens = s.random_tokens or meta["n_tokens"]
-        args = (inputs.model, inputs.baseline, inputs.hook, inputs.contexts, n_tokens, meta, Path(tmp))
-        with random_store(*args, show_progress=inputs.show_progress) as rstore:
-            random_summary, _ = interpret(rstore, bg_random, s, explainer, inputs.show_progress)
+    section = {"sae": out}
+    if baseline is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            n_tokens = s.random_tokens or store.meta["n_tokens"]
+            args = (model, baseline, hook, contexts, n_tokens, store.meta, Path(tmp), show_progress)
+            with random_store(*args) as rstore:
+                section["random"] = interpret(rstore, backgrounds[1], s, explainer, show_progress)[0]
     return {
-        "sae": sae_summary,
-        "random": random_summary,
+        **section,
         "explainer": explainer.name,
         "settings": dataclasses.asdict(s),
         "convention": "detection and fuzzing as balanced accuracy (0.5 chance) per feature, mean over the sampled "
         "live features; scores differ by explainer",
     }
+
+
+def interp_suite(inputs: EvalInputs) -> dict:
+    if not inputs.home.store_path.exists():
+        raise DataError(f"the interp suite reads the feature store: run `saebench analyze {inputs.run.path}` first")
+    with FeatureStore(inputs.home.store_path, writable=True) as store:
+        s = inputs.config.eval.interp
+        return interpretability(
+            inputs.model, inputs.sae, inputs.hook, store, inputs.contexts, s, inputs.baseline, inputs.show_progress
+        )
