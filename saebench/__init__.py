@@ -11,9 +11,12 @@ from saebench.circuits import TraceResult, head_scores, induction_report, parse_
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
+from saebench.evals.absorption import absorption
 from saebench.evals.consistency import Consistency, decoder_consistency
+from saebench.evals.explainers import ChatExplainer, OfflineExplainer
+from saebench.evals.interp import explain_features, interpretability, score_explanations
 from saebench.evals.probing import sparse_probing
-from saebench.evals.settings import ProbingSettings, TPPSettings
+from saebench.evals.settings import AbsorptionSettings, InterpSettings, ProbingSettings, TPPSettings
 from saebench.evals.tasks import ProbeTask, probing_tasks
 from saebench.evals.tpp import tpp
 from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
@@ -38,10 +41,19 @@ from saebench.steering import (
     steer,
     steering_sweep,
 )
-from saebench.store import Example, FeatureCard, FeatureStore, IntervalExamples
+from saebench.store import Example, Explanation, FeatureCard, FeatureStore, IntervalExamples
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
+    "AbsorptionSettings",
+    "ChatExplainer",
+    "Explanation",
+    "InterpSettings",
+    "OfflineExplainer",
+    "absorption",
+    "explain_features",
+    "interpretability",
+    "score_explanations",
     "FAMILIES",
     "Family",
     "Run",

@@ -497,6 +497,13 @@ def logit_lens(
     return top_ids, top_values, bottom_ids, bottom_values
 
 
+def whole_contexts(contexts, n_tokens: int) -> tuple[int, int]:
+    """The fewest leading contexts holding at least n_tokens non-special tokens: (contexts, their tokens)."""
+    cum = (~contexts.special_mask).sum(1).cumsum(0)
+    n_ctx = min(int(torch.searchsorted(cum, torch.tensor(n_tokens))) + 1, len(cum))
+    return n_ctx, int(cum[n_ctx - 1])
+
+
 def sparse_codes(sae: SAE, acts: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """acts: [rows d_in] -> the SAE's inference codes (at k', given k) as (row, feature, value), each [e],
     row ascending."""

@@ -53,7 +53,9 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
 
     suites = args.suite.split(",")
-    for hook, result in eval_from_config(args.run, suites, overrides=args.set, ks=args.k).items():
+    given = {"explainer": args.explainer, "explainer_model": args.explainer_model}
+    overrides = args.set + [f"eval.interp.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    for hook, result in eval_from_config(args.run, suites, overrides=overrides, ks=args.k).items():
         print(hook)
         if "core" in suites:
             columns = {"sae": "sae", "sae_without_gradients": "sae no grad", "random_baseline": "random"}
@@ -258,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory, e.g. runs/tiny")
     p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"comma-separated suites, of: {', '.join(SUITES)}")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an eval key, e.g. eval.n_tokens=50000"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an eval key, e.g. eval.n_tokens=50000 or eval.interp.n_features=100",
     )
     p.add_argument(
         "--k",
@@ -267,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K1,K2,...",
         help="also evaluate at these k' latents per token (a per-token SAE, e.g. hierarchical_topk); eval.json by_k",
     )
+    p.add_argument("--explainer", default=None, metavar="URL", help="interp: an OpenAI-compatible chat endpoint")
+    p.add_argument("--explainer-model", default=None, metavar="NAME", help="interp: the model the endpoint serves")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("analyze", help="per-feature statistics and examples over held-out text -> RUN/features.sqlite")

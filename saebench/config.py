@@ -16,7 +16,13 @@ import yaml
 
 from saebench.data import DataConfig
 from saebench.errors import ConfigError
-from saebench.evals.settings import ConsistencySettings, ProbingSettings, TPPSettings
+from saebench.evals.settings import (
+    AbsorptionSettings,
+    ConsistencySettings,
+    InterpSettings,
+    ProbingSettings,
+    TPPSettings,
+)
 from saebench.sae import SAEConfig
 from saebench.train import TrainConfig
 
@@ -57,6 +63,8 @@ class EvalSection:
     consistency: ConsistencySettings = field(default_factory=ConsistencySettings)
     probing: ProbingSettings = field(default_factory=ProbingSettings)
     tpp: TPPSettings = field(default_factory=TPPSettings)
+    absorption: AbsorptionSettings = field(default_factory=AbsorptionSettings)
+    interp: InterpSettings = field(default_factory=InterpSettings)
 
 
 @dataclass

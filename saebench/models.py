@@ -114,6 +114,13 @@ def is_causal(model) -> bool:
     return arch not in ENCODER_ARCHITECTURES
 
 
+def token_pieces(model) -> list[str]:
+    """Each token id's text (ids past the tokenizer's vocabulary as "<id>")."""
+    tok = model.tokenizer
+    vocab = tok.batch_decode([[t] for t in range(len(tok))])
+    return vocab + [f"<{t}>" for t in range(len(vocab), int(model.cfg.d_vocab))]
+
+
 def prompt_tokens(model, prompt: str | torch.Tensor) -> torch.Tensor:
     """Text -> [1 pos] token ids on the model's device, BOS (or CLS) first; a tensor passes through."""
     if isinstance(prompt, torch.Tensor):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from saebench import distributed as dist
-from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, logit_lens
+from saebench.analysis import AnalysisConfig, accumulate, decoder_neighbours, logit_lens, whole_contexts
 from saebench.config import RunConfig, apply_overrides, from_dict, load_config, to_dict
 from saebench.data import TokenContexts, load_contexts
 from saebench.errors import ConfigError, DataError
@@ -21,7 +21,7 @@ from saebench.evals.inputs import EvalInputs
 from saebench.evals.suites import DEFAULT_SUITES, check_suites, run_suites
 from saebench.evaluate import random_baseline
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, store_dtype, stream_activations
-from saebench.models import is_causal, load_model
+from saebench.models import is_causal, load_model, token_pieces
 from saebench.runs import Run, activations_dir
 from saebench.store import write_store
 from saebench.train import grad_key, local_batch_size, refuse_overwrite, train_saes
@@ -157,13 +157,6 @@ def eval_from_config(
     return results
 
 
-def whole_contexts(contexts, n_tokens: int) -> tuple[int, int]:
-    """The fewest leading contexts holding at least n_tokens non-special tokens: (contexts, their tokens)."""
-    cum = (~contexts.special_mask).sum(1).cumsum(0)
-    n_ctx = min(int(torch.searchsorted(cum, torch.tensor(n_tokens))) + 1, len(cum))
-    return n_ctx, int(cum[n_ctx - 1])
-
-
 DEFAULT_ANALYSIS_TOKENS = 2_000_000
 
 
@@ -225,9 +218,7 @@ def analyze(
     )
 
     finish_started = time.perf_counter()
-    tok = model.tokenizer
-    vocab = tok.batch_decode([[t] for t in range(len(tok))])
-    vocab += [f"<{t}>" for t in range(len(vocab), int(model.cfg.d_vocab))]
+    vocab = token_pieces(model)
     stores = []
     for hook, sae in saes.items():
         home = homes[hook]

@@ -1,7 +1,8 @@
 """The feature store: one SQLite file per SAE (`features.sqlite` beside its `sae/` folder).
 
 `write_store` builds a new store under .partial/ and renames it into place only when it is whole
-(the `complete` flag in `meta` is set last), carrying the old store's labels over. `FeatureStore`
+(the `complete` flag in `meta` is set last), carrying the old store's labels over (not its explanations,
+which the interp suite wrote from the old examples). `FeatureStore`
 is the only reader; it refuses a store of another schema version or an unfinished one.
 Schema: docs/formats.md ("Feature store").
 """
@@ -45,6 +46,10 @@ CREATE TABLE labels(
   feature INTEGER PRIMARY KEY, label TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '', updated TEXT);
 CREATE VIRTUAL TABLE search USING fts5(top_tokens, logit_tokens, snippets, label);
 """
+# written by `saebench eval --suite interp`; a store written before it lacks the table until then
+EXPLANATIONS = """CREATE TABLE IF NOT EXISTS explanations(
+  feature INTEGER NOT NULL, explainer TEXT NOT NULL, explanation TEXT NOT NULL, detection REAL, fuzzing REAL,
+  error TEXT, updated TEXT, PRIMARY KEY(feature, explainer)) WITHOUT ROWID"""
 
 
 # -- what a reader gets ---------------------------------------------------------------------------
@@ -75,6 +80,17 @@ class IntervalExamples:
     q_low: float
     q_high: float
     examples: list[Example]
+
+
+@dataclass
+class Explanation:
+    """One explainer's explanation of a feature and its detection / fuzzing scores (balanced accuracy)."""
+
+    explainer: str
+    text: str
+    detection: float | None
+    fuzzing: float | None
+    error: str | None = None  # why it went unscored
 
 
 @dataclass
@@ -122,6 +138,7 @@ def write_store(
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
         con.executescript(SCHEMA)
+        con.execute(EXPLANATIONS)
         with con:
             _fill(con, results, contexts, vocab, meta)
             con.executemany(
@@ -470,13 +487,42 @@ class FeatureStore:
         """Feature i's user label ('' if none), without reading its card."""
         return self._label_note(self._check_id(i))[0]
 
-    def set_label(self, i: int, label: str, note: str | None = None) -> None:
-        """Save a user label (and note) for feature i; a re-analysis keeps it."""
+    def explanations(self, i: int) -> list[Explanation]:
+        """Feature i's explanations, one per explainer (none before `saebench eval RUN --suite interp`)."""
         i = self._check_id(i)
+        try:
+            rows = self._query(
+                "SELECT explainer, explanation, detection, fuzzing, error FROM explanations WHERE feature = ? "
+                "ORDER BY explainer",
+                (i,),
+            )
+        except sqlite3.OperationalError:  # a store no interp suite has written to
+            return []
+        return [Explanation(*row) for row in rows]
+
+    def set_explanations(self, explainer: str, records: dict[int, dict]) -> None:
+        """Save feature -> {"explanation", "detection", "fuzzing"[, "error"]} from one explainer (replacing its
+        earlier ones for those features); a re-analysis drops them, as their examples change."""
+        self._check_writable()
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        rows = [
+            (self._check_id(f), explainer, r["explanation"], r["detection"], r["fuzzing"], r.get("error"), now)
+            for f, r in records.items()
+        ]
+        with self._lock, self._con:
+            self._con.execute(EXPLANATIONS)
+            self._con.executemany("INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def _check_writable(self) -> None:
         if not self.writable:
             raise DataError(
                 "this store is open read-only: open it with sb.FeatureStore(path, writable=True) to save labels"
             )
+
+    def set_label(self, i: int, label: str, note: str | None = None) -> None:
+        """Save a user label (and note) for feature i; a re-analysis keeps it."""
+        i = self._check_id(i)
+        self._check_writable()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._lock, self._con:
             self._con.execute(

@@ -6,15 +6,24 @@ import time
 from collections.abc import Callable, Sequence
 
 from saebench.errors import ConfigError
+from saebench.evals.absorption import absorption_suite
 from saebench.evals.consistency import consistency
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
+from saebench.evals.interp import interp_suite
 from saebench.evals.probing import probing
 from saebench.evals.tpp import tpp_suite
 
 CORE_KEYS = ("sae", "random_baseline", "sae_without_gradients", "ce_convention", "by_k")
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {"core": core, "consistency": consistency, "probing": probing, "tpp": tpp_suite}
+SUITES: dict[str, Suite] = {
+    "core": core,
+    "probing": probing,
+    "tpp": tpp_suite,
+    "absorption": absorption_suite,
+    "interp": interp_suite,
+    "consistency": consistency,
+}
 DEFAULT_SUITES = ("core",)
 
 

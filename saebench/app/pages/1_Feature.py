@@ -65,6 +65,15 @@ cols[3].metric("max |z|", f"{card.max_activation:.3f}")
 median = card.quantiles.get(0.5)
 cols[4].metric("median |z|", "—" if median is None else f"{median:.3f}")
 
+for e in store.explanations(card.id):
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in (("detection", e.detection), ("fuzzing", e.fuzzing)) if v is not None)
+    st.markdown(
+        f"**explanation** by {html.escape(e.explainer)} · {html.escape(scores or e.error or 'unscored')}",
+        help="from `saebench eval RUN --suite interp`: detection and fuzzing are balanced accuracies (0.5 is chance) "
+        "on held-out examples; they differ by explainer",
+    )
+    st.text(e.text)
+
 steer_col, trace_col, _ = st.columns([1, 1, 4])
 steer_col.link_button(
     "steer with it", f"./Steer?run={run_index}&hook={quote(hook)}&features={card.id}:{card.max_activation or 1:.3g}"
