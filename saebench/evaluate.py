@@ -73,28 +73,34 @@ def evaluate_sae(
     batch_size: int = 4096,
     grads: torch.Tensor | None = None,
     k: int | None = None,
+    targets: torch.Tensor | None = None,
 ) -> dict:
-    """acts: [n d_in] tensor or iterable of [batch d_in] batches. grads: [n d_in], the model's loss gradient
-    at each row of a tensor `acts`, for the families that rank by it (encoded without: plain TopK);
-    k: encode at k' (SAE.check_k)."""
+    """acts: [n d_in] tensor or iterable of [batch d_in] batches. grads: [n d_out], the model's loss gradient
+    where the SAE writes at each row of a tensor `acts`, for the families that rank by it (encoded without: plain
+    TopK); k: encode at k' (SAE.check_k). targets: [n d_out] a transcoder's output at each row of a tensor `acts`:
+    the figures are then of its prediction of them (output FVU, ...)."""
     sae = sae.eval()
+    if sae.cfg.transcoder and (targets is None or not isinstance(acts, torch.Tensor)):
+        raise DataError("a transcoder's figures compare its output with the model's: pass acts and targets as tensors")
     if isinstance(acts, torch.Tensor):
         rows = range(0, len(acts), batch_size)
-        batches = ((acts[i : i + batch_size], None if grads is None else grads[i : i + batch_size]) for i in rows)
+        batches = (tuple(None if t is None else t[i : i + batch_size] for t in (acts, grads, targets)) for i in rows)
     else:
-        batches = ((x, None) for x in acts)
+        batches = ((x, None, None) for x in acts)
     n = n_batches = 0
     sq_err = sum_sq = 0.0
     total = None
     fires = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
     l0_sum = shrink_sum = cos_sum = per_token_sum = batched_sum = hat_sq = hat_dot = 0.0
     dev = sae.W_dec.device
-    for x, grad in batches:
-        x = x.to(dev, torch.float32)
-        if not torch.isfinite(x).all():
+    for x_in, grad, target in batches:
+        assert x_in is not None
+        x_in = x_in.to(dev, torch.float32)
+        x = x_in if target is None else target.to(dev, torch.float32)  # what the SAE reconstructs
+        if not torch.isfinite(x_in).all() or not torch.isfinite(x).all():
             raise DataError("NaN or inf in the evaluation activations")
-        z = sae.encode(x, None if grad is None else grad.to(dev, torch.float32), k=k)
-        x_hat = sae.decode(z)
+        z = sae.encode(x_in, None if grad is None else grad.to(dev, torch.float32), k=k)
+        x_hat = sae.decode(z, x_in)
         rss = (x - x_hat).double().pow(2).sum(-1)
         tss = (x - x.mean(0)).double().pow(2).sum(-1)
         sq_err += float(rss.sum())
@@ -118,7 +124,7 @@ def evaluate_sae(
     fvu = sq_err / variance
     freq = fires / n
     mean_sq = sum_sq / n  # SAEBench's total variance: E||x||^2 - (mean over tokens and dims of x^2)^2
-    sae_bench_ev = 1 - (sq_err / n) / (mean_sq - (mean_sq / sae.cfg.d_in) ** 2)
+    sae_bench_ev = 1 - (sq_err / n) / (mean_sq - (mean_sq / sae.cfg.d_out) ** 2)
     hist_edges = [-8, -7, -6, -5, -4, -3, -2, -1, 0.0001]
     log_freq = torch.log10(freq.clamp_min(1e-12))
     hist = torch.histogram(log_freq.float(), bins=torch.tensor(hist_edges, dtype=torch.float32)).hist
@@ -149,26 +155,42 @@ def evaluate_sae(
 
 
 @torch.no_grad()
-def random_baseline(sae: SAE, acts: torch.Tensor | None = None, seed: int = 12345, k: int | None = None) -> SAE:
+def random_baseline(
+    sae: SAE,
+    acts: torch.Tensor | None = None,
+    seed: int = 12345,
+    k: int | None = None,
+    targets: torch.Tensor | None = None,
+) -> SAE:
     """Same shape and k (or k'), random unit directions (tied encoder), trained b_dec; the family's per-token
-    baseline rule (TopK, or AbsTopK for a signed family).
+    baseline rule (TopK, or AbsTopK for a signed family). A transcoder's baseline is a transcoder with random
+    encoder columns and decoder rows, its trained b_dec and W_skip.
 
     Matched scale: given acts [n d_in], the codes are scaled (through W_enc) by the least-squares
     factor g = sum <x - b_dec, z W_dec> / sum ||z W_dec||^2, the best single scale for these random
     directions, so the baseline is a floor no worse than predicting b_dec (unscaled unit-norm
-    codes overshoot: FVU > 1 on tiny). Without acts the codes stay unscaled."""
+    codes overshoot: FVU > 1 on tiny); for a transcoder x is its output (targets [n d_out]) less the skip
+    term. Without acts the codes stay unscaled."""
+    c = sae.cfg
     cfg = SAEConfig(
-        d_in=sae.cfg.d_in,
-        n_latents=sae.cfg.n_latents,
-        activation=sae.cfg.family.baseline,
-        k=k or sae.cfg.k,
+        d_in=c.d_in,
+        n_latents=c.n_latents,
+        activation=c.family.baseline,
+        k=k or c.k,
+        kind=c.kind,
+        d_out=c.d_out,
+        output_hook=c.output_hook,
     )
     base = SAE(cfg, device=sae.W_dec.device, seed=seed)
     base.b_dec.copy_(sae.b_dec)
+    if base.W_skip is not None and sae.W_skip is not None:
+        base.W_skip.copy_(sae.W_skip)
     if acts is not None and len(acts):
         x = acts.to(base.W_dec.device, torch.float32)
-        part = base.decode(base.encode(x)) - base.b_dec
-        dot, sq = float((part.double() * (x - base.b_dec).double()).sum()), float(part.double().pow(2).sum())
+        y = x if targets is None else targets.to(x.device, torch.float32)
+        fixed = base.b_dec if (skip := base.skip(x)) is None else base.b_dec + skip  # the output of no feature
+        part = base.decode(base.encode(x), x) - fixed
+        dot, sq = float((part.double() * (y - fixed).double()).sum()), float(part.double().pow(2).sum())
         base.W_enc.mul_(max(dot, 0.0) / sq if sq > 0 else 0.0)
     return base.eval()
 
@@ -186,26 +208,35 @@ def spliced_losses(
 ) -> dict:
     """CE and KL with the SAE's reconstruction (and zero-ablation) replacing `hook`'s output, in one of
     CE_CONVENTIONS (the module docstring says what each splices and counts); k: the SAE at k' (SAE.check_k).
-    gradients: the SAE encodes each activation with the clean run's loss gradient there (one more
+    A transcoder replaces its output hook's activations (the MLP's output) by its prediction from `hook`'s
+    in the same forward pass, and zero-ablation zeroes the output hook.
+    gradients: the SAE encodes each activation with the clean run's loss gradient where it writes (one more
     forward and a backward per batch; the gradient reads the true next tokens, as in training)."""
-    grads_at = Harvester(model, [hook], gradients=True) if gradients else None
-    check_hooks(model, [hook])
+    out_hook = sae.cfg.output_hook or hook
+    grads_at = Harvester(model, [out_hook], gradients=True) if gradients else None
+    check_hooks(model, [hook, out_hook])
     if convention not in CE_CONVENTIONS:
         raise ConfigError(f"eval.ce_convention: unknown {convention!r}; use one of {', '.join(CE_CONVENTIONS)}")
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     ce_count = kl_count = 0
     dev = next(model.parameters()).device
+    taps: dict[str, torch.Tensor] = {}  # a transcoder's input, read earlier in the same pass
+
+    def tap(act, hook):
+        taps["x"] = flatten_heads(act)
+        return act
+
     for i in range(0, len(contexts), batch_size):
         tokens = contexts.tokens[i : i + batch_size].to(dev)
         keep = ~contexts.special_mask[i : i + batch_size].to(dev)
-        grad = None if grads_at is None else grads_at.forward(tokens, ~keep)[grad_key(hook)]
+        grad = None if grads_at is None else grads_at.forward(tokens, ~keep)[grad_key(out_hook)]
         every = convention == "sae_bench"
         where = torch.ones_like(keep) if every else keep  # the positions spliced or zero-ablated
 
         def patch(kind, where=where, grad=grad):
             def fn(act, hook):
                 flat = flatten_heads(act)
-                new = sae(flat, grad, k=k) if kind == "sae" else torch.zeros_like(flat)
+                new = sae(taps.get("x", flat), grad, k=k) if kind == "sae" else torch.zeros_like(flat)
                 return torch.where(where[..., None], new.to(flat.dtype), flat).reshape(act.shape)
 
             return fn
@@ -214,7 +245,8 @@ def spliced_losses(
         logp_clean = clean.log_softmax(-1)
         results = {"clean": clean}
         for kind in ("sae", "zero"):
-            with model.hooks(fwd_hooks=[(hook, patch(kind))]):
+            reads = [(hook, tap)] if out_hook != hook else []
+            with model.hooks(fwd_hooks=[*reads, (out_hook, patch(kind))]):
                 results[kind] = model(tokens).float()
         targets = tokens[:, 1:]
         ce_mask = (keep[:, :-1] if every else keep[:, :-1] & keep[:, 1:]).float()  # [b ctx-1]

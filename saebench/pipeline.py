@@ -62,11 +62,16 @@ def train_from_config(
     if not resume and not dist.restarted():
         refuse_overwrite(h.path for h in homes.values())
     local_batch = local_batch_size(t.batch_size)
-    if t.source == "cache" and len(hooks) > 1:
-        raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
+    if t.source == "cache" and (len(hooks) > 1 or cfg.sae.transcoder):
+        raise ConfigError(
+            "train.source: cache trains one hook at a time; use train.source: stream for several hooks or a transcoder"
+        )
     model = load_model(cfg.model, device, cfg.torch_dtype)
-    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
-    sae_cfgs = {h: cfg.sae.resolve(harvester.widths[h], h, cfg.model) for h in hooks}
+    outputs = {h: cfg.sae.output_hook_for(h) for h in hooks} if cfg.sae.transcoder else {}
+    read = list(dict.fromkeys([*hooks, *outputs.values()]))  # one model pass for inputs and outputs
+    harvester = Harvester(model, read, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
+    widths = harvester.widths
+    sae_cfgs = {h: cfg.sae.resolve(widths[h], h, cfg.model, widths.get(outputs.get(h, h))) for h in hooks}
     if t.source == "cache":
         manifest = harvest_from_config(cfg, model=model)
         store = ActivationStore(manifest["cache_dir"], hooks[0])
@@ -122,7 +127,8 @@ def eval_from_config(
     SAE's eval.json keeps the sections of suites not run now. `overrides` change the run's config for this
     evaluation only. ks: the core figures at each k' too (`--k 8,16`; per-token families, SAE.check_k), in
     eval.json's "by_k" section keyed by k'. Returns hook -> eval.json.
-    An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core)."""
+    An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core); a transcoder the
+    rows of its output hook, from the same pass."""
     check_suites(suites)
     run = Run(run_dir)
     homes = run.trained_homes()
@@ -134,7 +140,9 @@ def eval_from_config(
     model = run.load_model()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     gradients = any(sae.cfg.family.gradients for sae in saes.values())
-    harvester = Harvester(model, sorted(saes), cfg.harvest.exclude_special, gradients=gradients)
+    outputs = {hook: sae.cfg.output_hook or hook for hook, sae in saes.items()}  # where each one writes
+    read = sorted({*saes, *outputs.values()})
+    harvester = Harvester(model, read, cfg.harvest.exclude_special, gradients=gradients)
     batches = list(
         stream_activations(
             harvester,
@@ -149,9 +157,12 @@ def eval_from_config(
     results = {}
     for hook, sae in saes.items():
         acts = torch.cat([batch[hook] for batch in batches])
-        grads = torch.cat([batch[grad_key(hook)] for batch in batches]) if sae.cfg.family.gradients else None
-        baseline = random_baseline(sae, acts)
-        inputs = EvalInputs(run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, ks, show_progress)
+        targets = torch.cat([batch[outputs[hook]] for batch in batches]) if sae.cfg.transcoder else None
+        grads = torch.cat([batch[grad_key(outputs[hook])] for batch in batches]) if sae.cfg.family.gradients else None
+        baseline = random_baseline(sae, acts, targets=targets)
+        inputs = EvalInputs(
+            run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, ks, show_progress, targets
+        )
         results[hook] = run_suites(inputs, suites, run.eval(hook))
         run.write_eval(hook, results[hook])
     return results
@@ -169,6 +180,8 @@ def analyze(
 ) -> dict:
     """`saebench analyze RUN`: one pass over held-out text through the model and every SAE of the run;
     writes each SAE's feature store (features.sqlite beside its sae/ folder). Returns a summary.
+    A transcoder's features are encoded from its input hook (their examples) and its decoder rows are
+    its output's (their logit lens).
 
     A checkpoint of the accumulators is written every cfg.checkpoint_tokens; `resume` continues an
     interrupted pass from it and ends with the same store as an uninterrupted one."""
@@ -242,6 +255,8 @@ def analyze(
             "split": cfg.split,
             "data": dataclasses.asdict(rc.data),
             "activation": sae.cfg.activation,
+            "kind": sae.cfg.kind,  # a transcoder's examples are where it reads; its logit lens what it writes
+            "output_hook": sae.cfg.output_hook,
             "k": sae.cfg.k,
             "inference_k": cfg.k,  # k' the codes were taken at (`--k`); None: the SAE's own rule
             "d_in": sae.cfg.d_in,

@@ -6,6 +6,7 @@
     one hook:   RUN/sae/ (cfg.json + sae.safetensors), RUN/checkpoints/, RUN/metrics.jsonl,
                 RUN/eval.json (+ RUN/eval.<suite>.safetensors), RUN/features.sqlite
     several:    the same per SAE under RUN/<hook dir>/ (harvest.hook_dirname)
+A transcoder's folder is keyed by its input hook, as an SAE's; SAEHome.output_hook names where it writes.
 
 Every file read here that is damaged or half-written is one DataError naming it and the fix.
 
@@ -48,6 +49,7 @@ class SAEHome:
 
     hook: str
     path: Path
+    output_hook: str | None = None  # a transcoder's output hook (None for an SAE)
 
     @property
     def sae_dir(self) -> Path:
@@ -140,7 +142,7 @@ class Run:
         for folder in folders:
             meta = read_json(folder / SAE_DIR / "cfg.json", "retrain the SAE or copy the folder again")
             hook = meta.get("hook") or (folder.name if folder != self.path else self.config.harvest.hooks[0])
-            homes[hook] = SAEHome(hook, folder)
+            homes[hook] = SAEHome(hook, folder, meta.get("output_hook"))
         return homes
 
     def trained_homes(self) -> dict[str, SAEHome]:

@@ -5,7 +5,8 @@
 `acts` is a tensor [N d_in] (shuffled each epoch by the seed) or a callable returning a fresh
 iterator of [batch d_in] batches (a harvester stream or an ActivationStore); see `BatchSource`.
 A family that ranks by the model's loss gradient (gradient_topk) also needs `grads` [N d_in], or
-batches that carry them under `grad_key(hook)` (harvest.gradients).
+batches that carry them under `grad_key(hook)` (harvest.gradients). A transcoder (SAEConfig.kind) also
+needs its output: `targets` [N d_out], or batches that carry its output hook's rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -79,6 +80,7 @@ class TrainConfig:
 
 
 Batch = dict[str, torch.Tensor]  # hook -> [batch d] (+ grad_key(hook) -> its loss gradient); a tensor is {"": tensor}
+TARGET = ":target"  # the key of a transcoder's outputs given as a tensor (train_sae's targets)
 
 
 def grad_key(hook: str) -> str:
@@ -168,19 +170,27 @@ class BatchSource:
                 size -= self.batch_size
 
 
-def _pick(batch: Batch, sae_cfg: SAEConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The SAE's hook's rows and their loss gradient (None when the source has none)."""
-    hooks = [key for key in batch if not key.endswith(grad_key(""))]
+class Picked(NamedTuple):
+    x: torch.Tensor  # [batch d_in] the SAE's hook's rows
+    grad: torch.Tensor | None  # [batch d_out] the loss gradient where it writes (None when the source has none)
+    target: torch.Tensor | None  # [batch d_out] a transcoder's output hook's rows (None for an SAE)
+
+
+def _pick(batch: Batch, sae_cfg: SAEConfig) -> Picked:
+    """The SAE's rows, their loss gradient and, for a transcoder, its output's rows."""
+    hooks = [key for key in batch if not key.endswith(grad_key("")) and key != TARGET]
     hook = hooks[0] if len(hooks) == 1 else sae_cfg.hook
-    if hook not in batch:
-        raise DataError(f"the activation source has no hook {sae_cfg.hook!r} (it has {', '.join(hooks)})")
-    grad = batch.get(grad_key(hook))
+    out = (TARGET if TARGET in batch else sae_cfg.output_hook) if sae_cfg.transcoder else hook
+    if hook not in batch or out not in batch:
+        missing = out if hook in batch else hook
+        raise DataError(f"the activation source has no hook {missing!r} (it has {', '.join(hooks)})")
+    grad = batch.get(grad_key(out))
     if grad is None and sae_cfg.family.gradients:
         raise ConfigError(
             f"sae.activation {sae_cfg.activation} ranks latents by the model's loss gradient: set harvest.gradients: "
             "true (train_sae: pass grads=)"
         )
-    return batch[hook], grad
+    return Picked(batch[hook], grad, batch[out] if sae_cfg.transcoder else None)
 
 
 @torch.no_grad()
@@ -214,29 +224,48 @@ class SAETrainer:
 
     reduce: data parallelism; x is then this rank's share of the global batch, and gradients,
     selection, dead-latent statistics, thresholds and metrics follow the global batch. `sample`
-    must be the same on every rank (the initialisation is then the same)."""
+    must be the same on every rank (the initialisation is then the same). A transcoder also takes
+    `target_sample`, its outputs at those rows; its inputs and outputs are each scaled to mean norm
+    sqrt(width)."""
 
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, sample: torch.Tensor, reduce: Reducer = LOCAL):
+    def __init__(
+        self,
+        sae_cfg: SAEConfig,
+        cfg: TrainConfig,
+        sample: torch.Tensor,
+        reduce: Reducer = LOCAL,
+        target_sample: torch.Tensor | None = None,
+    ):
         self.cfg, self.sae_cfg, self.reduce = cfg, sae_cfg, reduce
-        if sample.shape[-1] != sae_cfg.d_in:
-            raise DataError(
-                f"activations have width {sample.shape[-1]} but sae.d_in is {sae_cfg.d_in}: "
-                f"set sae.d_in={sample.shape[-1]}"
-            )
+        if (target_sample is None) == sae_cfg.transcoder:
+            raise DataError(f"a transcoder (sae.kind {sae_cfg.kind}) trains on inputs and targets, an SAE on inputs")
+        for what, rows, d in (("activations", sample, sae_cfg.d_in), ("targets", target_sample, sae_cfg.d_out)):
+            if rows is not None and rows.shape[-1] != d:
+                key = "d_in" if what == "activations" else "d_out"
+                raise DataError(
+                    f"{what} have width {rows.shape[-1]} but sae.{key} is {d}: set sae.{key}={rows.shape[-1]}"
+                )
         _check_finite(sample, "the initialisation sample")
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
         sample = sample.to(self.device, torch.float32)
         self.scale = float(math.sqrt(sae_cfg.d_in) / sample.norm(dim=-1).mean()) if cfg.normalize_activations else 1.0
         sample = sample * self.scale
+        self.scale_out = self.scale  # the target's (a transcoder's output's) scale
+        if target_sample is not None:
+            _check_finite(target_sample, "the initialisation sample's targets")
+            target_sample = target_sample.to(self.device, torch.float32)
+            norm = target_sample.norm(dim=-1).mean()
+            self.scale_out = float(math.sqrt(sae_cfg.d_out) / norm) if cfg.normalize_activations else 1.0
+        outputs = sample if target_sample is None else target_sample * self.scale_out
         if cfg.b_dec_init == "geometric_median":
-            b_dec = geometric_median(sample)
+            b_dec = geometric_median(outputs)
         elif cfg.b_dec_init == "mean":
-            b_dec = sample.mean(0)
+            b_dec = outputs.mean(0)
         else:
-            b_dec = sample.new_zeros(sae_cfg.d_in)
+            b_dec = outputs.new_zeros(sae_cfg.d_out)
         # about b_dec: the codes reconstruct x - b_dec, so the decoder's span must hold it, offset included
-        basis = principal_subspace(sample, b_dec, sae_cfg.subspace_variance) if sae_cfg.init == "subspace" else None
+        basis = principal_subspace(outputs, b_dec, sae_cfg.subspace_variance) if sae_cfg.init == "subspace" else None
         self.init_meta = {} if basis is None else {"init_rank": basis.shape[1]}  # for the report and cfg.json
         self.sae = SAE(sae_cfg, device=self.device, seed=cfg.seed, basis=basis).train()
         with torch.no_grad():
@@ -279,18 +308,24 @@ class SAETrainer:
         )
         return self.lr * warm * decay
 
-    def step(self, x: torch.Tensor, sync: bool = True, grad: torch.Tensor | None = None) -> dict:
-        """One optimizer step on x [batch d_in] (grad: the model's loss gradient at x, [batch d_in]);
-        the metrics dict, or {} when sync is False.
+    def step(
+        self, x: torch.Tensor, sync: bool = True, grad: torch.Tensor | None = None, target: torch.Tensor | None = None
+    ) -> dict:
+        """One optimizer step on x [batch d_in] (grad: the model's loss gradient where the SAE writes, [batch d_out];
+        target: a transcoder's output [batch d_out]); the metrics dict, or {} when sync is False.
 
         The fused path reads nothing back to the host unless sync is True: a non-finite batch or loss
         skips the update on the device and raises at the next synced step.
         """
         if not self.fused:
-            _check_finite(x, f"the batch of step {self.step_count}")
+            for rows in (x, target):
+                if rows is not None:
+                    _check_finite(rows, f"the batch of step {self.step_count}")
         x = x.to(self.device, torch.float32) * self.scale
-        if grad is not None:  # the gradient with respect to scale * x
-            grad = grad.to(self.device, torch.float32) / self.scale
+        if target is not None:
+            target = target.to(self.device, torch.float32) * self.scale_out
+        if grad is not None:  # the gradient with respect to scale * x (a transcoder's: to scale_out * target)
+            grad = grad.to(self.device, torch.float32) / self.scale_out
         for group, scale in zip(self.opt.param_groups, self.lr_scales, strict=True):
             group["lr"] = self.lr_at(self.step_count) * scale
         dead = self.tokens_since_fired >= self.sae_cfg.dead_tokens
@@ -308,6 +343,7 @@ class SAETrainer:
                 prefixes=prefixes,
                 l0_coef=l0_coef,
                 grad=grad,
+                target=target,
             )
         if not self.fused and not torch.isfinite(out.loss):
             raise DataError(
@@ -421,6 +457,7 @@ class SAETrainer:
         meta = {
             "step": self.step_count,
             "scale": self.scale,
+            "scale_out": self.scale_out,
             "threshold_set": bool(self.threshold_set),
             "param_groups": opt["param_groups"],
         }
@@ -441,13 +478,14 @@ class SAETrainer:
                 state.setdefault(int(pid), {})[name] = value
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.step_count, self.scale = meta["step"], meta["scale"]
+        self.scale_out = meta.get("scale_out", self.scale)
         self.threshold_set.fill_(bool(meta["threshold_set"]))
 
     def export(self) -> SAE:
         """A copy for inference on raw activations (input scale folded in)."""
         sae = SAE(self.sae_cfg, device=self.device)
         sae.load_state_dict(self.sae.state_dict())
-        sae.fold_input_scale(self.scale)
+        sae.fold_input_scale(self.scale, self.scale_out)
         return sae.eval()
 
 
@@ -530,18 +568,31 @@ def train_sae(
     stop_after_steps: int | None = None,
     show_progress: bool = True,
     grads: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
 ) -> tuple[SAE, dict]:
     """Train one SAE. With run_dir: metrics.jsonl, checkpoints/ and sae/ are written there.
 
     stop_after_steps: stop early (as if killed) after this many steps, checkpointing first.
-    grads: [N d_in] with a tensor `acts`, the model's loss gradient at each row (Harvester(gradients=True)).
+    grads: [N d_out] with a tensor `acts`, the model's loss gradient at each row (Harvester(gradients=True)), or for
+    a transcoder at each row of its output. targets: [N d_out] with a tensor `acts`, a transcoder's output at each row.
     Returns the inference-ready SAE (input scale folded in) and a report of the last metrics.
     """
     source: torch.Tensor | dict[str, torch.Tensor] | Callable[[int], Iterator] = acts
-    if grads is not None:
-        if not isinstance(acts, torch.Tensor) or grads.shape != acts.shape:
-            raise DataError("grads must be a tensor of acts' shape [N d_in]: the gradient at each activation row")
-        source = {"": acts, grad_key(""): grads}
+    if grads is not None or targets is not None:
+        written = targets if targets is not None else acts  # where the SAE writes, and the gradient is taken
+        if (
+            not isinstance(written, torch.Tensor)
+            or not isinstance(acts, torch.Tensor)
+            or len(written) != len(acts)
+            or (grads is not None and grads.shape != written.shape)
+        ):
+            raise DataError(
+                "targets [N d_out] and grads must be tensors with a row per row of acts; grads of the targets' "
+                "shape (acts' for an SAE): the gradient where the SAE writes"
+            )
+        source = {"": acts} if targets is None else {"": acts, TARGET: targets}
+        if grads is not None:
+            source[grad_key("" if targets is None else TARGET)] = grads
     dirs = {"sae": Path(run_dir)} if run_dir is not None else None
     saes, reports = train_saes({"sae": sae_cfg}, source, cfg, None, resume, stop_after_steps, show_progress, dirs)
     return saes["sae"], reports["sae"]
@@ -576,11 +627,11 @@ def train_saes(
     reduce = Reducer(world > 1 and not by_hook)
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
     sample = _init_sample(source, cfg)
-    trainers = {
-        name: SAETrainer(sae_cfgs[name], cfg, _pick(sample, sae_cfgs[name])[0], reduce)
-        for name in names
-        if owners[name] == rank
-    }
+    trainers = {}
+    for name in names:
+        if owners[name] == rank:
+            picked = _pick(sample, sae_cfgs[name])
+            trainers[name] = SAETrainer(sae_cfgs[name], cfg, picked.x, reduce, picked.target)
     writes = by_hook or dist.is_main()  # this rank writes its trainers' folders
     if dirs is None:
         dirs = {name: Path(run_dir) / name for name in names} if run_dir is not None else {}
@@ -639,21 +690,18 @@ def train_saes(
             log = step % cfg.log_every == 0 or step == total_steps
             save = bool(dirs) and bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
             stop = stop_after_steps is not None and step >= stop_after_steps
-            gathered: dict[tuple[str | None, int], tuple] = {}
+            gathered: dict[tuple[str | None, str | None, int], tuple] = {}
             for name in names:
-                x, grad = _pick(batch, sae_cfgs[name])
+                x, grad, target = _pick(batch, sae_cfgs[name])
                 if by_hook:  # the owner receives the global batch of its SAE's hook, in rank order
                     owner = owners[name]
-                    key = (sae_cfgs[name].hook, owner)
+                    key = (sae_cfgs[name].hook, sae_cfgs[name].output_hook, owner)
                     if key not in gathered:
-                        gathered[key] = (
-                            dist.gather_cat(x, owner),
-                            grad if grad is None else dist.gather_cat(grad, owner),
-                        )
-                    x, grad = gathered[key]
+                        gathered[key] = tuple(t if t is None else dist.gather_cat(t, owner) for t in (x, grad, target))
+                    x, grad, target = gathered[key]
                 if name in trainers:  # metrics (a host sync) only where they are used
                     assert x is not None
-                    row = trainers[name].step(x, sync=log or save or stop, grad=grad)
+                    row = trainers[name].step(x, sync=log or save or stop, grad=grad, target=target)
                     last[name] = row or last[name]
             consumed += 1
             bar.update(1)
@@ -690,6 +738,7 @@ def train_saes(
             saes[name].save(
                 mine[name] / "sae",
                 extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count}
+                | ({"output_scale_folded": trainer.scale_out} if sae_cfgs[name].transcoder else {})
                 | trainer.init_meta,
             )
         reports[name] = {**last[name], "steps": trainer.step_count, "input_scale": trainer.scale} | trainer.init_meta

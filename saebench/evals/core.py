@@ -12,13 +12,14 @@ def core(inputs: EvalInputs) -> dict:
 
     An SAE that ranks by the loss gradient is evaluated with the held-out gradients ("sae": CE/KL with the
     clean run's gradients) and without them ("sae_without_gradients": plain TopK). With inputs.ks, "by_k" holds
-    the same figures of the SAE at each k' and of a random baseline at that k'."""
+    the same figures of the SAE at each k' and of a random baseline at that k'. A transcoder's figures are of its
+    output: FVU of the output hook's activations, CE and KL with its prediction in place of the MLP's output."""
     few, model, hook, grads = inputs.splice_contexts, inputs.model, inputs.hook, inputs.grads
     convention = inputs.config.eval.ce_convention
 
     def figures(sae, grads=None, k=None) -> dict:
         spliced = spliced_losses(model, sae, hook, few, gradients=grads is not None, convention=convention, k=k)
-        return {**evaluate_sae(sae, inputs.acts, grads=grads, k=k), **spliced}
+        return {**evaluate_sae(sae, inputs.acts, grads=grads, k=k, targets=inputs.targets), **spliced}
 
     out = {"sae": figures(inputs.sae, grads), "random_baseline": figures(inputs.baseline), "ce_convention": convention}
     if grads is not None:
@@ -27,7 +28,7 @@ def core(inputs: EvalInputs) -> dict:
         out["by_k"] = {
             str(k): {
                 "sae": figures(inputs.sae, grads, k),
-                "random_baseline": figures(random_baseline(inputs.sae, inputs.acts, k=k)),
+                "random_baseline": figures(random_baseline(inputs.sae, inputs.acts, k=k, targets=inputs.targets)),
             }
             for k in inputs.ks
         }

@@ -26,9 +26,10 @@ class EvalInputs:
     baseline: SAE  # evaluate.random_baseline(sae, acts)
     acts: torch.Tensor  # [n d_in] held-out activations at the SAE's hook (config.eval.n_tokens)
     contexts: TokenContexts  # the held-out split (config.eval.split)
-    grads: torch.Tensor | None = None  # [n d_in] loss gradients at those rows, for an SAE that ranks by them
+    grads: torch.Tensor | None = None  # [n d_out] loss gradients where it writes, for an SAE that ranks by them
     ks: Sequence[int] = ()  # the core suite also at these k' latents per token (eval.json "by_k")
     show_progress: bool = True
+    targets: torch.Tensor | None = None  # [n d_out] a transcoder's output hook's rows, beside acts
 
     @property
     def hook(self) -> str:

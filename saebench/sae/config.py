@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -13,17 +14,25 @@ from saebench.sae.families import ACTIVATIONS, FAMILIES, Activation, Family
 
 MATRYOSHKA_REDUCE = ("sum", "prefix_mean", "bussmann_mean")
 INITS = ("random", "subspace")
+KINDS = ("sae", "transcoder", "skip_transcoder")
+DEFAULT_OUTPUT_HOOK = "blocks.{layer}.hook_mlp_out"
 
 
 @dataclass
 class SAEConfig:
-    """d_in -> n_latents -> d_in. `k` is the mean number of active latents per token.
+    """d_in -> n_latents -> d_out (d_out = d_in for an SAE). `k` is the mean number of active latents per token.
 
     A run config's `sae:` section is this spec with d_in left at 0: `resolve` fills it from the
-    hook's width (and n_latents from `expansion`) when the run is built."""
+    hook's width (and n_latents from `expansion`, a transcoder's output_hook and d_out) when the run is built."""
 
     d_in: int = 0  # 0: the hook's width, set by `resolve`
     n_latents: int = 0  # 0: expansion * d_in
+    # sae: reconstructs its hook's activations; transcoder: predicts output_hook's from them (Dunefsky et al. 2024);
+    # skip_transcoder: plus a linear skip term x W_skip (Paulo et al. 2025)
+    kind: Literal["sae", "transcoder", "skip_transcoder"] = "sae"
+    # a transcoder's output hook; "{layer}" stands for the block number of its input hook
+    output_hook: str | None = None  # None: blocks.{layer}.hook_mlp_out for a transcoder
+    d_out: int = 0  # 0: d_in, or for a transcoder of a run the output hook's width (set by `resolve`)
     activation: Activation = "topk"  # the family (saebench.sae.families)
     k: int = 32
     expansion: int = 16  # n_latents = expansion * d_in where n_latents is 0
@@ -36,7 +45,7 @@ class SAEConfig:
     # [matryoshka[0], n_latents), plus n_latents; 0: the fixed `matryoshka` sizes
     matryoshka_random: int = 0
     aux_coef: float = 1 / 32  # weight of the family's auxiliary loss (AuxK or aux_zipf)
-    k_aux: int | None = None  # default d_in // 2, clamped to the number of dead latents
+    k_aux: int | None = None  # default d_out // 2, clamped to the number of dead latents
     dead_tokens: int = 10_000_000  # a latent that has not fired in this many tokens is dead
     zipf_exponent: float = 1.0  # feature choice capacities and aux_zipf's expected shares
     threshold_decay: float = 0.99  # EMA of the smallest kept value, the inference threshold
@@ -65,6 +74,15 @@ class SAEConfig:
             )
         if self.d_in and not self.n_latents:
             self.n_latents = self.expansion * self.d_in
+        if self.kind not in KINDS:
+            raise ConfigError(f"sae.kind: unknown {self.kind!r}; use one of {', '.join(KINDS)}")
+        if not self.transcoder and (self.output_hook or (self.d_in and self.d_out not in (0, self.d_in))):
+            raise ConfigError(
+                "sae.output_hook and sae.d_out are a transcoder's: set sae.kind: transcoder (or skip_transcoder), "
+                "or drop them"
+            )
+        if self.d_in and not self.d_out:
+            self.d_out = self.d_in
         if self.k < 1 or (self.n_latents and self.k > self.n_latents):
             raise ConfigError(f"sae.k must lie in [1, n_latents={self.n_latents}], got {self.k}")
         if self.matryoshka is not None:
@@ -110,13 +128,48 @@ class SAEConfig:
     def family(self) -> Family:
         return FAMILIES[self.activation]
 
-    def resolve(self, d_in: int, hook: str | None = None, model: str | None = None) -> SAEConfig:
-        """This spec for a hook of width d_in (a d_in set here must agree)."""
+    @property
+    def transcoder(self) -> bool:
+        return self.kind != "sae"
+
+    @property
+    def skip(self) -> bool:
+        """A linear skip term W_skip [d_in d_out] beside the features."""
+        return self.kind == "skip_transcoder"
+
+    def output_hook_for(self, hook: str) -> str:
+        """The output hook of this spec's transcoder on input `hook` ("{layer}" filled from blocks.{layer}.)."""
+        template = self.output_hook or DEFAULT_OUTPUT_HOOK
+        if "{layer}" not in template:
+            return template
+        block = re.match(r"blocks\.(\d+)\.", hook)
+        if block is None:
+            raise ConfigError(
+                f"sae.output_hook {template!r} takes the layer from the input hook, but {hook!r} names no "
+                "blocks.{layer}.: give the output hook in full"
+            )
+        return template.replace("{layer}", block.group(1))
+
+    def resolve(
+        self, d_in: int, hook: str | None = None, model: str | None = None, d_out: int | None = None
+    ) -> SAEConfig:
+        """This spec for a hook of width d_in (a d_in set here must agree); a transcoder's output hook
+        (`output_hook_for(hook)`) has width d_out."""
         if self.d_in and self.d_in != d_in:
             raise ConfigError(
                 f"sae.d_in is {self.d_in} but {hook} of {model} has width {d_in}: set sae.d_in={d_in} or remove it"
             )
-        return dataclasses.replace(self, d_in=d_in, hook=hook, model=model)
+        if not self.transcoder:
+            return dataclasses.replace(self, d_in=d_in, hook=hook, model=model)
+        output_hook = self.output_hook_for(hook) if hook is not None else self.output_hook
+        if d_out is None:
+            raise ConfigError(f"a transcoder needs its output width: resolve(d_in, hook, model, d_out={output_hook}'s)")
+        if self.d_out and self.d_out != d_out:
+            raise ConfigError(
+                f"sae.d_out is {self.d_out} but {output_hook} of {model} has width {d_out}: "
+                f"set sae.d_out={d_out} or remove it"
+            )
+        return dataclasses.replace(self, d_in=d_in, hook=hook, model=model, output_hook=output_hook, d_out=d_out)
 
     @property
     def epsilon(self) -> float:
@@ -125,4 +178,4 @@ class SAEConfig:
 
     @property
     def aux_k(self) -> int:
-        return self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+        return self.k_aux if self.k_aux is not None else max(1, self.d_out // 2)

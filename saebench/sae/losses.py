@@ -15,10 +15,10 @@ from saebench.sae.sae import SAE
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    mse: torch.Tensor  # normalised MSE of the full reconstruction (= batch FVU)
+    mse: torch.Tensor  # normalised MSE of the full reconstruction (= batch FVU; a transcoder's of its output)
     aux: torch.Tensor
     selection: sparsify.Selection
-    x_hat: torch.Tensor
+    x_hat: torch.Tensor  # [batch d_out] the reconstruction (a transcoder's predicted output)
 
 
 def normalised_mse(
@@ -90,17 +90,19 @@ def auxk_loss(
     candidates: torch.Tensor,
     reattach: bool = False,
     reduce: Reducer = LOCAL,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reconstruct the residual error from the top-k_aux `candidates` latents (Gao et al. 2024).
 
     candidates: [n] bool (dead latents, or under-used ones for aux_zipf). Ranks by |pre| for a signed family.
     reattach: pre is detached (sparse encoder backward); recompute the chosen entries with autograd.
+    target: [batch d_out] a transcoder's output, which x_hat predicts (default x).
     """
     n_cand = int(candidates.sum())
     if n_cand == 0:
         return x.new_zeros(())
     k_aux = min(sae.cfg.aux_k, n_cand)
-    error = (x - x_hat).detach()
+    error = ((x if target is None else target) - x_hat).detach()
     if sae.cfg.family.signed:
         rank = torch.where(candidates, pre.abs(), torch.full_like(pre, -torch.inf))
         _, idx = rank.topk(k_aux, dim=-1)
@@ -140,23 +142,36 @@ def random_prefixes(cfg, gen: torch.Generator) -> list[int]:
 
 
 def reconstruction_loss(
-    sae: SAE, x: torch.Tensor, sel: sparsify.Selection, total_var: torch.Tensor, prefixes: list[int] | None = None
+    sae: SAE,
+    x: torch.Tensor,
+    sel: sparsify.Selection,
+    total_var: torch.Tensor,
+    prefixes: list[int] | None = None,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The family's reconstruction term: the normalised error of the full selection, plus (Matryoshka) that
     of each latent prefix in `prefixes`, or (hierarchical) the mean over every prefix of the sorted selection.
-    -> (term, the full selection's normalised MSE, x_hat [batch d_in])."""
+    target: [batch d_out] a transcoder's output (default x), which each prefix predicts with the skip term.
+    -> (term, the full selection's normalised MSE, x_hat [batch d_out])."""
     cfg = sae.cfg
+    y, skip = (x if target is None else target), sae.skip(x)
+    base = sae.b_dec if skip is None else sae.b_dec + skip  # the output of no feature
+
+    def predict(n_prefix: int | None = None) -> torch.Tensor:
+        out = sae.decode_selection(sel, n_prefix)
+        return out if skip is None else out + skip
+
     if cfg.family.hierarchical:  # the last prefix is the full selection
-        errs, residual = PrefixErrors.apply(x - sae.b_dec, sel.values, sel.indices, sae.W_dec)
-        return errs.mean() / total_var, errs[-1] / total_var, x - residual
-    x_hat = sae.decode_selection(sel)
-    recon = mse = normalised_mse(x, x_hat, total_var=total_var)
+        errs, residual = PrefixErrors.apply(y - base, sel.values, sel.indices, sae.W_dec)
+        return errs.mean() / total_var, errs[-1] / total_var, y - residual
+    x_hat = predict()
+    recon = mse = normalised_mse(y, x_hat, total_var=total_var)
     if prefixes:
-        recon = sum(normalised_mse(x, sae.decode_selection(sel, m), total_var=total_var) for m in prefixes[:-1]) + mse
+        recon = sum(normalised_mse(y, predict(m), total_var=total_var) for m in prefixes[:-1]) + mse
         if cfg.matryoshka_reduce == "prefix_mean":
             recon = recon / len(prefixes)
         elif cfg.matryoshka_reduce == "bussmann_mean":  # their code counts the b_dec-only reconstruction too
-            recon = (recon + normalised_mse(x, sae.b_dec.expand_as(x), total_var=total_var)) / (len(prefixes) + 1)
+            recon = (recon + normalised_mse(y, base.expand_as(y), total_var=total_var)) / (len(prefixes) + 1)
     return recon, mse, x_hat
 
 
@@ -169,9 +184,11 @@ def sae_loss(
     prefixes: list[int] | None = None,
     grad: torch.Tensor | None = None,
     l0_coef: torch.Tensor | float | None = None,
+    target: torch.Tensor | None = None,
 ) -> StepOutput:
-    """x: [batch d_in]. dead: [n] bool; freq: [n] recent fires per token (aux_zipf, feature choice's capacities);
-    grad: [batch d_in] the model's loss gradient at x (for the families that rank by it).
+    """x: [batch d_in]; target: [batch d_out] a transcoder's output, which it predicts from x (default x).
+    dead: [n] bool; freq: [n] recent fires per token (aux_zipf, feature choice's capacities);
+    grad: [batch d_out] the model's loss gradient at the target (for the families that rank by it).
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
     l0_coef: JumpReLU's λ (default cfg.l0_coef); the loss adds λ * mean_tokens(L0) / k, L0 = sum_j H(pre_j -
@@ -188,14 +205,15 @@ def sae_loss(
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
-    total_var = variance_sum(x, reduce)
-    recon, mse, x_hat = reconstruction_loss(sae, x, sel, total_var, prefixes or cfg.matryoshka)
+    total_var = variance_sum(x if target is None else target, reduce)
+    recon, mse, x_hat = reconstruction_loss(sae, x, sel, total_var, prefixes or cfg.matryoshka, target)
     aux = x.new_zeros(())
     if cfg.aux_coef > 0:
         if cfg.family.aux == "aux_zipf" and freq is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, underused(freq, cfg.k, cfg.zipf_exponent), sparse_backward, reduce)
+            candidates = underused(freq, cfg.k, cfg.zipf_exponent)
+            aux = auxk_loss(sae, x, x_hat, pre, candidates, sparse_backward, reduce, target)
         elif dead is not None:
-            aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce)
+            aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce, target)
     loss = recon + cfg.aux_coef * aux
     l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
     if (theta := sae.learned_threshold()) is not None and l0_coef is not None:

@@ -1,4 +1,7 @@
-"""The sparse autoencoder: pre = (x - b_dec) W_enc + b_enc; z = sparsify(pre); x_hat = z W_dec + b_dec."""
+"""The sparse autoencoder: pre = (x - b_dec) W_enc + b_enc; z = sparsify(pre); x_hat = z W_dec + b_dec.
+
+A transcoder (cfg.kind) maps its input hook's activations x to its output hook's y instead:
+pre = x W_enc + b_enc; y_hat = z W_dec + b_dec (+ x W_skip for a skip transcoder)."""
 
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ from saebench.sae.families import SelectContext
 
 
 class SAE(nn.Module):
-    """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_in] (unit-norm rows); b_dec: [d_in]; threshold: [n]
-    (JumpReLU: log_threshold [n], the trained parameter, of which `threshold` is the copy inference reads)."""
+    """W_enc: [d_in n]; b_enc: [n]; W_dec: [n d_out] (unit-norm rows); b_dec: [d_out]; threshold: [n]
+    (JumpReLU: log_threshold [n], the trained parameter, of which `threshold` is the copy inference reads);
+    W_skip: [d_in d_out] for a skip transcoder, else None. d_out = d_in for an SAE."""
 
     threshold: torch.Tensor
     log_threshold: nn.Parameter
+    W_skip: nn.Parameter | None
     meta: dict
 
     def __init__(
@@ -35,7 +40,9 @@ class SAE(nn.Module):
         seed: int = 0,
         basis: torch.Tensor | None = None,
     ):
-        """basis: [d_in r] orthonormal columns U; W_dec = normalise(G U^T), G [n r] Gaussian (subspace init)."""
+        """basis: [d_out r] orthonormal columns U; W_dec = normalise(G U^T), G [n r] Gaussian (subspace init).
+        A transcoder's encoder columns are drawn apart from its decoder rows (they live in another space),
+        its W_skip starts at zero."""
         super().__init__()
         if not cfg.d_in or not cfg.n_latents:
             raise ConfigError(
@@ -43,14 +50,20 @@ class SAE(nn.Module):
             )
         self.cfg = cfg
         gen = torch.Generator().manual_seed(seed)
-        W_dec = torch.randn(cfg.n_latents, cfg.d_in if basis is None else basis.shape[1], generator=gen)
+        W_dec = torch.randn(cfg.n_latents, cfg.d_out if basis is None else basis.shape[1], generator=gen)
         if basis is not None:
             W_dec = W_dec @ basis.T.cpu().float()
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        W_enc = W_dec  # tied init
+        if cfg.transcoder:
+            W_enc = torch.randn(cfg.n_latents, cfg.d_in, generator=gen)
+            W_enc /= W_enc.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec.to(device, dtype))
-        self.W_enc = nn.Parameter(W_dec.T.clone().contiguous().to(device, dtype))  # tied init
+        self.W_enc = nn.Parameter(W_enc.T.clone().contiguous().to(device, dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, device=device, dtype=dtype))
+        skip = torch.zeros(cfg.d_in, cfg.d_out, device=device, dtype=dtype)
+        self.W_skip = nn.Parameter(skip) if cfg.skip else None
         self.register_buffer("threshold", torch.zeros(cfg.n_latents, device=device, dtype=dtype))
         if cfg.family.threshold == "learned":  # JumpReLU trains log(threshold); `threshold` follows it
             self.log_threshold = nn.Parameter(torch.zeros_like(self.threshold))
@@ -64,7 +77,16 @@ class SAE(nn.Module):
         # (a third dense matmul) out of the backward when x needs none. The bias takes the matmul's
         # dtype, so a bf16 autocast matmul is not promoted to fp32 by an fp32 bias.
         pre = x @ self.W_enc
-        return pre + (self.b_enc - self.b_dec @ self.W_enc).to(pre.dtype)
+        return pre + (self.b_enc - self.b_in @ self.W_enc).to(pre.dtype)
+
+    @property
+    def b_in(self) -> torch.Tensor:
+        """[d_in] what the encoder subtracts from its input: b_dec for an SAE, zero for a transcoder."""
+        return self.b_enc.new_zeros(self.cfg.d_in) if self.cfg.transcoder else self.b_dec
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x: [... d_in] -> x W_skip [... d_out] for a skip transcoder; None otherwise."""
+        return None if self.W_skip is None else x @ self.W_skip
 
     def select(
         self,
@@ -78,7 +100,8 @@ class SAE(nn.Module):
         """Which latents fire, with their values. pre: [batch n]; reduce: the ranks whose batches the
         batch sparsifiers select over together (data parallelism); grad: [batch d_in], the model's loss
         gradient at the input, read by the families that rank by it (Family.gradients); freq: [n] recent
-        fires per token; k: k' latents per token at inference (see `check_k`)."""
+        fires per token; k: k' latents per token at inference (see `check_k`). A transcoder's grad is at its
+        output ([batch d_out]), where its decoder writes."""
         train = self.training if train is None else train
         family = self.cfg.family
         cfg = self.cfg
@@ -120,7 +143,7 @@ class SAE(nn.Module):
         """A selection made on detached pre [batch n] with values recomputed at its entries only,
         so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's.
         jump: JumpReLU's values jump at the threshold (False: ReLU'd, as AuxK's)."""
-        at = sparse.pre_acts_at(x, self.b_dec, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
+        at = sparse.pre_acts_at(x, self.b_in, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
         if jump and (theta := self.learned_threshold()) is not None:
             values = sparsify.jump(at, theta[sel.indices], self.cfg.epsilon)
         else:
@@ -129,19 +152,26 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None, *, k: int | None = None) -> torch.Tensor:
         """x: [... d_in] -> z: [... n], dense with zeros (inference rule for batch sparsifiers).
-        grad: [... d_in], the model's loss gradient at x, for the families that rank by it (TopK without);
+        grad: [... d_out], the model's loss gradient at the output (x for an SAE), for the families that rank by
+        it (TopK without);
         k: k' latents per token instead of the SAE's k (per-token families; see `check_k`)."""
         shape = x.shape
         pre = self.pre_acts(x.reshape(-1, shape[-1]))
         sel = self.select(pre, train=False, grad=None if grad is None else grad.reshape(-1, shape[-1]), k=k)
         return sel.dense(pre.shape[-1]).reshape(*shape[:-1], -1)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: [... n] -> [... d_in]."""
-        return z @ self.W_dec + self.b_dec
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """z: [... n] -> [... d_out]; x: [... d_in] the input, which a skip transcoder's skip term reads."""
+        out = z @ self.W_dec + self.b_dec
+        if self.W_skip is None:
+            return out
+        if x is None:
+            raise ValueError("a skip transcoder's output reads its input: pass x to decode(z, x)")
+        return out + x @ self.W_skip
 
     def decode_selection(self, sel: sparsify.Selection, n_prefix: int | None = None) -> torch.Tensor:
-        """Sparse decode of a selection, optionally only latents < n_prefix (Matryoshka). -> [batch d_in]."""
+        """Sparse decode of a selection, optionally only latents < n_prefix (Matryoshka); without a skip term.
+        -> [batch d_out]."""
         if n_prefix is not None and n_prefix < self.cfg.n_latents:
             sel = sel.prefix(n_prefix)
         if sel.offsets is None:
@@ -149,7 +179,8 @@ class SAE(nn.Module):
         return sparse.decode_ragged(sel.values, sel.indices, sel.offsets, self.W_dec, self.b_dec)
 
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None, *, k: int | None = None) -> torch.Tensor:
-        return self.decode(self.encode(x, grad, k=k))
+        """x: [... d_in] -> [... d_out]; grad: the model's loss gradient at the output (see `encode`)."""
+        return self.decode(self.encode(x, grad, k=k), x)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.cfg.d_in:
@@ -168,14 +199,21 @@ class SAE(nn.Module):
             g.addcmul_((g * w).sum(-1, keepdim=True), w, value=-1)  # in place, no [n d] temporary
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> None:
         """Make an SAE trained on scale * x work on raw x: codes shrink by `scale`, W_dec stays unit-norm.
-        The raw loss gradient is scale x the scaled one, so gradient_beta / scale keeps the ranking."""
-        self.b_dec /= scale
-        self.b_enc /= scale
-        self.set_threshold(self.threshold / scale)
+        The raw loss gradient is scale x the scaled one, so gradient_beta / scale keeps the ranking.
+        A transcoder trained from scale * x to out_scale * y: codes shrink by out_scale, W_enc and W_skip
+        grow by scale / out_scale."""
+        out_scale = scale if out_scale is None else out_scale
+        if out_scale != scale:
+            self.W_enc *= scale / out_scale
+            if self.W_skip is not None:
+                self.W_skip.mul_(scale / out_scale)
+        self.b_dec /= out_scale
+        self.b_enc /= out_scale
+        self.set_threshold(self.threshold / out_scale)
         if self.cfg.family.gradients:
-            self.cfg = dataclasses.replace(self.cfg, gradient_beta=self.cfg.gradient_beta / scale)
+            self.cfg = dataclasses.replace(self.cfg, gradient_beta=self.cfg.gradient_beta / out_scale)
 
     @torch.no_grad()
     def set_threshold(self, threshold: torch.Tensor) -> None:
@@ -192,7 +230,7 @@ class SAE(nn.Module):
         return out
 
     def save(self, folder: str | Path, extra: dict | None = None) -> None:
-        """folder/cfg.json + folder/sae.safetensors, each written atomically."""
+        """folder/cfg.json + folder/sae.safetensors (+ W_skip for a skip transcoder), each written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {**dataclasses.asdict(self.cfg), **(extra or {})}

@@ -57,6 +57,11 @@ except SAEBenchError as e:
     st.stop()
 
 st.title(f"Feature {card.id}" + (f" · {card.label}" if card.label else ""))
+if store.meta.get("output_hook"):
+    st.caption(
+        f"a {store.meta['kind']} feature: its examples are where it reads (`{hook}`), its logit lens what it writes "
+        f"(`{store.meta['output_hook']}`)"
+    )
 cols = st.columns(5)
 cols[0].metric("density", f"{card.density:.3%}")
 cols[1].metric("fires", f"{card.n_fires:,}")
@@ -131,7 +136,8 @@ with right:
         st.info(store.meta.get("logit_lens_note", "No logit lens for this model."))
     else:
         top, bottom = card.logit_lens
-        st.subheader("Logit lens")
+        output_hook = store.meta.get("output_hook")
+        st.subheader("Logit lens" if output_hook is None else f"Output logit lens ({output_hook})")
         st.dataframe(
             pd.DataFrame(
                 {
