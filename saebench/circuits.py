@@ -3,7 +3,8 @@
 For a prompt, a layer L, a head h and a query position q, the residual stream feeding layer L
 is split into components at every position: token and position embeddings, and for each
 upstream sublayer (attn_out / mlp_out of layers < L, or a residual SAE at L's input) either
-its SAE's active features (value x decoder row), the SAE's bias and its error term, or the
+its SAE's active features (value x decoder row), the SAE's bias and its error term, or a transcoder's
+that writes it (its features read from its input hook, plus a skip transcoder's skip term), or the
 whole sublayer output when it has no SAE. With LayerNorm scales frozen from the clean run,
 LN is affine, so
 
@@ -39,20 +40,27 @@ class Components:
 
 
 def _sae_components(
-    sae: SAE, hook: str, act: torch.Tensor, out_proj: torch.Tensor | None = None, out_bias: torch.Tensor | None = None
+    sae: SAE,
+    hook: str,
+    act: torch.Tensor,
+    out_proj: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
 ) -> Components:
-    """act: [d_sae_in] at one position -> features + bias + error, mapped by out_proj [d_in d_model] if given."""
+    """act: [d_in] at one position -> features + bias (+ a skip transcoder's skip term) + error, mapped by
+    out_proj [d_out d_model] if given; target: [d_out] a transcoder's output there (default act)."""
     z = sae.encode(act[None])[0]
     active = z.nonzero().squeeze(-1)
-    vecs = z[active, None] * sae.W_dec[active]
-    bias = sae.b_dec[None]
-    error = (act - sae.decode(z[None])[0])[None]
+    skip = sae.skip(act[None])
+    error = ((act if target is None else target) - sae.decode(z[None], act[None])[0])[None]
+    vecs = torch.cat([z[active, None] * sae.W_dec[active], sae.b_dec[None], *([] if skip is None else [skip]), error])
     if out_proj is not None:
         assert out_bias is not None
-        vecs, bias, error = vecs @ out_proj, bias @ out_proj + out_bias, error @ out_proj
-    names = [f"{hook}:f{int(i)}" for i in active] + [f"{hook}:bias", f"{hook}:error"]
-    kinds = ["feature"] * len(active) + ["sae_bias", "error"]
-    return Components(names, kinds, torch.cat([vecs, bias, error]))
+        vecs = vecs @ out_proj
+        vecs[len(active)] += out_bias
+    extra = ["skip"] if skip is not None else []
+    names = [f"{hook}:f{int(i)}" for i in active] + [f"{hook}:{n}" for n in ("bias", *extra, "error")]
+    return Components(names, ["feature"] * len(active) + ["sae_bias", *extra, "error"], vecs)
 
 
 def residual_components(
@@ -69,6 +77,7 @@ def residual_components(
     for hook, sae in saes.items():
         if hook in resid_hooks:
             return _sae_components(sae, hook, cache[hook][batch, pos])
+    writers = {sae.cfg.output_hook: sae for sae in saes.values() if sae.cfg.transcoder}
     parts = Components([], [], torch.zeros(0, cfg.d_model, device=cache["hook_embed"].device))
     parts += Components(["tok_embed"], ["embed"], cache["hook_embed"][batch, pos][None])
     if "hook_pos_embed" in cache:
@@ -83,6 +92,10 @@ def residual_components(
                 parts += _sae_components(saes[z_hook], z_hook, z, W_O, model.b_O[block])
             elif out_hook in saes:
                 parts += _sae_components(saes[out_hook], out_hook, cache[out_hook][batch, pos])
+            elif (tc := writers.get(out_hook)) is not None:  # a transcoder: its features read its input hook
+                hook = tc.cfg.hook
+                assert hook is not None
+                parts += _sae_components(tc, hook, cache[hook][batch, pos], target=cache[out_hook][batch, pos])
             else:
                 parts += Components([out_hook], ["sublayer"], cache[out_hook][batch, pos][None])
     return parts
@@ -255,7 +268,8 @@ def trace_attention(
     """Trace head `head` of `layer` at `query_pos` (default: last). key_pos default: the most-attended key.
 
     saes: {hook: SAE} for upstream hooks (blocks.l.hook_attn_out / hook_mlp_out / attn.hook_z for
-    l < layer, or a residual SAE at layer's input). downstream/downstream_feature: project the OV
+    l < layer, or a residual SAE at layer's input), or transcoders keyed by their input hook that write
+    blocks.l.hook_mlp_out (their output_hook). downstream/downstream_feature: project the OV
     terms on that feature's encoder row (resid-space SAEs, or blocks.{layer}.attn.hook_z SAEs).
     logit_tokens: a token id, (a, b) for the logit difference a - b, or "top" for the model's own
     top prediction, for direct logit attribution at query_pos. check: assert the decompositions sum to the

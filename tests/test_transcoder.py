@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import saebench as sb
+from saebench.circuits import residual_components, trace_attention
 from saebench.config import RunConfig, from_dict, load_config
 from saebench.errors import ConfigError
 from saebench.models import TINY_DIR
@@ -342,3 +343,37 @@ def test_a_transcoder_run_refuses_the_activation_cache(tmp_path):
     cfg = load_config(ROOT / "configs/tiny-transcoders.yaml", [f"runs_dir={tmp_path}", "train.source=cache"])
     with pytest.raises(ConfigError, match="train.source: stream"):
         sb.train_from_config(cfg)
+
+
+@torch.no_grad()
+def test_the_trace_splits_an_mlp_into_its_transcoders_features(relu_tiny):
+    """Through the transcoder that is layer 0's MLP, the MLP's output splits into its hidden units' outputs (the
+    features), b_out and a zero error; through a skip transcoder, into features, b_dec, x W_skip and the error.
+    Either way the residual stream and the L1 heads' QK scores are the sums of the parts."""
+    model, weights = relu_tiny
+    tokens = sb.prompt_tokens(model, "The cat sat on the mat. The cat sat on the mat.")
+    _, cache = model.run_with_cache(tokens)
+    x, mlp_out = cache[LN2.format(0)][0], cache[MLP_OUT.format(0)][0]
+    w = {k.split("h.0.")[1]: v for k, v in weights.items() if ".h.0." in k}
+    hidden = (model.blocks[0].ln2(cache["blocks.0.hook_resid_mid"]) @ w["mlp.c_fc.weight"] + w["mlp.c_fc.bias"]).relu()
+    skip = random_transcoder(192, 192, 64, 6, seed=2, hook=LN2.format(0), output_hook=MLP_OUT.format(0))
+    for tc in (exact_mlp_transcoder(weights, 0), skip):
+        p = 5
+        comps = residual_components(model, cache, 1, p, {LN2.format(0): tc})
+        mine = {
+            n.split(":")[1]: v for n, v in zip(comps.names, comps.vectors, strict=True) if n.startswith(LN2.format(0))
+        }
+        assert torch.allclose(torch.stack(list(mine.values())).sum(0), mlp_out[p], atol=1e-4)
+        assert torch.allclose(comps.vectors.sum(0), cache["blocks.1.hook_resid_pre"][0, p], atol=1e-4)
+        if tc is skip:
+            assert torch.allclose(mine["skip"], x[p] @ skip.W_skip, atol=1e-5)
+            assert mine["error"].norm() > 0.1
+        else:
+            units = hidden[0, p].nonzero().squeeze(-1)
+            assert set(mine) == {f"f{int(u)}" for u in units} | {"bias", "error"}
+            for u in units.tolist():
+                assert torch.allclose(mine[f"f{u}"], hidden[0, p, u] * w["mlp.c_proj.weight"][u], atol=1e-4)
+            assert mine["error"].abs().max() < 1e-4
+        for head in range(model.cfg.n_heads):
+            r = trace_attention(model, tokens, layer=1, head=head, query_pos=-1, saes={LN2.format(0): tc}, check=False)
+            assert float(r.pair_scores.sum()) == pytest.approx(r.score, abs=1e-3)
