@@ -7,7 +7,10 @@ demo: setup
 	.venv/bin/saebench train configs/tiny.yaml
 	.venv/bin/saebench eval runs/tiny
 	.venv/bin/saebench analyze runs/tiny
-	@echo "open the app: .venv/bin/saebench app runs/tiny"
+	.venv/bin/saebench train configs/tiny-transcoders.yaml
+	.venv/bin/saebench eval runs/tiny-transcoders
+	.venv/bin/saebench analyze runs/tiny-transcoders
+	@echo "open the app: .venv/bin/saebench app runs/tiny runs/tiny-transcoders"
 
 test: setup lint
 	.venv/bin/python -m pytest

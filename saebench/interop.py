@@ -3,8 +3,8 @@
 saebench -> SAELens: topk and gradient_topk -> "topk" (SAELens passes no gradients: plain TopK);
 jumprelu / batchtopk / mutual_choice / feature_choice -> "jumprelu" (their inference rule is ReLU(pre) where
 pre > threshold); matryoshka keeps its latent order.
-abstopk is refused (saebench does not export it). The cfg carries sae_lens_version, so SAELens 6 reads
-it as a 6.x config (hook_name and model_name in `metadata`), and model_from_pretrained_kwargs
+abstopk and transcoders are refused (saebench does not export them). The cfg carries sae_lens_version, so
+SAELens 6 reads it as a 6.x config (hook_name and model_name in `metadata`), and model_from_pretrained_kwargs
 {"center_writing_weights": False}: SAELens loads the model with from_pretrained_no_processing(**kwargs),
 which gives the unprocessed activations saebench trains on. hook_z SAEs get reshape_activations "hook_z":
 SAELens takes [... n_heads d_head] and flattens it as saebench's harvest does ([... (n_heads d_head)]).
@@ -57,11 +57,9 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 def save_saelens(sae: SAE, folder: str | Path) -> None:
     cfg = sae.cfg
-    if cfg.family.signed:
-        raise DataError(
-            f"saebench does not export AbsTopK SAEs or other signed families ({cfg.activation}) to SAELens; "
-            "keep this SAE in saebench's format (sae.save)"
-        )
+    if cfg.family.signed or cfg.transcoder:
+        what = f"{cfg.kind}s" if cfg.transcoder else f"AbsTopK SAEs or other signed families ({cfg.activation})"
+        raise DataError(f"saebench does not export {what} to SAELens; keep this SAE in saebench's format (sae.save)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arch = "jumprelu" if cfg.family.threshold else "topk"

@@ -11,6 +11,8 @@ Modes (x: the hook's activation, d_i = W_dec[i]):
   orthogonal   x - (x . u) u + a u,  u = d_i / ||d_i||; several features are set jointly (x . u_i = a_i each)
 Positions: "all", "prompt" (< prompt_len) or "generated" (>= prompt_len); `generate` sets
 prompt_len and runs without a KV cache, so every position is visible to the hook.
+A transcoder's edit is of what it writes (x: its output hook's activation), its codes of what it reads
+(its input hook's, earlier in the same pass).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Steering:
     unit: bool = False
     prompt_len: int | None = None
     last_latents: torch.Tensor | None = field(default=None, repr=False)  # clamp modes: edited z of the last call
+    reads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # a transcoder's input ("x") this pass
 
     def position_mask(self, n_pos: int, device) -> torch.Tensor:
         """[pos] bool: where the edit applies."""
@@ -69,8 +72,9 @@ class Steering:
             c = (vals - x @ U.T) @ torch.linalg.pinv(U @ U.T)
             out = x + c @ U
         else:
-            z = self.sae.encode(x)
-            error = x - self.sae.decode(z)
+            x_in = self.reads.get("x", x)
+            z = self.sae.encode(x_in)
+            error = x - self.sae.decode(z, x_in)
             new = z.clone()
             target = torch.zeros_like(vals) if self.mode == "ablate" else vals
             if self.mode == "conditional":
@@ -78,7 +82,7 @@ class Steering:
             else:
                 new[..., idx] = target.expand_as(new[..., idx])
             self.last_latents = new.detach()
-            out = self.sae.decode(new) + error
+            out = self.sae.decode(new, x_in) + error
         mask = self.position_mask(x.shape[-2], x.device)[:, None]
         return torch.where(mask, out, x)
 
@@ -91,8 +95,9 @@ def _check(model, sae: SAE, hook: str | None, features: dict[int, float], mode: 
         raise ConfigError(f"unknown steering mode {mode!r}; use one of {', '.join(MODES)}")
     if positions not in POSITIONS:
         raise ConfigError(f"unknown positions {positions!r}; use one of {', '.join(POSITIONS)}")
-    if hook not in model.hook_dict:
-        raise HookError(f"model has no hook {hook!r}")
+    for name in (hook, sae.cfg.output_hook):
+        if name is not None and name not in model.hook_dict:
+            raise HookError(f"model has no hook {name!r}")
     if sae.cfg.hook is not None and sae.cfg.hook != hook:
         raise HookError(
             f"the SAE was trained on {sae.cfg.hook}, not {hook}: pass hook={sae.cfg.hook!r} or leave hook out"
@@ -123,12 +128,27 @@ def steer(
     features = {int(k): float(v) for k, v in features.items()}
     _check(model, sae, hook, features, mode, positions)
     steering = Steering(sae, hook, features, mode, positions, unit, prompt_len)
-    point = model.hook_dict[hook]
-    handle = point.register_forward_hook(lambda module, inputs, output: steering.hook_fn(output, point))
+    point = model.hook_dict[sae.cfg.output_hook or hook]
+    handles = [point.register_forward_hook(lambda module, inputs, output: steering.hook_fn(output, point))]
+    handles += [
+        model.hook_dict[h].register_forward_hook(lambda module, inputs, output, f=f: f(output, None))
+        for h, f in _reads(sae, hook, steering.reads)
+    ]
     try:
         yield steering
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _reads(sae: SAE, hook: str, into: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
+    """For a transcoder, a forward hook on its input `hook` that keeps what it reads in into["x"]; else none."""
+
+    def keep(act: torch.Tensor, hook) -> torch.Tensor:
+        into["x"] = flatten_heads(act)
+        return act
+
+    return [(hook, keep)] if sae.cfg.transcoder else []
 
 
 @torch.no_grad()
@@ -367,19 +387,21 @@ def output_score(
     raised by amp_factor x the largest code (|code| for a signed family) of any feature there (decode + the
     SAE error, which is adding that much of W_dec[feature]); score = (1 - min_rank / |V|) * max_prob of its
     logit-lens tokens in the next-token distribution."""
-    hook = hook or sae.cfg.hook
+    hook = cast(str, hook or sae.cfg.hook)
     _check(model, sae, hook, {feature: 0.0}, "add", "all")
     tokens = prompt_tokens(model, prompt)
     lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
 
+    reads: dict[str, torch.Tensor] = {}
+
     def boost(act: torch.Tensor, hook) -> torch.Tensor:
         flat = flatten_heads(act).clone()
-        z = sae.encode(flat[:, -1].to(sae.W_dec.dtype))
+        z = sae.encode(reads.get("x", flat)[:, -1].to(sae.W_dec.dtype))
         top = (z.abs() if sae.cfg.family.signed else z).max(-1).values  # [batch]
         flat[:, -1] += (amp_factor * top)[:, None].to(flat.dtype) * sae.W_dec[feature].to(flat.dtype)
         return flat.reshape(act.shape)
 
-    with model.hooks(fwd_hooks=[(hook, boost)]):
+    with model.hooks(fwd_hooks=[*_reads(sae, hook, reads), (sae.cfg.output_hook or hook, boost)]):
         probs = model(tokens)[0, -1].float().softmax(-1)
     return rank_prob_score(probs, lens.to(probs.device))
 

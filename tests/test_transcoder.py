@@ -19,6 +19,7 @@ from saebench.config import RunConfig, from_dict, load_config
 from saebench.errors import ConfigError
 from saebench.models import TINY_DIR
 from saebench.sae.losses import sae_loss
+from saebench.steering import logit_lens_tokens, output_score, rank_prob_score
 from saebench.train import TrainConfig, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +206,8 @@ def test_save_load_and_resume_a_skip_transcoder(tmp_path):
     assert torch.equal(loaded(x[:100]), whole(x[:100]))
     meta = json.loads((tmp_path / "whole/sae/cfg.json").read_text())
     assert meta["output_scale_folded"] > 0 and meta["kind"] == "skip_transcoder"
+    with pytest.raises(sb.DataError, match="does not export skip_transcoders"):  # SAELens would centre the input
+        sb.save_saelens(loaded, tmp_path / "saelens")
     plain = sb.SAE(sb.SAEConfig(d_in=16, n_latents=32, k=4))
     plain.save(tmp_path / "plain")
     assert "W_skip" not in load_file(str(tmp_path / "plain/sae.safetensors"))
@@ -374,6 +377,41 @@ def test_the_trace_splits_an_mlp_into_its_transcoders_features(relu_tiny):
             for u in units.tolist():
                 assert torch.allclose(mine[f"f{u}"], hidden[0, p, u] * w["mlp.c_proj.weight"][u], atol=1e-4)
             assert mine["error"].abs().max() < 1e-4
-        for head in range(model.cfg.n_heads):
+        for head in (0, model.cfg.n_heads - 1):
             r = trace_attention(model, tokens, layer=1, head=head, query_pos=-1, saes={LN2.format(0): tc}, check=False)
             assert float(r.pair_scores.sum()) == pytest.approx(r.score, abs=1e-3)
+
+
+@torch.no_grad()
+def test_steering_a_transcoder_edits_what_it_writes(relu_tiny):
+    """Ablating the features of the transcoder that is layer 0's MLP removes those hidden units' outputs from the
+    MLP's output; adding a feature adds its decoder row there; output_score boosts it there by its codes of the
+    MLP's input: each against a hand-written hook on blocks.0.hook_mlp_out."""
+    model, weights = relu_tiny
+    tc = exact_mlp_transcoder(weights, 0)
+    tokens = sb.prompt_tokens(model, "The cat sat on the mat. The cat sat on the mat.")
+    _, cache = model.run_with_cache(tokens)
+    w = {k.split("h.0.")[1]: v for k, v in weights.items() if ".h.0." in k}
+    hidden = (model.blocks[0].ln2(cache["blocks.0.hook_resid_mid"]) @ w["mlp.c_fc.weight"] + w["mlp.c_fc.bias"]).relu()
+    units = hidden[0].mean(0).topk(2).indices.tolist()
+
+    def hand(edit):
+        return model.run_with_hooks(tokens, fwd_hooks=[(MLP_OUT.format(0), lambda act, hook: act + edit)])
+
+    for mode, features, edit in (
+        ("ablate", {u: 0.0 for u in units}, -hidden[..., units] @ w["mlp.c_proj.weight"][units]),
+        ("add", {units[0]: 3.0}, 3.0 * tc.W_dec[units[0]]),
+        ("clamp", {units[1]: 2.0}, (2.0 - tc.encode(cache[LN2.format(0)])[..., units[1:]]) * tc.W_dec[units[1]]),
+    ):
+        with sb.steer(model, tc, features, mode=mode):
+            got = model(tokens)
+        assert torch.allclose(got, hand(edit), atol=1e-4), mode
+    f = units[0]
+    code = tc.encode(cache[LN2.format(0)][:, -1])
+    boost = torch.zeros_like(cache[MLP_OUT.format(0)])
+    boost[:, -1] = 10.0 * code.max() * tc.W_dec[f]
+    probs = hand(boost)[0, -1].softmax(-1)
+    want = rank_prob_score(probs, logit_lens_tokens(model, tc, f, 20))
+    assert output_score(model, tc, f, "The cat sat on the mat. The cat sat on the mat.") == pytest.approx(
+        want, rel=1e-4
+    )
