@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from streamlit.testing.v1 import AppTest
 
 import saebench as sb
+from saebench.app_launcher import RUNS_ENV
 from saebench.circuits import residual_components, trace_attention
 from saebench.config import RunConfig, from_dict, load_config
 from saebench.errors import ConfigError
@@ -23,6 +25,7 @@ from saebench.steering import logit_lens_tokens, output_score, rank_prob_score
 from saebench.train import TrainConfig, train_sae
 
 ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "saebench" / "app"
 LN2, MLP_OUT = "blocks.{}.ln2.hook_normalized", "blocks.{}.hook_mlp_out"
 Kind = Literal["transcoder", "skip_transcoder"]
 
@@ -305,16 +308,26 @@ SMALL = [
 ]
 
 
-@pytest.mark.slow
-def test_a_run_of_transcoders_trains_from_one_model_pass_then_evaluates_and_analyses(tmp_path, monkeypatch):
-    cfg = load_config(ROOT / "configs/tiny-transcoders.yaml", [f"runs_dir={tmp_path}", *SMALL])
+@pytest.fixture(scope="module")
+def tc_run(tmp_path_factory):
+    """A small run of configs/tiny-transcoders.yaml, trained, evaluated and analysed; and the hooks of each forward
+    pass of its training."""
+    cfg = load_config(ROOT / "configs/tiny-transcoders.yaml", [f"runs_dir={tmp_path_factory.mktemp('runs')}", *SMALL])
     reads = []
     forward = sb.Harvester.forward
-    monkeypatch.setattr(sb.Harvester, "forward", lambda self, *a: reads.append(tuple(self.hooks)) or forward(self, *a))
-    sb.train_from_config(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sb.Harvester, "forward", lambda self, *a: reads.append(tuple(self.hooks)) or forward(self, *a))
+        sb.train_from_config(cfg)
+    results = sb.eval_from_config(cfg.run_dir, show_progress=False)
+    sb.analyze(cfg.run_dir, sb.AnalysisConfig(n_tokens=300, split="test"), show_progress=False)
+    return sb.Run(cfg.run_dir), reads, results
+
+
+@pytest.mark.slow
+def test_a_run_of_transcoders_trains_from_one_model_pass_then_evaluates_and_analyses(tc_run):
+    run, reads, results = tc_run
     both = {LN2.format(0), LN2.format(1), MLP_OUT.format(0), MLP_OUT.format(1)}
     assert reads and all(set(hooks) == both for hooks in reads)  # every forward pass reads inputs and outputs
-    run = sb.Run(cfg.run_dir)
     assert {h: (home.path.name, home.output_hook) for h, home in run.saes.items()} == {
         LN2.format(layer): (LN2.format(layer), MLP_OUT.format(layer)) for layer in (0, 1)
     }
@@ -325,14 +338,11 @@ def test_a_run_of_transcoders_trains_from_one_model_pass_then_evaluates_and_anal
         192,
         384,
     )
-
-    results = sb.eval_from_config(run.path, show_progress=False)
     for hook, result in results.items():
         assert run.eval(hook) == result
         assert result["sae"]["fvu"] < result["random_baseline"]["fvu"] < 1.5
         assert result["sae"]["ce_clean"] < result["sae"]["ce_sae"] < result["sae"]["ce_zero"]
 
-    sb.analyze(run.path, sb.AnalysisConfig(n_tokens=300, split="test"), show_progress=False)
     store = sb.FeatureStore(run.home(LN2.format(1)).store_path)
     assert (store.meta["kind"], store.meta["output_hook"]) == ("skip_transcoder", MLP_OUT.format(1))
     model = run.load_model()
@@ -340,6 +350,29 @@ def test_a_run_of_transcoders_trains_from_one_model_pass_then_evaluates_and_anal
         top = int((model.ln_final(tc.W_dec[5]) @ model.W_U).argmax())
     lens = store.feature(5).logit_lens
     assert lens is not None and lens[0][0][0] == model.tokenizer.decode([top])
+
+
+@pytest.mark.slow
+def test_the_app_traces_and_shows_transcoder_features(tc_run, monkeypatch, tiny):
+    run, _, _ = tc_run
+    monkeypatch.setenv(RUNS_ENV, str(run.path))
+    prompt = "The cat sat on the mat. The cat sat on the mat."
+    at = AppTest.from_file(str(APP / "pages/4_Trace.py"), default_timeout=120)
+    for key, value in {"prompt": prompt, "layer": 1, "head": 2, "q": 9}.items():
+        at.query_params[key] = str(value)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    r = sb.trace_attention(tiny, prompt, 1, 2, 9, saes={h: run.load_sae(h) for h in run.saes}, logit_tokens="top")
+    assert any(name.startswith(LN2.format(0) + ":f") for name in r.q_names)  # layer 0's MLP through its features
+    pairs = at.dataframe[0].value
+    assert pairs["query_component"].tolist() == r.top_pairs(20)["query_component"].tolist()
+
+    at = AppTest.from_file(str(APP / "pages/1_Feature.py"), default_timeout=120)
+    at.query_params["hook"], at.query_params["feature"] = LN2.format(1), "5"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("skip_transcoder feature" in c.value for c in at.caption)
+    assert any(h.value == f"Output logit lens ({MLP_OUT.format(1)})" for h in at.subheader)
 
 
 def test_a_transcoder_run_refuses_the_activation_cache(tmp_path):
