@@ -338,6 +338,8 @@ def test_a_run_of_transcoders_trains_from_one_model_pass_then_evaluates_and_anal
         192,
         384,
     )
+    with pytest.raises(ConfigError, match="--suite tpp reads decoder rows"):
+        sb.eval_from_config(run.path, suites=["core", "tpp"], show_progress=False)
     for hook, result in results.items():
         assert run.eval(hook) == result
         assert result["sae"]["fvu"] < result["random_baseline"]["fvu"] < 1.5

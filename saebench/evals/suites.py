@@ -25,6 +25,7 @@ SUITES: dict[str, Suite] = {
     "consistency": consistency,
 }
 DEFAULT_SUITES = ("core",)
+INPUT_SPACE = ("tpp", "absorption")  # they read decoder rows in the space of the SAE's input: not a transcoder's
 
 
 def check_suites(names: Sequence[str]) -> list[str]:
@@ -38,7 +39,13 @@ def run_suites(inputs: EvalInputs, names: Sequence[str], previous: dict | None =
     """eval.json for one SAE: `previous` (its last eval.json) with the named suites' sections replaced; "seconds"
     holds each suite's last run time (the model pass that every suite shares is not in it)."""
     result = {**(previous or {}), "run": str(inputs.home.path), "hook": inputs.hook, "split": inputs.config.eval.split}
-    for name in check_suites(names):
+    names = check_suites(names)
+    if inputs.sae.cfg.transcoder and (bad := [n for n in names if n in INPUT_SPACE]):
+        raise ConfigError(
+            f"--suite {bad[0]} reads decoder rows where the SAE reads, but a transcoder writes elsewhere: "
+            f"use {', '.join(n for n in SUITES if n not in INPUT_SPACE)}"
+        )
+    for name in names:
         started = time.perf_counter()
         section = SUITES[name](inputs)
         if name == "core":  # its figures sit at the top level; a rerun replaces all of them
