@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from saebench.data import TokenContexts
 from saebench.errors import ConfigError, DataError
-from saebench.harvest import Harvester, check_hooks, flatten_heads
+from saebench.harvest import Harvester, InputTap, check_hooks, flatten_heads
 from saebench.sae import SAE, SAEConfig
 from saebench.train import grad_key
 
@@ -220,12 +220,7 @@ def spliced_losses(
     totals = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_zero": 0.0}
     ce_count = kl_count = 0
     dev = next(model.parameters()).device
-    taps: dict[str, torch.Tensor] = {}  # a transcoder's input, read earlier in the same pass
-
-    def tap(act, hook):
-        taps["x"] = flatten_heads(act)
-        return act
-
+    tap = InputTap(hook)  # a transcoder's input, read earlier in the same pass
     for i in range(0, len(contexts), batch_size):
         tokens = contexts.tokens[i : i + batch_size].to(dev)
         keep = ~contexts.special_mask[i : i + batch_size].to(dev)
@@ -236,7 +231,8 @@ def spliced_losses(
         def patch(kind, where=where, grad=grad):
             def fn(act, hook):
                 flat = flatten_heads(act)
-                new = sae(taps.get("x", flat), grad, k=k) if kind == "sae" else torch.zeros_like(flat)
+                x = tap.take(out_hook) if sae.cfg.transcoder else flat
+                new = sae(x, grad, k=k) if kind == "sae" else torch.zeros_like(flat)
                 return torch.where(where[..., None], new.to(flat.dtype), flat).reshape(act.shape)
 
             return fn
@@ -245,7 +241,7 @@ def spliced_losses(
         logp_clean = clean.log_softmax(-1)
         results = {"clean": clean}
         for kind in ("sae", "zero"):
-            reads = [(hook, tap)] if out_hook != hook else []
+            reads = [(hook, tap.keep)] if sae.cfg.transcoder else []
             with model.hooks(fwd_hooks=[*reads, (out_hook, patch(kind))]):
                 results[kind] = model(tokens).float()
         targets = tokens[:, 1:]

@@ -59,6 +59,26 @@ def flatten_heads(act: torch.Tensor) -> torch.Tensor:
     return act.flatten(2) if act.dim() == 4 else act
 
 
+class InputTap:
+    """A transcoder reads `hook` and writes a later hook of the same forward pass: `keep` (a forward hook on `hook`)
+    holds what it read until `take` (at the output hook)."""
+
+    def __init__(self, hook: str):
+        self.hook, self.x = hook, None
+
+    def keep(self, act: torch.Tensor, hook=None) -> torch.Tensor:
+        self.x = flatten_heads(act)
+        return act
+
+    def take(self, output_hook: str | None) -> torch.Tensor:
+        x, self.x = self.x, None
+        if x is None:
+            raise ConfigError(
+                f"{output_hook} runs before {self.hook}: a transcoder's sae.output_hook must come after its input hook"
+            )
+        return x
+
+
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of the predictions from a kept token to a kept token (SAEBench's mask).
     logits: [batch pos vocab]; tokens, keep: [batch pos] -> scalar."""

@@ -26,7 +26,7 @@ from typing import cast
 import torch
 
 from saebench.errors import ConfigError, HookError, SAEBenchError
-from saebench.harvest import Harvester, flatten_heads
+from saebench.harvest import Harvester, InputTap, flatten_heads
 from saebench.models import prompt_tokens
 from saebench.sae import SAE
 
@@ -46,7 +46,7 @@ class Steering:
     unit: bool = False
     prompt_len: int | None = None
     last_latents: torch.Tensor | None = field(default=None, repr=False)  # clamp modes: edited z of the last call
-    reads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # a transcoder's input ("x") this pass
+    tap: InputTap | None = field(default=None, repr=False)  # a transcoder's input, read earlier in the same pass
 
     def position_mask(self, n_pos: int, device) -> torch.Tensor:
         """[pos] bool: where the edit applies."""
@@ -72,7 +72,7 @@ class Steering:
             c = (vals - x @ U.T) @ torch.linalg.pinv(U @ U.T)
             out = x + c @ U
         else:
-            x_in = self.reads.get("x", x)
+            x_in = x if self.tap is None else self.tap.take(self.sae.cfg.output_hook)
             z = self.sae.encode(x_in)
             error = x - self.sae.decode(z, x_in)
             new = z.clone()
@@ -127,28 +127,17 @@ def steer(
         raise HookError("the SAE does not record its hook: pass hook=...")
     features = {int(k): float(v) for k, v in features.items()}
     _check(model, sae, hook, features, mode, positions)
-    steering = Steering(sae, hook, features, mode, positions, unit, prompt_len)
+    tap = InputTap(hook) if sae.cfg.transcoder else None
+    steering = Steering(sae, hook, features, mode, positions, unit, prompt_len, tap=tap)
     point = model.hook_dict[sae.cfg.output_hook or hook]
     handles = [point.register_forward_hook(lambda module, inputs, output: steering.hook_fn(output, point))]
-    handles += [
-        model.hook_dict[h].register_forward_hook(lambda module, inputs, output, f=f: f(output, None))
-        for h, f in _reads(sae, hook, steering.reads)
-    ]
+    if tap is not None:
+        handles.append(model.hook_dict[hook].register_forward_hook(lambda module, inputs, output: tap.keep(output)))
     try:
         yield steering
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _reads(sae: SAE, hook: str, into: dict[str, torch.Tensor]) -> list[tuple[str, Callable]]:
-    """For a transcoder, a forward hook on its input `hook` that keeps what it reads in into["x"]; else none."""
-
-    def keep(act: torch.Tensor, hook) -> torch.Tensor:
-        into["x"] = flatten_heads(act)
-        return act
-
-    return [(hook, keep)] if sae.cfg.transcoder else []
 
 
 @torch.no_grad()
@@ -392,16 +381,18 @@ def output_score(
     tokens = prompt_tokens(model, prompt)
     lens = logit_lens_tokens(model, sae, feature, n_lens_tokens)
 
-    reads: dict[str, torch.Tensor] = {}
+    tap = InputTap(hook)
 
     def boost(act: torch.Tensor, hook) -> torch.Tensor:
         flat = flatten_heads(act).clone()
-        z = sae.encode(reads.get("x", flat)[:, -1].to(sae.W_dec.dtype))
+        x = tap.take(sae.cfg.output_hook) if sae.cfg.transcoder else flat
+        z = sae.encode(x[:, -1].to(sae.W_dec.dtype))
         top = (z.abs() if sae.cfg.family.signed else z).max(-1).values  # [batch]
         flat[:, -1] += (amp_factor * top)[:, None].to(flat.dtype) * sae.W_dec[feature].to(flat.dtype)
         return flat.reshape(act.shape)
 
-    with model.hooks(fwd_hooks=[*_reads(sae, hook, reads), (sae.cfg.output_hook or hook, boost)]):
+    reads = [(hook, tap.keep)] if sae.cfg.transcoder else []
+    with model.hooks(fwd_hooks=[*reads, (sae.cfg.output_hook or hook, boost)]):
         probs = model(tokens)[0, -1].float().softmax(-1)
     return rank_prob_score(probs, lens.to(probs.device))
 

@@ -256,6 +256,14 @@ def test_ce_with_the_mlp_replaced_matches_a_hand_spliced_forward(tiny, contexts)
     assert got["ce_sae"] == pytest.approx(spliced, abs=1e-5) and abs(spliced - clean) > 1e-2
     assert got["ce_zero"] == pytest.approx(zero, abs=1e-5)
     assert got["ce_recovered"] == pytest.approx((zero - spliced) / (zero - clean), abs=1e-4)
+    backwards = dataclasses.replace(tc.cfg, output_hook=MLP_OUT.format(0))  # writes before it reads
+    with pytest.raises(ConfigError, match="must come after its input hook"):
+        sb.spliced_losses(tiny, sb.SAE(backwards), LN2.format(1), contexts, batch_size=4)
+    with (
+        pytest.raises(ConfigError, match="must come after its input hook"),
+        sb.steer(tiny, sb.SAE(backwards), {0: 1.0}, mode="clamp"),
+    ):
+        tiny(contexts.tokens[:1])
 
 
 @pytest.fixture(scope="module")
