@@ -71,15 +71,17 @@ def compare(runs: Sequence[str | Path | Run]) -> pd.DataFrame:
 
 def compare_curves(runs: Sequence[str | Path | Run]) -> pd.DataFrame:
     """One row per point of an SAE's curve (CURVES: eval.json's figures at each k' of a hierarchical SAE, at each
-    prefix of a Matryoshka SAE): run, sae, curve, at (k' or prefix size), and the figures as `compare` names them."""
+    prefix of a Matryoshka SAE): run, sae, curve, point (k' or prefix size), and the figures as `compare` names them."""
     rows = []
     for run in _runs(runs):
         for name in run.trained_homes():
             result = run.eval(name) or {}
             for curve in CURVES:
                 for at, figures in (result.get(curve) or {}).items():
-                    rows.append({"run": str(run.path), "sae": name, "curve": curve, "at": int(at), **flatten(figures)})
-    return pd.DataFrame(rows, columns=None if rows else ["run", "sae", "curve", "at"])
+                    rows.append(
+                        {"run": str(run.path), "sae": name, "curve": curve, "point": int(at), **flatten(figures)}
+                    )
+    return pd.DataFrame(rows, columns=None if rows else ["run", "sae", "curve", "point"])
 
 
 def lower_is_better(column: str) -> bool:

@@ -7,9 +7,10 @@ from collections.abc import Callable, Sequence
 from saebench.errors import ConfigError
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
+from saebench.evals.prefixes import prefixes
 
 Suite = Callable[[EvalInputs], dict]
-SUITES: dict[str, Suite] = {"core": core}
+SUITES: dict[str, Suite] = {"core": core, "prefixes": prefixes}
 DEFAULT_SUITES = ("core",)
 
 
