@@ -4,6 +4,10 @@ sb.compare, sb.compare_curves, sb.match_features and sb.splitting_tree compute."
 import base64
 import json
 import shutil
+import subprocess
+import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ import torch
 import yaml
 from test_analysis import HOOK, make_run
 from test_app import page
+from test_app_browser import browser, free_port, open_page  # noqa: F401 (browser: a fixture)
 
 import saebench as sb
 from saebench.analysis import AnalysisConfig
@@ -149,3 +154,42 @@ def test_splitting_tree_nodes_are_splitting_tree(runs, monkeypatch):
     assert node.open == f"./Feature?run=0&hook=n128_topk&feature={int(node.latent)}"
     tree_plot = figure(at, 1)["data"][-1]
     assert tree_plot["x"] == shown.level.tolist()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_points_link_opens_its_sae_on_home_in_chromium(runs, browser):  # noqa: F811
+    """`saebench app SWEEP OTHER` in headless Chromium: a point's name on the Compare page opens that SAE's Home."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    sweep, other, _ = runs
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saebench.cli", "app", str(sweep), str(other), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "the app did not start"
+                time.sleep(0.5)
+        open_page(browser, f"{url}/Compare", "Compare SAEs", "compare")
+        link = browser.find_element(By.XPATH, "//*[local-name()='a'][contains(@*[local-name()='href'], 'n256_topk')]")
+        link.click()
+        WebDriverWait(browser, 60).until(lambda d: "SAE on n256_topk" in d.find_element(By.TAG_NAME, "body").text)
+        assert "hook=n256_topk" in browser.current_url and "run=0" in browser.current_url
+        assert "256 of 256 features" in browser.find_element(By.TAG_NAME, "body").text
+        open_page(
+            browser, f"{url}/Feature?run=0&hook=n64_topk&feature=7&wider=0:n128_topk,0:n256_topk", "Feature 7", "split"
+        )
+        assert "Splitting across widths" in browser.find_element(By.TAG_NAME, "body").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
