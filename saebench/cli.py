@@ -190,7 +190,7 @@ def _trace(args: argparse.Namespace) -> None:
     for path in args.run:
         run = Run.open(path)
         model = model or run.load_model()
-        saes.update(run.load_saes())
+        saes.update({home.hook: run.load_sae(name) for name, home in run.trained_homes().items()})
     model = model or load_model(args.model)
     logit = tuple(int(t) for t in args.logit.split(",")) if args.logit else None
     r = trace_attention(

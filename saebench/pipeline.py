@@ -7,7 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,35 +47,13 @@ def harvest_from_config(
     return {**manifest, "cache_dir": str(cache_dir)}
 
 
-def train_from_config(
-    cfg: RunConfig | str | Path,
-    overrides: Sequence[str] = (),
-    resume: bool = False,
-    stop_after_steps: int | None = None,
-    cells: dict[str, RunConfig] | None = None,
-):
-    """`saebench train`: harvest (streamed or cached) and train the config's SAEs into runs/<name>/.
-    cells (`saebench sweep`): cell name -> its config (one hook; its sae section and its train section's
-    optimiser knobs), every cell trained from the same model pass into runs/<name>/<cell>/."""
-    cfg = _run_config(cfg, overrides)
-    device = dist.init(cfg.device)
-    t = cfg.train
-    run = Run(cfg.run_dir)
-    homes = Run.homes_for(run.path, {n: c.harvest.hooks[0] for n, c in cells.items()} if cells else cfg.harvest.hooks)
-    hooks = list(dict.fromkeys(home.hook for home in homes.values()))
-    if not resume and not dist.restarted():
-        refuse_overwrite(h.path for h in homes.values())
-    local_batch = local_batch_size(t.batch_size)
-    if t.source == "cache" and len(hooks) > 1:
-        raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
-    model = load_model(cfg.model, device, cfg.torch_dtype)
-    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
-    specs = cells or {h: cfg for h in homes}  # the config of each SAE
-    sae_cfgs = {n: specs[n].sae.resolve(harvester.widths[home.hook], home.hook, cfg.model) for n, home in homes.items()}
-    train_cfgs = {n: dataclasses.replace(specs[n].train, seed=cfg.seed, device=str(device)) for n in homes}
-    if t.source == "cache":
+def activation_source(cfg: RunConfig, model, harvester: Harvester) -> Callable[[int], Iterator]:
+    """epoch -> this rank's batches of the config's activations, what `saebench train` trains on: streamed from the
+    model through the shuffling buffer, or read from the on-disk cache (harvested first when missing)."""
+    local_batch = local_batch_size(cfg.train.batch_size)
+    if cfg.train.source == "cache":
         manifest = harvest_from_config(cfg, model=model)
-        store = ActivationStore(manifest["cache_dir"], hooks[0])
+        store = ActivationStore(manifest["cache_dir"], cfg.harvest.hooks[0])
         if len(store.shards) < dist.world():
             raise ConfigError(
                 f"the cache has {len(store.shards)} shard(s) for {dist.world()} ranks: lower harvest.shard_contexts"
@@ -105,6 +83,37 @@ def train_from_config(
                 epochs=1,
             )
 
+    return source
+
+
+def train_from_config(
+    cfg: RunConfig | str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    cells: dict[str, RunConfig] | None = None,
+):
+    """`saebench train`: harvest (streamed or cached) and train the config's SAEs into runs/<name>/.
+    cells (`saebench sweep`): cell name -> its config (one hook; its sae section and its train section's
+    optimiser knobs), every cell trained from the same model pass into runs/<name>/<cell>/."""
+    cfg = _run_config(cfg, overrides)
+    device = dist.init(cfg.device)
+    t = cfg.train
+    run = Run(cfg.run_dir)
+    homes = Run.homes_for(run.path, {n: c.harvest.hooks[0] for n, c in cells.items()} if cells else cfg.harvest.hooks)
+    hooks = list(dict.fromkeys(home.hook for home in homes.values()))
+    cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, hooks=hooks))  # a sweep: its cells' hooks
+    if not resume and not dist.restarted():
+        refuse_overwrite(h.path for h in homes.values())
+    local_batch_size(t.batch_size)
+    if t.source == "cache" and len(hooks) > 1:
+        raise ConfigError("train.source: cache trains one hook at a time; use train.source: stream for several hooks")
+    model = load_model(cfg.model, device, cfg.torch_dtype)
+    harvester = Harvester(model, hooks, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
+    specs = cells or {h: cfg for h in homes}  # the config of each SAE
+    sae_cfgs = {n: specs[n].sae.resolve(harvester.widths[home.hook], home.hook, cfg.model) for n, home in homes.items()}
+    train_cfgs = {n: dataclasses.replace(specs[n].train, seed=cfg.seed, device=str(device)) for n in homes}
+    source = activation_source(cfg, model, harvester)
     train_cfg = dataclasses.replace(t, seed=cfg.seed, device=str(device))
     if dist.is_main():
         run.write_config(cfg)
@@ -274,4 +283,11 @@ def analyze(
     }
 
 
-__all__ = ["analyze", "eval_from_config", "harvest_from_config", "train_from_config", "whole_contexts"]
+__all__ = [
+    "activation_source",
+    "analyze",
+    "eval_from_config",
+    "harvest_from_config",
+    "train_from_config",
+    "whole_contexts",
+]

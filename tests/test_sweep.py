@@ -164,3 +164,24 @@ def test_a_sweep_resumes_after_a_kill_and_its_cells_equal_separate_runs(tmp_path
     table = sb.compare([run]).set_index("sae")
     assert table.loc[cells[1], "sae.fvu"] == result["sae"]["fvu"]
     assert table.loc[cells[1], "lr"] == 3e-3 and table.loc[cells[2], "k"] == 4
+
+
+@pytest.mark.slow
+def test_under_torchrun_hooks_mode_deals_the_cells_to_ranks(tmp_path):
+    """`torchrun --nproc_per_node 2 -m saebench sweep ... --set train.distribute=hooks`: three cells dealt to two
+    ranks (0: cells 0 and 2, 1: cell 1), each trained on the global batches its rank gathers; the SAEs are as good as
+    the one-process sweep's (not bitwise: the ranks' shares make other batches), and `saebench eval` reads them."""
+    from test_distributed import torchrun
+
+    from saebench.cli import main
+
+    grid = ["--grid", "sae.k=4,6,8"]
+    sets = [a for s in [*SMALL, f"runs_dir={tmp_path}", "train.distribute=hooks"] for a in ("--set", s)]
+    torchrun("-m", "saebench", "sweep", str(TINY), *grid, *sets, "--set", "name=two", timeout=600)
+    assert main(["sweep", str(TINY), *grid, *sets, "--set", "name=one"]) == 0
+    for cell in ("k4", "k6", "k8"):
+        one, two = log(tmp_path / "one" / cell), log(tmp_path / "two" / cell)
+        assert [r["step"] for r in two] == [r["step"] for r in one] and two[-1]["step"] == 12
+        assert abs(two[-1]["fvu"] - one[-1]["fvu"]) < 0.1 * one[-1]["fvu"], cell
+    assert main(["eval", str(tmp_path / "two")]) == 0
+    assert set(sb.compare([tmp_path / "two"]).sae) == {"k4", "k6", "k8"}

@@ -243,13 +243,13 @@ def progress_callback(text: str) -> Callable[[int, int], None]:
 
 
 def saes_on_model(views: list[RunView], base: RunView) -> dict[str, tuple[int, sb.SAE]]:
-    """Every SAE of the runs on `base`'s model: hook -> (index of its run, SAE); the first run wins a hook."""
+    """Every SAE of the runs on `base`'s model: hook -> (index of its run, SAE); the first SAE wins a hook."""
     out = {}
     for i, view in enumerate(views):
         if view.config is None or view.config.model != base.run.config.model:
             continue
-        for hook in view.saes:
-            out.setdefault(hook, (i, run_sae(view, hook)))
+        for name, home in view.saes.items():
+            out.setdefault(home.hook, (i, run_sae(view, name)))
     return out
 
 
