@@ -1,6 +1,6 @@
 """The Pareto figure for tiny: every family at three k and two widths, from one sweep (one model pass).
 
-    python benchmarks/pareto.py [--tokens 2000000] [--k 16 32 64] [--expansion 8 16] [--activations ...] \
+    python benchmarks/pareto.py [--tokens 1000000] [--k 16 32 64] [--expansion 8 16] [--activations ...] \
 [--runs-dir runs] [--out docs/pareto_tiny.png] [--resume]
 
 Trains RUNS/pareto (`saebench sweep`: --grid sae.activation=... --grid sae.k=... --grid sae.expansion=...),
@@ -77,7 +77,7 @@ def write_png(fig: go.Figure, out: Path) -> str:
     """-> how the PNG was made (or what is needed to make it); the HTML is written either way."""
     out.parent.mkdir(parents=True, exist_ok=True)
     html = out.with_suffix(".html")
-    fig.write_html(html, include_plotlyjs=True)
+    fig.write_html(html, include_plotlyjs=True, config={"displayModeBar": False})
     try:
         fig.write_image(out, width=1300, height=560)
         return "plotly + kaleido"
@@ -95,7 +95,8 @@ def write_png(fig: go.Figure, out: Path) -> str:
                 "--disable-gpu",
                 f"--user-data-dir={profile}",
                 f"--screenshot={out.resolve()}",
-                "--window-size=1320,600",
+                "--window-size=1360,620",
+                "--hide-scrollbars",
                 "--virtual-time-budget=5000",
                 html.resolve().as_uri(),
             ],
@@ -108,7 +109,7 @@ def write_png(fig: go.Figure, out: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=2_000_000)
+    p.add_argument("--tokens", type=int, default=1_000_000)
     p.add_argument("--k", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--expansion", type=int, nargs="+", default=[8, 16])
     default = [name for name, family in FAMILIES.items() if not family.gradients]

@@ -131,6 +131,7 @@ def sweep_from_config(
     check_suites(suites)
     cells = grid_cells(grid, zipped)
     configs = {name: cell_config(base, name, settings) for name, settings in cells.items()}
+    dist.init(base.device)
     run = Run(base.run_dir)
     previous = run.sweep if resume else None
     if previous is not None and previous["cells"] != json.loads(json.dumps(cells)):
@@ -142,6 +143,7 @@ def sweep_from_config(
         if run.sweep is not None:
             raise DataError(f"{run.path} already holds a sweep: pass --resume to continue it, or choose another name")
         refuse_overwrite(run.path / name for name in cells)
+    dist.barrier()  # every rank has checked before rank 0 writes
     if dist.is_main():
         run.write_sweep({"grid": list(grid), "zip": list(zipped), "cells": cells})
     done = resume and all(run.cell(name).saes for name in cells)
