@@ -185,7 +185,7 @@ def test_a_points_link_opens_its_sae_on_home_in_chromium(runs, browser):  # noqa
         link.click()
         WebDriverWait(browser, 60).until(lambda d: "SAE on n256_topk" in d.find_element(By.TAG_NAME, "body").text)
         assert "hook=n256_topk" in browser.current_url and "run=0" in browser.current_url
-        assert "256 of 256 features" in browser.find_element(By.TAG_NAME, "body").text
+        WebDriverWait(browser, 60).until(lambda d: "256 of 256 features" in d.find_element(By.TAG_NAME, "body").text)
         open_page(
             browser, f"{url}/Feature?run=0&hook=n64_topk&feature=7&wider=0:n128_topk,0:n256_topk", "Feature 7", "split"
         )
