@@ -8,6 +8,15 @@ __version__ = "0.1.0"
 
 from saebench.analysis import AnalysisConfig
 from saebench.circuits import TraceResult, head_scores, induction_report, parse_component, trace_attention
+from saebench.compare import (
+    Matches,
+    compare,
+    compare_curves,
+    match_features,
+    pareto_front,
+    splitting_tree,
+    token_sample,
+)
 from saebench.config import HarvestConfig, RunConfig, load_config
 from saebench.data import DataConfig, TokenContexts, load_contexts, pack_texts
 from saebench.errors import ConfigError, DataError, HookError, ModelError, SAEBenchError
@@ -42,6 +51,7 @@ from saebench.steering import (
     steering_sweep,
 )
 from saebench.store import Example, Explanation, FeatureCard, FeatureStore, IntervalExamples
+from saebench.sweep import grid_cells, sweep_from_config
 from saebench.train import TrainConfig, train_sae, train_saes
 
 __all__ = [
@@ -54,6 +64,15 @@ __all__ = [
     "explain_features",
     "interpretability",
     "score_explanations",
+    "Matches",
+    "compare",
+    "compare_curves",
+    "grid_cells",
+    "match_features",
+    "pareto_front",
+    "splitting_tree",
+    "sweep_from_config",
+    "token_sample",
     "FAMILIES",
     "Family",
     "Run",

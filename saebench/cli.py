@@ -14,6 +14,7 @@ from saebench import distributed, kernels
 from saebench.analysis import AnalysisConfig
 from saebench.app_launcher import launch
 from saebench.circuits import trace_attention
+from saebench.compare import compare
 from saebench.config import apply_overrides, from_dict
 from saebench.errors import ConfigError, SAEBenchError
 from saebench.evals.suites import DEFAULT_SUITES, SUITES
@@ -23,6 +24,7 @@ from saebench.pipeline import analyze, eval_from_config, harvest_from_config, tr
 from saebench.readers import first_line
 from saebench.runs import Run
 from saebench.steering import generate, steer, steering_sweep
+from saebench.sweep import sweep_from_config
 from saebench.synthetic import PLANTED_ACTIVATIONS, SyntheticConfig, iter_synthetic_bench
 from saebench.zoo.tiny import TINY_DIR, TinyConfig, train_tiny
 
@@ -48,6 +50,34 @@ def _train(args: argparse.Namespace) -> None:
 
     _, report = train_from_config(args.config, args.set, resume=args.resume, stop_after_steps=args.stop_after_steps)
     print(json.dumps(report))
+
+
+# the columns `saebench sweep` and `saebench compare` print (all of them: `saebench compare --csv`)
+SHOWN = ["sae", "activation", "k", "n_latents", "sae.fvu", "sae.l0", "sae.dead_fraction", "sae.ce_recovered"]
+
+
+def _sweep(args: argparse.Namespace) -> None:
+
+    analysis = AnalysisConfig(n_tokens=args.analyze_tokens) if args.analyze else None
+    suites = args.suite.split(",")
+    out = sweep_from_config(
+        args.config, args.grid, args.zip, args.set, args.resume, suites, analysis, args.stop_after_steps
+    )
+    if out["evaluated"]:
+        _print_table(compare([out["run_dir"]]), False)
+    print(f"{len(out['cells'])} SAEs in {out['run_dir']}/<cell>/")
+
+
+def _print_table(table, csv: bool) -> None:
+    if csv:
+        print(table.to_csv(index=False), end="")
+    else:
+        print(table[[c for c in SHOWN if c in table]].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def _compare(args: argparse.Namespace) -> None:
+
+    _print_table(compare(args.run), args.csv)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -177,7 +207,7 @@ def _trace(args: argparse.Namespace) -> None:
     for path in args.run:
         run = Run.open(path)
         model = model or run.load_model()
-        saes.update(run.load_saes())
+        saes.update({home.hook: run.load_sae(name) for name, home in run.trained_homes().items()})
     model = model or load_model(args.model)
     logit = tuple(int(t) for t in args.logit.split(",")) if args.logit else None
     r = trace_attention(
@@ -255,6 +285,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue runs/<name>/ from its last checkpoint")
     p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("sweep", help="train a grid of SAEs from one model pass (runs/<name>/<cell>/), then eval them")
+    p.add_argument("config")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="an axis of the grid (cartesian product), e.g. sae.k=16,32,64; keys: sae.*, harvest.hooks, train.lr, ...",
+    )
+    p.add_argument(
+        "--zip", action="append", default=[], metavar="KEY=V1,V2", help="axes paired value by value (one axis)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of every cell")
+    p.add_argument("--suite", default=",".join(DEFAULT_SUITES), help=f"eval suites, of: {', '.join(SUITES)}")
+    p.add_argument("--analyze", action="store_true", help="also write each cell's feature store")
+    p.add_argument("--analyze-tokens", type=int, default=None, help="tokens to analyse (default as saebench analyze)")
+    p.add_argument("--resume", action="store_true", help="continue a killed sweep")
+    p.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("compare", help="one row per SAE of the runs: settings and eval figures")
+    p.add_argument("run", nargs="+", help="run directories (a sweep's SAEs are its cells)")
+    p.add_argument("--csv", action="store_true", help="every column, as CSV")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("eval", help="evaluate a trained run on held-out text, next to a random-SAE baseline")
     p.add_argument("run", help="run directory, e.g. runs/tiny")

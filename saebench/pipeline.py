@@ -7,7 +7,7 @@ import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,34 +47,13 @@ def harvest_from_config(
     return {**manifest, "cache_dir": str(cache_dir)}
 
 
-def train_from_config(
-    cfg: RunConfig | str | Path,
-    overrides: Sequence[str] = (),
-    resume: bool = False,
-    stop_after_steps: int | None = None,
-):
-    """`saebench train`: harvest (streamed or cached) and train the config's SAEs into runs/<name>/."""
-    cfg = _run_config(cfg, overrides)
-    device = dist.init(cfg.device)
-    hooks, t = cfg.harvest.hooks, cfg.train
-    run = Run(cfg.run_dir)
-    homes = Run.homes_for(run.path, hooks)
-    if not resume and not dist.restarted():
-        refuse_overwrite(h.path for h in homes.values())
-    local_batch = local_batch_size(t.batch_size)
-    if t.source == "cache" and (len(hooks) > 1 or cfg.sae.transcoder):
-        raise ConfigError(
-            "train.source: cache trains one hook at a time; use train.source: stream for several hooks or a transcoder"
-        )
-    model = load_model(cfg.model, device, cfg.torch_dtype)
-    outputs = {h: cfg.sae.output_hook_for(h) for h in hooks} if cfg.sae.transcoder else {}
-    read = list(dict.fromkeys([*hooks, *outputs.values()]))  # one model pass for inputs and outputs
-    harvester = Harvester(model, read, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
-    widths = harvester.widths
-    sae_cfgs = {h: cfg.sae.resolve(widths[h], h, cfg.model, widths.get(outputs.get(h, h))) for h in hooks}
-    if t.source == "cache":
+def activation_source(cfg: RunConfig, model, harvester: Harvester) -> Callable[[int], Iterator]:
+    """epoch -> this rank's batches of the config's activations, what `saebench train` trains on: streamed from the
+    model through the shuffling buffer, or read from the on-disk cache (harvested first when missing)."""
+    local_batch = local_batch_size(cfg.train.batch_size)
+    if cfg.train.source == "cache":
         manifest = harvest_from_config(cfg, model=model)
-        store = ActivationStore(manifest["cache_dir"], hooks[0])
+        store = ActivationStore(manifest["cache_dir"], cfg.harvest.hooks[0])
         if len(store.shards) < dist.world():
             raise ConfigError(
                 f"the cache has {len(store.shards)} shard(s) for {dist.world()} ranks: lower harvest.shard_contexts"
@@ -104,15 +83,58 @@ def train_from_config(
                 epochs=1,
             )
 
+    return source
+
+
+def train_from_config(
+    cfg: RunConfig | str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    stop_after_steps: int | None = None,
+    cells: dict[str, RunConfig] | None = None,
+):
+    """`saebench train`: harvest (streamed or cached) and train the config's SAEs into runs/<name>/.
+    cells (`saebench sweep`): cell name -> its config (one hook; its sae section and its train section's
+    optimiser knobs), every cell trained from the same model pass into runs/<name>/<cell>/."""
+    cfg = _run_config(cfg, overrides)
+    device = dist.init(cfg.device)
+    t = cfg.train
+    run = Run(cfg.run_dir)
+    homes = Run.homes_for(run.path, {n: c.harvest.hooks[0] for n, c in cells.items()} if cells else cfg.harvest.hooks)
+    hooks = list(dict.fromkeys(home.hook for home in homes.values()))
+    cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, hooks=hooks))  # a sweep: its cells' hooks
+    if not resume and not dist.restarted():
+        refuse_overwrite(h.path for h in homes.values())
+    local_batch_size(t.batch_size)
+    specs = cells or {h: cfg for h in homes}  # the config of each SAE
+    if t.source == "cache" and (len(hooks) > 1 or any(spec.sae.transcoder for spec in specs.values())):
+        raise ConfigError(
+            "train.source: cache trains one hook at a time; use train.source: stream for several hooks or a transcoder"
+        )
+    model = load_model(cfg.model, device, cfg.torch_dtype)
+    outputs = {n: specs[n].sae.output_hook_for(home.hook) for n, home in homes.items() if specs[n].sae.transcoder}
+    read = list(dict.fromkeys([*hooks, *outputs.values()]))  # one model pass for inputs and outputs
+    harvester = Harvester(model, read, cfg.harvest.exclude_special, store_dtype(cfg.harvest), cfg.harvest.gradients)
+    widths = harvester.widths
+    sae_cfgs = {
+        n: specs[n].sae.resolve(widths[home.hook], home.hook, cfg.model, widths.get(outputs.get(n, home.hook)))
+        for n, home in homes.items()
+    }
+    train_cfgs = {n: dataclasses.replace(specs[n].train, seed=cfg.seed, device=str(device)) for n in homes}
+    source = activation_source(cfg, model, harvester)
     train_cfg = dataclasses.replace(t, seed=cfg.seed, device=str(device))
     if dist.is_main():
         run.write_config(cfg)
-    dirs = {h: home.path for h, home in homes.items()}
-    saes, reports = train_saes(sae_cfgs, source, train_cfg, run.path, resume, stop_after_steps, dirs=dirs)
-    if len(hooks) == 1:
+        for name, cell in (cells or {}).items():
+            run.cell(name).write_config(cell)
+    dirs = {n: home.path for n, home in homes.items()}
+    saes, reports = train_saes(
+        sae_cfgs, source, train_cfg, run.path, resume, stop_after_steps, dirs=dirs, train_cfgs=train_cfgs
+    )
+    if not cells and len(hooks) == 1:
         return saes.get(hooks[0]), {**reports.get(hooks[0], {}), "run_dir": str(run.path)}
-    named = {homes[h].path.name: r for h, r in reports.items()}
-    return {homes[h].path.name: s for h, s in saes.items()}, {"saes": named, "run_dir": str(run.path)}
+    named = {homes[n].path.name: r for n, r in reports.items()}
+    return {homes[n].path.name: s for n, s in saes.items()}, {"saes": named, "run_dir": str(run.path)}
 
 
 def eval_from_config(
@@ -126,7 +148,7 @@ def eval_from_config(
     SAE next to a random SAE at matched scale, on held-out activations from one model pass for all of them; each
     SAE's eval.json keeps the sections of suites not run now. `overrides` change the run's config for this
     evaluation only. ks: the core figures at each k' too (`--k 8,16`; per-token families, SAE.check_k), in
-    eval.json's "by_k" section keyed by k'. Returns hook -> eval.json.
+    eval.json's "by_k" section keyed by k'. Returns hook (a sweep: cell name) -> eval.json.
     An SAE that ranks by the loss gradient gets the held-out gradients too (see evals.core); a transcoder the
     rows of its output hook, from the same pass."""
     check_suites(suites)
@@ -140,8 +162,8 @@ def eval_from_config(
     model = run.load_model()
     contexts = load_contexts(dataclasses.replace(cfg.data, split=cfg.eval.split), model.tokenizer)
     gradients = any(sae.cfg.family.gradients for sae in saes.values())
-    outputs = {hook: sae.cfg.output_hook or hook for hook, sae in saes.items()}  # where each one writes
-    read = sorted({*saes, *outputs.values()})
+    outputs = {name: sae.cfg.output_hook or homes[name].hook for name, sae in saes.items()}  # where each writes
+    read = sorted({*(home.hook for home in homes.values()), *outputs.values()})
     harvester = Harvester(model, read, cfg.harvest.exclude_special, gradients=gradients)
     batches = list(
         stream_activations(
@@ -155,16 +177,17 @@ def eval_from_config(
         )
     )
     results = {}
-    for hook, sae in saes.items():
+    for name, sae in saes.items():
+        hook = homes[name].hook
         acts = torch.cat([batch[hook] for batch in batches])
-        targets = torch.cat([batch[outputs[hook]] for batch in batches]) if sae.cfg.transcoder else None
-        grads = torch.cat([batch[grad_key(outputs[hook])] for batch in batches]) if sae.cfg.family.gradients else None
+        targets = torch.cat([batch[outputs[name]] for batch in batches]) if sae.cfg.transcoder else None
+        grads = torch.cat([batch[grad_key(outputs[name])] for batch in batches]) if sae.cfg.family.gradients else None
         baseline = random_baseline(sae, acts, targets=targets)
         inputs = EvalInputs(
-            run, homes[hook], cfg, model, sae, baseline, acts, contexts, grads, ks, show_progress, targets
+            run, homes[name], cfg, model, sae, baseline, acts, contexts, grads, ks, show_progress, targets
         )
-        results[hook] = run_suites(inputs, suites, run.eval(hook))
-        run.write_eval(hook, results[hook])
+        results[name] = run_suites(inputs, suites, run.eval(name))
+        run.write_eval(name, results[name])
     return results
 
 
@@ -194,7 +217,7 @@ def analyze(
         for sae in saes.values():
             sae.check_k(cfg.k)
     model = run.load_model()
-    harvester = Harvester(model, sorted(saes), exclude_special=True)
+    harvester = Harvester(model, sorted({home.hook for home in homes.values()}), exclude_special=True)
     contexts = load_contexts(
         dataclasses.replace(rc.data, split=cfg.split), model.tokenizer, show_progress=show_progress
     )
@@ -218,7 +241,7 @@ def analyze(
     state_dir = run.analysis_state_dir
     accs, seconds, tokens_read = accumulate(
         harvester,
-        {h: (sae, h) for h, sae in saes.items()},
+        {name: (sae, homes[name].hook) for name, sae in saes.items()},
         contexts,
         n_ctx,
         n_tokens,
@@ -233,9 +256,9 @@ def analyze(
     finish_started = time.perf_counter()
     vocab = token_pieces(model)
     stores = []
-    for hook, sae in saes.items():
-        home = homes[hook]
-        results = accs[hook].finish(n_tokens)
+    for name, sae in saes.items():
+        home = homes[name]
+        results = accs[name].finish(n_tokens)
         results.decoder = decoder_neighbours(sae.W_dec.detach(), cfg.n_neighbours)
         if is_causal(model):
             results.logit_lens = logit_lens(model, sae.W_dec.detach(), cfg.n_logit)
@@ -243,12 +266,12 @@ def analyze(
             results.notes["logit_lens_note"] = (
                 "skipped: an encoder model's unembedding (MLM head) is not a trained next-token readout"
             )
-        evaluation = run.eval(hook)
+        evaluation = run.eval(name)
         if evaluation is not None:
             results.notes["eval"] = evaluation
         meta = {
             "model": rc.model,
-            "hook": hook,
+            "hook": home.hook,
             "run": str(run.path),
             "sae": str(home.sae_dir),
             "device": rc.device,
@@ -279,4 +302,11 @@ def analyze(
     }
 
 
-__all__ = ["analyze", "eval_from_config", "harvest_from_config", "train_from_config", "whole_contexts"]
+__all__ = [
+    "activation_source",
+    "analyze",
+    "eval_from_config",
+    "harvest_from_config",
+    "train_from_config",
+    "whole_contexts",
+]

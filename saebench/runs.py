@@ -6,6 +6,8 @@
     one hook:   RUN/sae/ (cfg.json + sae.safetensors), RUN/checkpoints/, RUN/metrics.jsonl,
                 RUN/eval.json (+ RUN/eval.<suite>.safetensors), RUN/features.sqlite
     several:    the same per SAE under RUN/<hook dir>/ (harvest.hook_dirname)
+    a sweep:    RUN/sweep.json (its grid, cell name -> settings) and each cell's SAE under RUN/<cell>/, a run
+                folder of its own (the cell's config.yaml, sae/, ...); the run's SAEs are named by cell
 A transcoder's folder is keyed by its input hook, as an SAE's; SAEHome.output_hook names where it writes.
 
 Every file read here that is damaged or half-written is one DataError naming it and the fix.
@@ -41,6 +43,7 @@ METRICS = "metrics.jsonl"
 STORE_NAME = "features.sqlite"
 ACTIVATIONS = "activations"
 ANALYSIS_STATE = ".analysis"
+SWEEP = "sweep.json"
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,12 @@ class Run:
         return [Run(p) for p in sorted(here.parent.iterdir()) if p != here and (p / CONFIG).is_file()]
 
     @classmethod
-    def homes_for(cls, run_dir: str | Path, hooks: list[str]) -> dict[str, SAEHome]:
-        """Where each hook's SAE goes: RUN for one hook, RUN/<hook dir> for several."""
+    def homes_for(cls, run_dir: str | Path, hooks: list[str] | dict[str, str]) -> dict[str, SAEHome]:
+        """Where each hook's SAE goes: RUN for one hook, RUN/<hook dir> for several; given sweep cells
+        (cell name -> its hook), RUN/<cell> each."""
         run_dir = Path(run_dir)
+        if isinstance(hooks, dict):
+            return {name: SAEHome(hook, run_dir / name) for name, hook in hooks.items()}
         if len(hooks) == 1:
             return {hooks[0]: SAEHome(hooks[0], run_dir)}
         return {h: SAEHome(h, run_dir / hook_dirname(h)) for h in hooks}
@@ -128,6 +134,20 @@ class Run:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
+    @cached_property
+    def sweep(self) -> dict | None:
+        """sweep.json of a sweep (its grid and cells, name -> settings); None for any other run."""
+        path = self.path / SWEEP
+        return read_json(path, "rerun the sweep with --resume") if path.exists() else None
+
+    def write_sweep(self, spec: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / SWEEP, json.dumps(spec, indent=1) + "\n")
+
+    def cell(self, name: str) -> Run:
+        """A sweep's cell: a run folder of its own."""
+        return Run(self.path / name)
+
     @property
     def analysis_state_dir(self) -> Path:
         return self.path / ANALYSIS_STATE
@@ -135,14 +155,15 @@ class Run:
     # -- its SAEs ------------------------------------------------------------------------------
     @cached_property
     def saes(self) -> dict[str, SAEHome]:
-        """hook -> the folder of its trained SAE, in sorted folder order (empty before training ends)."""
+        """hook (a sweep: cell name) -> the folder of its trained SAE, in sorted folder order (empty before
+        training ends)."""
         one = (self.path / SAE_DIR / "cfg.json").exists()
         folders = [self.path] if one else sorted(p.parent.parent for p in self.path.glob(f"*/{SAE_DIR}/cfg.json"))
         homes = {}
         for folder in folders:
             meta = read_json(folder / SAE_DIR / "cfg.json", "retrain the SAE or copy the folder again")
             hook = meta.get("hook") or (folder.name if folder != self.path else self.config.harvest.hooks[0])
-            homes[hook] = SAEHome(hook, folder, meta.get("output_hook"))
+            homes[folder.name if self.sweep else hook] = SAEHome(hook, folder, meta.get("output_hook"))
         return homes
 
     def trained_homes(self) -> dict[str, SAEHome]:
@@ -155,10 +176,12 @@ class Run:
         return self.saes
 
     def home(self, hook: str | None = None) -> SAEHome:
-        """One SAE's folder; `hook` picks one of a multi-hook run (a hook name or its folder name)."""
+        """One SAE's folder; `hook` picks one of a run of several (its name, hook or folder name)."""
         homes = self.trained_homes()
         if hook is None and len(homes) == 1:
             return next(iter(homes.values()))
+        if hook in homes:
+            return homes[hook]
         for home in homes.values():
             if hook in (home.hook, home.path.name):
                 return home

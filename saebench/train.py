@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -96,6 +97,47 @@ def local_batch_size(batch_size: int) -> int:
             f"train.batch_size {batch_size} does not split over {world} ranks: make it a multiple of {world}"
         )
     return batch_size // world
+
+
+STEP_COPIES = 3  # [batch n_latents] tensors alive in one step: pre-activations, their gradient, AuxK's masked copy
+
+
+def memory_needed(sae_cfgs: Iterable[SAEConfig], batch_size: int) -> tuple[int, int]:
+    """Bytes that training these SAEs together holds: (every SAE's state at once: weights, gradients, Adam's
+    two moments and the latent statistics, 16 bytes per parameter and per latent; one step's activations,
+    the largest SAE's, as the SAEs step one after another: STEP_COPIES x [batch n_latents] floats)."""
+    cfgs = list(sae_cfgs)
+    state = sum(16 * (2 * c.n_latents * c.d_in + c.n_latents + c.d_in) + 16 * c.n_latents for c in cfgs)
+    return state, max((4 * STEP_COPIES * batch_size * c.n_latents for c in cfgs), default=0)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's free memory, else the host's MemAvailable (within a cgroup's limit)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+        limit, used = (Path("/sys/fs/cgroup", f).read_text().strip() for f in ("memory.max", "memory.current"))
+        free = min(free, int(limit) - int(used)) if limit.isdigit() else free
+    except (OSError, StopIteration, ValueError):
+        pass
+    return free
+
+
+def check_memory(sae_cfgs: Iterable[SAEConfig], batch_size: int, device: torch.device) -> None:
+    """ConfigError when training these SAEs together will not fit in `device`'s free memory (memory_needed)."""
+    cfgs = list(sae_cfgs)
+    state, step = memory_needed(cfgs, batch_size)
+    free = available_memory(device)
+    if state + step > free:
+        gib = [f"{b / 2**30:.2f} GiB" for b in (state + step, state, step, free)]
+        raise ConfigError(
+            f"training {len(cfgs)} SAEs from one pass needs about {gib[0]} on {device} ({gib[1]} of weights, "
+            f"gradients and Adam state, {gib[2]} for one step) but {gib[3]} is free: train fewer SAEs per pass "
+            "(a smaller grid, or train.distribute: hooks over more ranks) or lower train.batch_size"
+        )
 
 
 def refuse_overwrite(dirs: Iterable[Path]) -> None:
@@ -607,11 +649,15 @@ def train_saes(
     stop_after_steps: int | None = None,
     show_progress: bool = True,
     dirs: dict[str, Path] | None = None,
+    train_cfgs: dict[str, TrainConfig] | None = None,
 ) -> tuple[dict[str, SAE], dict[str, dict]]:
     """Train several SAEs on one pass over the data (e.g. widths or hooks of one model forward).
 
     A dict source gives each SAE the batch of its `hook` (and its gradient, grad_key(hook)). Each SAE
     gets run_dir/<name>/, or the folder `dirs` gives it (metrics.jsonl, checkpoints/, sae/).
+    train_cfgs: an SAE's own TrainConfig (its optimiser and schedule: lr, warmup, ...); the batches, token
+    budget, seed, logging and checkpoints are always cfg's. ConfigError when the SAEs will not fit in
+    memory together (check_memory).
     Under torchrun (cfg.distribute): in "data" mode every rank returns every SAE and rank 0 writes
     the run files; in "hooks" mode SAE i is trained and written by rank i % world, which returns it.
     Resuming reads the checkpoints on every rank (a filesystem every rank sees).
@@ -626,12 +672,15 @@ def train_saes(
     owners = {name: dist.owner(i) if by_hook else rank for i, name in enumerate(names)}
     reduce = Reducer(world > 1 and not by_hook)
     source = BatchSource(acts, cfg.batch_size, cfg.seed)
+    own = [name for name in names if owners[name] == rank]
+    check_memory(
+        (sae_cfgs[name] for name in own), cfg.batch_size if by_hook else source.batch_size, torch.device(cfg.device)
+    )
     sample = _init_sample(source, cfg)
     trainers = {}
-    for name in names:
-        if owners[name] == rank:
-            picked = _pick(sample, sae_cfgs[name])
-            trainers[name] = SAETrainer(sae_cfgs[name], cfg, picked.x, reduce, picked.target)
+    for name in own:
+        picked = _pick(sample, sae_cfgs[name])
+        trainers[name] = SAETrainer(sae_cfgs[name], (train_cfgs or {}).get(name, cfg), picked.x, reduce, picked.target)
     writes = by_hook or dist.is_main()  # this rank writes its trainers' folders
     if dirs is None:
         dirs = {name: Path(run_dir) / name for name in names} if run_dir is not None else {}
@@ -737,7 +786,7 @@ def train_saes(
         if name in mine and finished:
             saes[name].save(
                 mine[name] / "sae",
-                extra={"input_scale_folded": trainer.scale, "train": asdict(cfg), "steps": trainer.step_count}
+                extra={"input_scale_folded": trainer.scale, "train": asdict(trainer.cfg), "steps": trainer.step_count}
                 | ({"output_scale_folded": trainer.scale_out} if sae_cfgs[name].transcoder else {})
                 | trainer.init_meta,
             )

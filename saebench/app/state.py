@@ -210,8 +210,8 @@ def saes_on_model(all_runs: list[Run], base: Run) -> dict[str, tuple[int, sb.SAE
     for i, run in enumerate(all_runs):
         if problem(run) or run.config.model != base.config.model:
             continue
-        for hook in run.saes:
-            out.setdefault(hook, (i, run_sae(run, hook)))
+        for name, home in run.saes.items():
+            out.setdefault(home.hook, (i, run_sae(run, name)))
     return out
 
 

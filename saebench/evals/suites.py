@@ -11,6 +11,7 @@ from saebench.evals.consistency import consistency
 from saebench.evals.core import core
 from saebench.evals.inputs import EvalInputs
 from saebench.evals.interp import interp_suite
+from saebench.evals.prefixes import prefixes
 from saebench.evals.probing import probing
 from saebench.evals.tpp import tpp_suite
 
@@ -23,6 +24,7 @@ SUITES: dict[str, Suite] = {
     "absorption": absorption_suite,
     "interp": interp_suite,
     "consistency": consistency,
+    "prefixes": prefixes,
 }
 DEFAULT_SUITES = ("core",)
 INPUT_SPACE = ("tpp", "absorption")  # they read decoder rows in the space of the SAE's input: not a transcoder's

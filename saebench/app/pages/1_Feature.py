@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import matching
 import pandas as pd
 import plotly.graph_objects as go
 import state
@@ -187,3 +188,6 @@ with right:
         file_name=f"feature_{card.id}.csv",
         mime="text/csv",
     )
+
+matching.matches_section(state.runs(), run_index, hook, card.id)
+matching.splitting_section(state.runs(), run_index, hook, card.id)
