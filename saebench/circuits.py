@@ -17,6 +17,7 @@ sum_k A[q, k] (LN(r_k) W_V + b_V) W_O, a sum over (key position, component).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -38,28 +39,47 @@ class Components:
         return Components(self.names + other.names, self.kinds + other.kinds, torch.cat([self.vectors, other.vectors]))
 
 
+def written_hook(sae: SAE) -> str | None:
+    """Where a transcoder writes: its output_hook, by default blocks.L.hook_mlp_out for one reading block L's ln2
+    (ln2.hook_normalized or ln2.hook_out); None for an SAE, which reconstructs its own hook."""
+    m = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_(normalized|out)", sae.cfg.hook or "")
+    if m is None or getattr(sae.cfg, "kind", "transcoder") == "sae":
+        return None
+    return getattr(sae.cfg, "output_hook", None) or f"blocks.{m.group(1)}.hook_mlp_out"
+
+
 def _sae_components(
-    sae: SAE, hook: str, act: torch.Tensor, out_proj: torch.Tensor | None = None, out_bias: torch.Tensor | None = None
+    sae: SAE,
+    hook: str,
+    act: torch.Tensor,
+    out_proj: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    x_in: torch.Tensor | None = None,
 ) -> Components:
-    """act: [d_sae_in] at one position -> features + bias + error, mapped by out_proj [d_in d_model] if given."""
-    z = sae.encode(act[None])[0]
+    """act: [d_sae_in] at one position -> features + bias + error, mapped by out_proj [d_in d_model] if given.
+    x_in: a transcoder's input [d_in] (act is then its output hook's activation), whose skip term is a component."""
+    z = sae.encode((act if x_in is None else x_in)[None])[0]
     active = z.nonzero().squeeze(-1)
     vecs = z[active, None] * sae.W_dec[active]
     bias = sae.b_dec[None]
-    error = (act - sae.decode(z[None])[0])[None]
+    W_skip = getattr(sae, "W_skip", None)
+    skip = [] if x_in is None or W_skip is None else [(x_in @ W_skip)[None]]
+    error = act[None] - vecs.sum(0, keepdim=True) - bias - sum(skip, torch.zeros_like(bias))
     if out_proj is not None:
         assert out_bias is not None
         vecs, bias, error = vecs @ out_proj, bias @ out_proj + out_bias, error @ out_proj
-    names = [f"{hook}:f{int(i)}" for i in active] + [f"{hook}:bias", f"{hook}:error"]
-    kinds = ["feature"] * len(active) + ["sae_bias", "error"]
-    return Components(names, kinds, torch.cat([vecs, bias, error]))
+    names = [f"{hook}:f{int(i)}" for i in active] + [f"{hook}:bias"] + [f"{hook}:skip"] * len(skip) + [f"{hook}:error"]
+    kinds = ["feature"] * len(active) + ["sae_bias"] + ["skip"] * len(skip) + ["error"]
+    return Components(names, kinds, torch.cat([vecs, bias, *skip, error]))
 
 
 def residual_components(
     model, cache, layer: int, pos: int, saes: dict[str, SAE] | None = None, batch: int = 0
 ) -> Components:
-    """Split the residual stream entering block `layer` (layer = n_layers: before ln_final) at `pos`."""
+    """Split the residual stream entering block `layer` (layer = n_layers: before ln_final) at `pos`; a transcoder
+    (keyed by its input hook) splits the output of the MLP it replaces."""
     saes = saes or {}
+    writers = {out: hook for hook, sae in saes.items() if (out := written_hook(sae))}
     cfg = model.cfg
     resid_hooks = (
         {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer - 1}.hook_resid_post"}
@@ -83,14 +103,17 @@ def residual_components(
                 parts += _sae_components(saes[z_hook], z_hook, z, W_O, model.b_O[block])
             elif out_hook in saes:
                 parts += _sae_components(saes[out_hook], out_hook, cache[out_hook][batch, pos])
+            elif out_hook in writers:
+                hook = writers[out_hook]
+                parts += _sae_components(saes[hook], hook, cache[out_hook][batch, pos], x_in=cache[hook][batch, pos])
             else:
                 parts += Components([out_hook], ["sublayer"], cache[out_hook][batch, pos][None])
     return parts
 
 
-def _ln(model, layer: int):
-    """(weight, bias, eps) of block `layer`'s ln1, or of ln_final for layer = n_layers."""
-    module = model.ln_final if layer == model.cfg.n_layers else model.blocks[layer].ln1
+def _ln(model, layer: int, name: str = "ln1"):
+    """(weight, bias) of block `layer`'s ln1 (or `name`), or of ln_final for layer = n_layers."""
+    module = model.ln_final if layer == model.cfg.n_layers else getattr(model.blocks[layer], name)
     inner = getattr(module, "original_component", None) or getattr(module, "_original_component", None) or module
     w = getattr(inner, "weight", None)
     w = w if w is not None else getattr(inner, "w", None)
