@@ -271,18 +271,27 @@ def test_json_holds_the_pruned_graph_and_qk_pairs_that_sum_to_the_score(tiny, gr
     )
 
 
+@pytest.fixture(scope="module")
+def transcoder_run(tmp_path_factory):
+    """A run of two transcoders as `saebench train` writes them (random dictionaries)."""
+    from test_analysis import make_run
+
+    hooks = ("blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized")
+    run, _ = make_run(tmp_path_factory.mktemp("graph"), hooks=hooks, name="tc")
+    for h in hooks:
+        cfg = json.loads((run / h / "sae" / "cfg.json").read_text())
+        cfg.update(kind="transcoder", output_hook=h.replace("ln2.hook_normalized", "hook_mlp_out"), d_out=192)
+        (run / h / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    return run
+
+
 @pytest.mark.slow
-def test_graph_command_writes_the_json_beside_the_run(tmp_path, capsys):
+def test_graph_command_writes_the_json_beside_the_run(tmp_path, transcoder_run, capsys):
     from test_analysis import make_run
 
     from saebench.cli import main
 
-    hooks = ("blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_normalized")
-    run, _ = make_run(tmp_path, hooks=hooks, name="tc")
-    for h in hooks:  # what the transcoder training writes (read once saebench knows transcoders)
-        cfg = json.loads((run / h / "sae" / "cfg.json").read_text())
-        cfg.update(kind="transcoder", output_hook=h.replace("ln2.hook_normalized", "hook_mlp_out"), d_out=192)
-        (run / h / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    run = transcoder_run
     args = ["graph", str(run), "--prompt", "And God said", "--edge-threshold", "0.9"]
     assert main(args) == 0
     path = sb.Run(run).graph_path("And God said")
@@ -294,3 +303,44 @@ def test_graph_command_writes_the_json_beside_the_run(tmp_path, capsys):
     assert main([*args, "--node-threshold", "1.5"]) == 2 and "node_threshold" in capsys.readouterr().err
     plain, _ = make_run(tmp_path, name="plain")  # an SAE on the residual stream: no transcoder
     assert main(["graph", str(plain), "--prompt", "x"]) == 2 and "no transcoder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_graph_page_shows_the_pruned_graph_and_an_attention_edges_qk_pairs(tmp_path, transcoder_run, monkeypatch, tiny):
+    from test_analysis import make_run
+    from test_app import markdown_text, page
+
+    run, prompt = transcoder_run, "The cat sat on the mat. The cat sat on the"
+    saes = sb.Run(run).load_saes()
+    g = attribution_graph(tiny, saes, prompt)
+    kept = g.prune(0.5, 0.9)
+    t, s = kept.edge_mask.nonzero(as_tuple=True)
+    edges = [(int(a), int(b)) for a, b in zip(s, t, strict=True) if g.nodes[a].position != g.nodes[b].position]
+    heads = g.attention(edges)
+    (src, tgt), split = next((e, h) for e, h in zip(edges, heads, strict=True) if h.abs().max() > 0)
+    layer, head = divmod(int(split.abs().argmax()), split.shape[1])
+    at = page("pages/6_Graph.py", [run], monkeypatch, prompt=prompt, node=0.5, edge=0.9, sel=g.nodes[tgt].id)
+    assert at.metric[0].value == f"{int(kept.node_mask.sum())} of {len(g.nodes)}"
+    assert at.metric[2].value == f"{g.scores()[0]:.3f}" and at.metric[3].value == f"{g.scores()[1]:.3f}"
+    inputs = at.dataframe[0].value
+    want = sorted(
+        (a for a, b in zip(s.tolist(), t.tolist(), strict=True) if b == tgt),
+        key=lambda a: -abs(float(g.adjacency[tgt, a])),
+    )
+    assert inputs["source"].tolist() == [g.nodes[a].id for a in want]
+    assert inputs["weight"].tolist() == pytest.approx([float(g.adjacency[tgt, a]) for a in want], abs=1e-6)
+    at.selectbox[1].set_value(g.nodes[src].id).run()
+    assert at.dataframe[1].value["head"].tolist()[0] == f"L{layer}H{head}"
+    r = g.qk(layer, head, g.nodes[tgt].position, g.nodes[src].position)
+    pairs = at.dataframe[2].value
+    assert pairs["score"].tolist() == pytest.approx(r.top_pairs(20)["score"].tolist(), abs=1e-5)
+    assert at.metric[-1].value == f"{float(r.pair_scores.sum()):.3f}" == at.metric[-2].value
+    assert at.query_params["sel"] in (g.nodes[tgt].id, [g.nodes[tgt].id])
+    everything = g.prune(1.0, 1.0).node_mask
+    feature = next(x for i, x in enumerate(g.nodes) if x.kind == "feature" and everything[i])
+    at = page("pages/6_Graph.py", [run], monkeypatch, prompt=prompt, node=1, edge=1, sel=feature.id)
+    link = f"hook={g.hooks[feature.layer]}&amp;feature={feature.feature}"
+    assert link in markdown_text(at) and any("saebench analyze" in i.value for i in at.info)
+    plain, _ = make_run(tmp_path, name="plain")
+    at = page("pages/6_Graph.py", [plain], monkeypatch)
+    assert any("no transcoder" in e.value for e in at.error)
