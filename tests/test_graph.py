@@ -344,3 +344,29 @@ def test_graph_page_shows_the_pruned_graph_and_an_attention_edges_qk_pairs(tmp_p
     plain, _ = make_run(tmp_path, name="plain")
     at = page("pages/6_Graph.py", [plain], monkeypatch)
     assert any("no transcoder" in e.value for e in at.error)
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_the_same_graph_as_circuit_tracer(tiny):
+    """circuit-tracer 0.5.0 (its own venv) on tiny as a HookedTransformer, the same skip transcoders (one reading
+    ln2.hook_out, rewritten to read ln2.hook_normalized as circuit-tracer's set must), the same tokens: the same
+    features, values, logit nodes and pre-pruning edge weights. No definition differs; circuit-tracer takes a skip
+    term on all layers or none (its set's first transcoder decides), saebench per transcoder."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "graph.py"
+    spec = importlib.util.spec_from_file_location("graph_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if not bench.PEER_PYTHON.exists():
+        pytest.skip(f"no circuit-tracer venv at {bench.PEER_PYTHON} (benchmarks/graph.py says how to make it)")
+    hooks = ("blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_out")
+    transcoders = {h: transcoder(h, i, skip=True) for i, h in enumerate(hooks)}
+    graph = attribution_graph(tiny, transcoders, PROMPT)
+    peer = bench.circuit_tracer_graph(tiny, transcoders, torch.tensor([graph.tokens]))
+    diff = bench.compare(graph, peer)
+    assert diff["same_features"] and diff["same_logits"] and diff["features"] > 100
+    assert diff["max_value_diff"] < 1e-4 and diff["max_edge_diff"] < 1e-4 < diff["max_edge"]
