@@ -93,7 +93,9 @@ def random_transcoders(n_latents: int, k: int) -> dict[str, sb.SAE]:
     out = {}
     for i in range(2):
         hook = f"blocks.{i}.ln2.hook_normalized"
-        extra = {"kind": "skip_transcoder"} if "kind" in {f.name for f in dataclasses.fields(sb.SAEConfig)} else {}
+        extra: dict = (
+            {"kind": "skip_transcoder"} if "kind" in {f.name for f in dataclasses.fields(sb.SAEConfig)} else {}
+        )
         tc = sb.SAE(sb.SAEConfig(d_in=192, n_latents=n_latents, k=k, hook=hook, model="tiny", **extra), seed=i)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
@@ -105,7 +107,7 @@ def random_transcoders(n_latents: int, k: int) -> dict[str, sb.SAE]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("run", nargs="?", help="a run of transcoders (configs/tiny-transcoders.yaml)")
     p.add_argument("--random", action="store_true", help="random transcoders instead of a run's")
     p.add_argument("--latents", type=int, default=1536)

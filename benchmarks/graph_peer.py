@@ -13,6 +13,8 @@ OUT: adjacency, active_features [n 3], activation_values, logit_tokens, logit_pr
 fastest of --repeats runs) and peak_rss_mb.
 """
 
+# pyright: reportMissingImports=false, reportCallIssue=false
+# (its imports are circuit-tracer venv's: another TransformerLens than .venv's)
 import argparse
 import resource
 import sys
