@@ -370,3 +370,47 @@ def test_the_same_graph_as_circuit_tracer(tiny):
     diff = bench.compare(graph, peer)
     assert diff["same_features"] and diff["same_logits"] and diff["features"] > 100
     assert diff["max_value_diff"] < 1e-4 and diff["max_edge_diff"] < 1e-4 < diff["max_edge"]
+
+
+@pytest.mark.slow
+def test_the_induction_circuit_appears_in_the_graph(tiny):
+    """[BOS s s'] for a random span s of 16 tokens, s' its first 15: the top logit at the last token (s[14]) is
+    s[15]; the embedding edge into it from another position that weighs most comes from the first copy's s[15],
+    carried mostly by induction heads (tiny has several in L1; on random tokens L1H0 carries most of this edge);
+    that edge's QK explanation (the top head's score at (last, that key)) sums to the score and its key side
+    names the previous-token features of the layer-0 attention SAE that the induction trace (saebench.induction,
+    on the same query) ranks first. The MLPs are error nodes (the circuit
+    crosses no MLP feature); with random transcoders in their place the same edge and QK split come out."""
+    from test_induction import TINY_ATTN
+
+    from saebench.induction import repeated_prompt, trace_induction
+
+    saes = sb.Run(TINY_ATTN).load_saes(device="cpu")
+    induction = sb.induction_report(tiny)["induction"]  # [layer head]; tiny has several induction heads in L1
+    span = torch.randint(10, tiny.cfg.d_vocab, (16,), generator=torch.Generator().manual_seed(0))
+    full = repeated_prompt(span, tiny.tokenizer.bos_token_id)  # [1 33]
+    prompt, last, key = full[:, :32], 31, 16
+    random_tcs = {h: transcoder(h, i) for i, h in enumerate(("blocks.0.ln2.hook_normalized", "blocks.1.ln2.hook_out"))}
+    found, heads = [], []
+    for tcs in ({}, random_tcs):
+        g = attribution_graph(tiny, tcs, prompt, saes=saes)
+        index = {n.id: i for i, n in enumerate(g.nodes)}
+        logit = index[f"logit/{int(span[15])}"]
+        assert g.nodes[logit].value == max(n.value for n in g.nodes if n.kind == "logit")
+        embeds = [index[f"emb/p{p}"] for p in range(last)]
+        source = max(embeds, key=lambda s: abs(float(g.adjacency[logit, s])))
+        assert source == index[f"emb/p{key}"]
+        split = g.attention([(source, logit)])[0]
+        layer, head = divmod(int(split.abs().argmax()), split.shape[1])
+        assert induction[layer, head] >= 0.4 and split[induction >= 0.4].sum() >= 0.5 * g.adjacency[logit, source]
+        r = g.qk(layer, head, last, key)
+        assert float(r.pair_scores.sum()) == pytest.approx(r.score, abs=1e-4)
+        found.append([r.k_names[i] for i in r.key_marginals().argsort(descending=True)[:10].tolist()])
+        heads.append((layer, head))
+    assert found[0] == found[1]  # the transcoders change no key-side component of layer 1's score at the key
+    assert heads[0] == heads[1]
+    trace = trace_induction(tiny, full, *heads[0], saes, query_positions=[last])[0]
+    assert trace.key_pos == key
+    by_trace = [c for c, _ in sorted(trace.key_side.items(), key=lambda kv: -kv[1]) if ":f" in c][:5]
+    assert all(c.startswith("blocks.0.attn.hook_z:f") for c in by_trace[:3])
+    assert len(set(by_trace) & set(found[0])) >= 3, (by_trace, found[0])
