@@ -409,7 +409,7 @@ def test_the_induction_circuit_appears_in_the_graph(tiny):
         heads.append((layer, head))
     assert found[0] == found[1]  # the transcoders change no key-side component of layer 1's score at the key
     assert heads[0] == heads[1]
-    trace = trace_induction(tiny, full, *heads[0], saes, query_positions=[last])[0]
+    trace = trace_induction(tiny, full, heads[0][0], heads[0][1], saes, query_positions=[last])[0]
     assert trace.key_pos == key
     by_trace = [c for c, _ in sorted(trace.key_side.items(), key=lambda kv: -kv[1]) if ":f" in c][:5]
     assert all(c.startswith("blocks.0.attn.hook_z:f") for c in by_trace[:3])
