@@ -1,7 +1,8 @@
 """saebench's attribution graph against circuit-tracer 0.5.0's on tiny: one prompt of --tokens tokens (BOS, then a
 random token span and its repeat: an induction prompt), one transcoder per layer; the time (fastest of --repeats,
-after one warm-up) and the process's peak RSS of each tool, and how far apart the two graphs are (the same active
-features, the largest difference between their pre-pruning edge weights).
+after one warm-up) and the process's peak RSS of each tool, how far apart the two graphs are (the same active
+features, the largest difference between their pre-pruning edge weights), and saebench's induction edge (into the
+top logit from the first copy's next token, the head that carries it, its QK explanation's top key-side components).
 
     python benchmarks/graph.py RUN [--tokens 32] [--repeats 3]   # RUN: transcoders, e.g. configs/tiny-transcoders.yaml
     python benchmarks/graph.py --random [--latents 1536 --k 16]  # random transcoders (error nodes keep it exact)
@@ -88,6 +89,28 @@ def compare(graph: AttributionGraph, peer: dict) -> dict:
     return out
 
 
+def induction_edge(graph: AttributionGraph) -> dict:
+    """On `induction_prompt`: whether the top logit is the induction completion, the embedding at another position
+    that weighs most into it (the first copy's next token: `expected`), and the head carrying most of that edge."""
+    n, span = len(graph.tokens), (len(graph.tokens) - 1) // 2 + 1
+    expected = n - span  # the position after the last token's first occurrence
+    logits = [i for i, x in enumerate(graph.nodes) if x.kind == "logit"]
+    top = max(logits, key=lambda i: graph.nodes[i].value)
+    embeds = [i for i, x in enumerate(graph.nodes) if x.kind == "embedding" and x.position < n - 1]
+    source = max(embeds, key=lambda i: abs(float(graph.adjacency[top, i])))
+    split = graph.attention([(source, top)])[0]
+    layer, head = divmod(int(split.abs().argmax()), split.shape[1])
+    r = graph.qk(layer, head, n - 1, graph.nodes[source].position)
+    return {
+        "top_logit_is_induction": graph.nodes[top].token_id == graph.tokens[expected],
+        "edge_source": graph.nodes[source].position,
+        "expected": expected,
+        "top_head": f"L{layer}H{head}",
+        "head_share": float(split[layer, head] / graph.adjacency[top, source]),
+        "key_side_top": [r.k_names[i] for i in r.key_marginals().argsort(descending=True)[:5].tolist()],
+    }
+
+
 def random_transcoders(n_latents: int, k: int) -> dict[str, sb.SAE]:
     """One random skip transcoder per layer of tiny, firing on every token."""
     out = {}
@@ -137,6 +160,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(ours), flush=True)
+    print(json.dumps({"induction": induction_edge(graph)}), flush=True)
     if not PEER_PYTHON.exists():
         print(json.dumps({"circuit_tracer": f"skipped: no venv at {PEER_PYTHON} (see this script's docstring)"}))
         return
