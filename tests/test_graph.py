@@ -82,6 +82,7 @@ def frozen_run(model, graph: AttributionGraph, transcoders, add: dict[tuple[int,
     return {h: seen[h][0] for h in transcoders}, logits[0]
 
 
+@torch.no_grad()
 def readouts(graph: AttributionGraph, transcoders, acts, logits) -> torch.Tensor:
     """Each feature's pre-activation and each logit node's logit minus the mean logit, read off a run."""
     hooks = {int(h.split(".")[1]): h for h in transcoders}
@@ -234,6 +235,7 @@ def test_heads_carry_the_edges_that_cross_one_attention_layer(graph):
     assert split[30:, 1].abs().max() == 0 and split[:30, 0].abs().max() == 0  # the attention layer they cross
 
 
+@pytest.mark.slow
 def test_json_holds_the_pruned_graph_and_qk_pairs_that_sum_to_the_score(tiny, graph, tmp_path):
     path = graph.save(tmp_path / "g.json", node_threshold=0.8, edge_threshold=0.98)
     data = json.loads(path.read_text())
