@@ -280,7 +280,15 @@ class AttributionGraph:
         if key not in cache:
             ctx = self._ctx
             cache[key] = trace_attention_cached(
-                ctx["model"], ctx["cache"], ctx["tokens"], layer, head, query_pos, key_pos, saes=ctx["dictionaries"]
+                ctx["model"],
+                ctx["cache"],
+                ctx["tokens"],
+                layer,
+                head,
+                query_pos,
+                key_pos,
+                saes=ctx["dictionaries"],
+                ov=False,
             )
         return cache[key]
 
