@@ -88,13 +88,13 @@ COLOURS = {"embedding": "#888", "feature": "#e67e22", "error": "#3498db", "logit
 fig = go.Figure()
 targets, sources = kept.edge_mask.nonzero(as_tuple=True)
 edges = list(zip(sources.tolist(), targets.tolist(), strict=True))
-for sign, colour in ((1, "rgba(39,174,96,0.35)"), (-1, "rgba(192,57,43,0.35)")):
+for sign, colour, name in ((1, "rgba(39,174,96,0.35)", "positive edges"), (-1, "rgba(192,57,43,0.35)", "negative")):
     ex, ey = [], []
     for s, t in edges:
         if (graph.adjacency[t, s] > 0) == (sign > 0):
             ex += [xy[s][0], xy[t][0], None]
             ey += [xy[s][1], xy[t][1], None]
-    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=colour, width=1), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color=colour, width=1), hoverinfo="skip", name=name))
 crossing = [(s, t) for s, t in edges if nodes[s].position != nodes[t].position]
 fig.add_trace(
     go.Scatter(
@@ -157,7 +157,10 @@ node = nodes[t]
 m = st.columns(4)
 m[0].metric("value", f"{node.value:.3f}", help="a feature's activation, a logit minus the mean logit, a vector's norm")
 m[1].metric("bias", f"{node.bias:.3f}", help="the part of the value that no node explains")
-m[2].metric("influence on the logits", f"{float(graph.influence()[t]):.3f}")
+if node.kind == "logit":
+    m[2].metric("probability", f"{probability[t]:.3f}")
+else:
+    m[2].metric("influence on the logits", f"{float(graph.influence()[t]):.3f}")
 m[3].metric("cumulative influence share", f"{float(kept.cumulative[t]):.3f}")
 if node.kind == "feature":
     hook = graph.hooks[node.layer]
