@@ -431,6 +431,8 @@ def attribution_graph(
     tokens = prompt_tokens(model, prompt)
     if tokens.shape[0] != 1:
         raise ConfigError(f"one prompt at a time: got {tokens.shape[0]} rows of tokens")
+    if not 2 <= tokens.shape[1] <= cfg.n_ctx:
+        raise ConfigError(f"the prompt is {tokens.shape[1]} tokens with BOS: give 2 to {cfg.n_ctx} (the context)")
     n, L = tokens.shape[1], cfg.n_layers
     logits, cache = model.run_with_cache(tokens)
     frozen = _Frozen(model, cache, layers)

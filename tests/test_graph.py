@@ -163,6 +163,18 @@ def test_transcoders_without_features_leave_embeddings_and_the_mlps_as_errors(ti
     assert g.scores()[0] < 1.0 and bare.scores() == pytest.approx(g.scores(), abs=1e-6)
 
 
+def test_bad_prompts_and_dictionaries_are_config_errors(tiny, transcoders):
+    with pytest.raises(sb.ConfigError, match="2 to 128"):
+        attribution_graph(tiny, transcoders, "word " * 200)
+    with pytest.raises(sb.ConfigError, match="2 to 128"):
+        attribution_graph(tiny, transcoders, "")
+    two = [transcoder("blocks.0.ln2.hook_normalized", 0), transcoder("blocks.0.ln2.hook_out", 1)]
+    with pytest.raises(sb.ConfigError, match="two transcoders replace layer 0"):
+        attribution_graph(tiny, two, PROMPT)
+    with pytest.raises(sb.ConfigError, match="no transcoder"):
+        attribution_graph(tiny, [transcoder("blocks.0.hook_resid_post", 0)], PROMPT)
+
+
 @torch.no_grad()
 def test_logit_nodes_are_the_top_tokens_up_to_the_probability_mass(tiny, graph):
     logits = tiny(torch.tensor([graph.tokens]))[0, -1]
