@@ -14,6 +14,7 @@ import streamlit as st
 import torch
 
 import saebench as sb
+from saebench.errors import SAEBenchError
 from saebench.graph import split_dictionaries
 
 st.set_page_config(page_title="saebench · graph", layout="wide")
@@ -56,13 +57,17 @@ edge_t = c2.slider("edge threshold (share of the edge influence kept)", 0.0, 1.0
 qp.update({"run": str(base_index), "prompt": prompt, "node": f"{node_t:g}", "edge": f"{edge_t:g}"})
 
 slot = st.empty()
-graph = state.attribution_graph(
-    base,
-    transcoders,
-    others,
-    prompt,
-    lambda done, total: slot.progress(done / total, text=f"building the graph: {done}/{total} target nodes"),
-)
+try:
+    graph = state.attribution_graph(
+        base,
+        transcoders,
+        others,
+        prompt,
+        lambda done, total: slot.progress(done / total, text=f"building the graph: {done}/{total} target nodes"),
+    )
+except SAEBenchError as e:
+    st.error(str(e))
+    st.stop()
 slot.empty()
 kept = graph.prune(node_t, edge_t)
 replacement, completeness = graph.scores()
