@@ -116,9 +116,9 @@ def random_transcoders(n_latents: int, k: int) -> dict[str, sb.SAE]:
     out = {}
     for i in range(2):
         hook = f"blocks.{i}.ln2.hook_normalized"
-        extra: dict = (
-            {"kind": "skip_transcoder"} if "kind" in {f.name for f in dataclasses.fields(sb.SAEConfig)} else {}
-        )
+        extra: dict = {"kind": "skip_transcoder", "output_hook": f"blocks.{i}.hook_mlp_out"}
+        if "kind" not in {f.name for f in dataclasses.fields(sb.SAEConfig)}:  # before saebench knew transcoders
+            extra = {}
         tc = sb.SAE(sb.SAEConfig(d_in=192, n_latents=n_latents, k=k, hook=hook, model="tiny", **extra), seed=i)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():

@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from saebench.atomic import atomic_write_text
-from saebench.circuits import TraceResult, _ln, trace_attention_cached, written_hook
+from saebench.circuits import TraceResult, _ln, trace_attention_cached
 from saebench.errors import ConfigError, HookError
 from saebench.models import is_causal, prompt_tokens
 from saebench.sae import SAE
@@ -44,9 +44,13 @@ FORMAT = "saebench.graph/1"
 
 
 def transcoder_layer(sae: SAE) -> int | None:
-    """The block whose MLP the dictionary replaces (a transcoder from block L's ln2 to its hook_mlp_out), or None."""
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", sae.cfg.hook or "")
-    return int(m.group(1)) if m and written_hook(sae) == f"blocks.{m.group(1)}.hook_mlp_out" else None
+    """The block L whose MLP the dictionary replaces (a transcoder from blocks.L.ln2 to blocks.L.hook_mlp_out; any
+    dictionary there before saebench knew transcoders), or None."""
+    m = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_(normalized|out)", sae.cfg.hook or "")
+    if m is None or getattr(sae.cfg, "kind", "transcoder") == "sae":
+        return None
+    out = f"blocks.{m.group(1)}.hook_mlp_out"
+    return int(m.group(1)) if (getattr(sae.cfg, "output_hook", None) or out) == out else None
 
 
 def split_dictionaries(saes: dict[str, SAE]) -> tuple[dict[str, SAE], dict[str, SAE]]:

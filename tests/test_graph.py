@@ -15,8 +15,10 @@ PROMPT = "And God said, Let there be light: and there was light."
 
 def transcoder(hook: str, seed: int, n: int = 256, k: int = 8, skip: bool = False, dead: bool = False) -> sb.SAE:
     """A random transcoder on `hook` (any transcoder works: the error nodes carry what it misses)."""
-    kind = "skip_transcoder" if skip else "transcoder"
-    extra: dict = {"kind": kind} if "kind" in {f.name for f in dataclasses.fields(sb.SAEConfig)} else {}
+    out = f"blocks.{hook.split('.')[1]}.hook_mlp_out"
+    extra: dict = {"kind": "skip_transcoder" if skip else "transcoder", "output_hook": out}
+    if "kind" not in {f.name for f in dataclasses.fields(sb.SAEConfig)}:  # before saebench knew transcoders
+        extra = {}
     tc = sb.SAE(sb.SAEConfig(d_in=192, n_latents=n, k=k, hook=hook, model="tiny", **extra), seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
