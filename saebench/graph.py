@@ -335,7 +335,12 @@ class AttributionGraph:
             "prompt": self.prompt,
             "tokens": self.tokens,
             "token_strings": self.pieces,
-            "settings": {**self.settings, "node_threshold": node_threshold, "edge_threshold": edge_threshold},
+            "settings": {
+                **self.settings,
+                "node_threshold": node_threshold,
+                "edge_threshold": edge_threshold,
+                "transcoders": {str(i): h for i, h in self.hooks.items()},
+            },
             "logit_centered": True,
             "scores": dict(zip(("replacement", "completeness"), self.scores(), strict=True)),
             "nodes": [

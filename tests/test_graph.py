@@ -256,6 +256,7 @@ def test_json_holds_the_pruned_graph_and_qk_pairs_that_sum_to_the_score(tiny, gr
     kept = graph.prune(0.8, 0.98)
     assert data["prompt"] == PROMPT and data["logit_centered"] is True and data["tokens"] == graph.tokens
     assert data["settings"]["node_threshold"] == 0.8 and data["settings"]["edge_threshold"] == 0.98
+    assert data["settings"]["transcoders"] == {"0": "blocks.0.ln2.hook_normalized", "1": "blocks.1.ln2.hook_out"}
     ids = [n["id"] for n in data["nodes"]]
     assert ids == [graph.nodes[i].id for i in kept.node_mask.nonzero().squeeze(-1).tolist()] and len(set(ids)) == len(
         ids
