@@ -29,6 +29,7 @@ from saebench.evals.settings import AbsorptionSettings, InterpSettings, ProbingS
 from saebench.evals.tasks import ProbeTask, probing_tasks
 from saebench.evals.tpp import tpp
 from saebench.evaluate import evaluate_sae, random_baseline, spliced_losses
+from saebench.graph import AttributionGraph, attribution_graph
 from saebench.harvest import ActivationStore, Harvester, harvest_to_disk, stream_activations
 from saebench.interop import load_sae, load_saelens, save_saelens
 from saebench.models import load_model, prompt_tokens
@@ -98,6 +99,8 @@ __all__ = [
     "features_firing_on",
     "analyze",
     "ActivationStore",
+    "AttributionGraph",
+    "attribution_graph",
     "TraceResult",
     "head_scores",
     "induction_report",

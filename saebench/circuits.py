@@ -101,9 +101,9 @@ def residual_components(
     return parts
 
 
-def _ln(model, layer: int):
-    """(weight, bias, eps) of block `layer`'s ln1, or of ln_final for layer = n_layers."""
-    module = model.ln_final if layer == model.cfg.n_layers else model.blocks[layer].ln1
+def _ln(model, layer: int, name: str = "ln1"):
+    """(weight, bias) of block `layer`'s ln1 (or `name`), or of ln_final for layer = n_layers."""
+    module = model.ln_final if layer == model.cfg.n_layers else getattr(model.blocks[layer], name)
     inner = getattr(module, "original_component", None) or getattr(module, "_original_component", None) or module
     w = getattr(inner, "weight", None)
     w = w if w is not None else getattr(inner, "w", None)
@@ -309,10 +309,11 @@ def trace_attention_cached(
     logits: torch.Tensor | None = None,
     logit_tokens: tuple[int, ...] | int | str | None = None,
     check: bool = True,
+    ov: bool = True,
 ) -> TraceResult:
     """`trace_attention` on a run already made: cache from `model.run_with_cache(tokens)`, tokens [1 pos],
     logits [1 pos vocab] (that run's, needed only for logit_tokens). Since the model is causal, one run on a
-    prompt serves every query position of it."""
+    prompt serves every query position of it. ov=False: the QK split alone (an empty OV table, no downstream)."""
     cfg = model.cfg
     if not 0 <= layer < cfg.n_layers:
         raise ConfigError(f"layer {layer} is out of range: the model has layers 0..{cfg.n_layers - 1}")
@@ -335,7 +336,7 @@ def trace_attention_cached(
 
     comps = {
         p: _frozen_ln(model, cache, layer, p, residual_components(model, cache, layer, p, saes), 0)
-        for p in range(q + 1)
+        for p in (range(q + 1) if ov else {q, k})
     }
     W_Q, W_K, W_V, W_O = model.W_Q[layer, head], model.W_K[layer, head], model.W_V[layer, head], model.W_O[layer, head]
     b_Q, b_K, b_V = model.b_Q[layer, head], model.b_K[layer, head], model.b_V[layer, head]
@@ -347,27 +348,29 @@ def trace_attention_cached(
 
     # OV: components at every key position <= q share one name list only if the SAEs' active sets agree,
     # so each key position keeps its own components, padded into a common table.
-    names = [*dict.fromkeys(name for p in range(q + 1) for name in comps[p].names), "b_V"]
+    shown = range(q + 1) if ov else range(0)
+    names = [*dict.fromkeys(name for p in shown for name in comps[p].names), "b_V"] if ov else []
     index = {name: i for i, name in enumerate(names)}
-    rows = [torch.tensor([index[name] for name in comps[p].names], device=q_vecs.device) for p in range(q + 1)]
-    ov = torch.zeros(q + 1, len(names), cfg.d_model, dtype=q_vecs.dtype, device=q_vecs.device)
-    for p in range(q + 1):
-        ov[p, rows[p]] = pattern[q, p] * (comps[p].vectors @ W_V @ W_O)
-    ov[:, -1] = pattern[q, : q + 1, None] * (b_V @ W_O)[None]
+    rows = [torch.tensor([index[name] for name in comps[p].names], device=q_vecs.device) for p in shown]
+    table = torch.zeros(len(shown), len(names), cfg.d_model, dtype=q_vecs.dtype, device=q_vecs.device)
+    for p in shown:
+        table[p, rows[p]] = pattern[q, p] * (comps[p].vectors @ W_V @ W_O)
+    if ov:
+        table[:, -1] = pattern[q, : q + 1, None] * (b_V @ W_O)[None]
 
     projection = None
-    if downstream is not None:
+    if downstream is not None and ov:
         if downstream_feature is None or not 0 <= downstream_feature < downstream.cfg.n_latents:
             raise ConfigError(f"downstream_feature must lie in 0..{downstream.cfg.n_latents - 1}")
         enc = downstream.W_enc[:, downstream_feature]
         if downstream.cfg.hook == f"blocks.{layer}.attn.hook_z":
             head_rows = enc[head * cfg.d_head : (head + 1) * cfg.d_head]
-            projection = torch.zeros(ov.shape[:2], device=ov.device)
+            projection = torch.zeros(table.shape[:2], device=table.device)
             for p in range(q + 1):
                 projection[p, rows[p]] = pattern[q, p] * (comps[p].vectors @ W_V @ head_rows)
             projection[:, -1] = pattern[q, : q + 1] * (b_V @ head_rows)
         else:
-            projection = ov @ enc
+            projection = table @ enc
 
     result = TraceResult(
         layer,
@@ -405,7 +408,8 @@ def trace_attention_cached(
             resid = residual_components(model, cache, layer, p, saes).vectors.sum(0)
             _close(resid, cache[f"blocks.{layer}.hook_resid_pre"][0, p], "residual decomposition")
         _close(pair_scores.sum(), torch.tensor(score), "QK pair sum")
-        _close(ov.sum((0, 1)), cache[f"blocks.{layer}.attn.hook_z"][0, q, head] @ W_O, "OV sum")
+        if ov:
+            _close(table.sum((0, 1)), cache[f"blocks.{layer}.attn.hook_z"][0, q, head] @ W_O, "OV sum")
     return result
 
 

@@ -19,6 +19,7 @@ from saebench.config import apply_overrides, from_dict
 from saebench.errors import ConfigError, SAEBenchError
 from saebench.evals.suites import DEFAULT_SUITES, SUITES
 from saebench.evaluate import EVAL_METRICS
+from saebench.graph import INPUTS, attribution_graph, split_dictionaries
 from saebench.models import load_model
 from saebench.pipeline import analyze, eval_from_config, harvest_from_config, train_from_config
 from saebench.readers import first_line
@@ -230,6 +231,41 @@ def _trace(args: argparse.Namespace) -> None:
     print(r.ov_table(args.top).to_string(index=False))
 
 
+def _graph(args: argparse.Namespace) -> None:
+
+    runs = [Run.open(path) for path in args.run]
+    saes = {h: sae for run in runs for h, sae in run.load_saes().items()}
+    transcoders, others = split_dictionaries(saes)
+    if not transcoders:
+        raise ConfigError(
+            f"{', '.join(args.run)} hold no transcoder (blocks.L.{' or blocks.L.'.join(INPUTS)} -> "
+            "blocks.L.hook_mlp_out): give the run of transcoders trained by e.g. configs/tiny-transcoders.yaml"
+        )
+    graph = attribution_graph(
+        runs[0].load_model(),
+        transcoders,
+        args.prompt,
+        saes=others,
+        max_n_logits=args.max_logits,
+        desired_logit_prob=args.logit_prob,
+    )
+    path = graph.save(args.out or runs[0].graph_path(args.prompt), args.node_threshold, args.edge_threshold)
+    kept = graph.prune(args.node_threshold, args.edge_threshold)
+    replacement, completeness = graph.scores()
+    print(
+        json.dumps(
+            {
+                "graph": str(path),
+                "nodes": int(kept.node_mask.sum()),
+                "edges": int(kept.edge_mask.sum()),
+                "nodes_before_pruning": len(graph.nodes),
+                "replacement": replacement,
+                "completeness": completeness,
+            }
+        )
+    )
+
+
 def _train_tiny(args: argparse.Namespace) -> None:
     given = {
         "train_tokens": args.tokens,
@@ -382,6 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top", type=int, default=10)
     p.set_defaults(func=_trace)
+
+    p = sub.add_parser("graph", help="attribution graph of a prompt through a run's transcoders -> JSON")
+    p.add_argument("run", nargs="+", help="the run of transcoders (one per layer or fewer), then runs of other SAEs")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", default=None, help="JSON file (default: RUN/graphs/<the prompt's first words>-<hash>.json)")
+    p.add_argument("--node-threshold", type=float, default=0.8, help="share of the influence on the logits kept")
+    p.add_argument("--edge-threshold", type=float, default=0.98, help="share of the edge influence kept")
+    p.add_argument("--max-logits", type=int, default=10, help="logit nodes: at most this many top tokens")
+    p.add_argument("--logit-prob", type=float, default=0.95, help="logit nodes: until they hold this probability")
+    p.set_defaults(func=_graph)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("synthetic", help="recover planted features; MCC, dead fraction and L0 per SAE family")

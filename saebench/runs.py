@@ -3,6 +3,7 @@
     RUN/config.yaml              the resolved RunConfig
     RUN/activations/             the activation cache (harvest.py owns what is inside)
     RUN/.analysis/               an interrupted analysis pass (analysis.py owns what is inside)
+    RUN/graphs/<prompt>.json     attribution graphs (`saebench graph`; the prompt's first words and a hash)
     one hook:   RUN/sae/ (cfg.json + sae.safetensors), RUN/checkpoints/, RUN/metrics.jsonl,
                 RUN/eval.json (+ RUN/eval.<suite>.safetensors), RUN/features.sqlite
     several:    the same per SAE under RUN/<hook dir>/ (harvest.hook_dirname)
@@ -19,7 +20,9 @@ Every file read here that is damaged or half-written is one DataError naming it 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +47,7 @@ STORE_NAME = "features.sqlite"
 ACTIVATIONS = "activations"
 ANALYSIS_STATE = ".analysis"
 SWEEP = "sweep.json"
+GRAPHS = "graphs"
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,11 @@ class Run:
     @property
     def analysis_state_dir(self) -> Path:
         return self.path / ANALYSIS_STATE
+
+    def graph_path(self, prompt: str) -> Path:
+        """Where `saebench graph` writes a prompt's attribution graph by default."""
+        slug = "-".join(re.findall(r"[A-Za-z0-9]+", prompt)[:6])[:48] or "prompt"
+        return self.path / GRAPHS / f"{slug}-{hashlib.sha1(prompt.encode()).hexdigest()[:8]}.json"
 
     # -- its SAEs ------------------------------------------------------------------------------
     @cached_property

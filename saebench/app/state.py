@@ -263,3 +263,15 @@ def index_param(name: str, n: int, default: int, what: str) -> int:
         st.warning(f"There is no {what} {i} (they run 0..{n - 1}); showing {what} {default}.")
         return default
     return i
+
+
+def attribution_graph(run: Run, transcoders: dict[str, sb.SAE], saes: dict[str, sb.SAE], prompt: str, progress=None):
+    """sb.attribution_graph of the prompt through the transcoders (and the other SAEs for QK); the session keeps
+    the last one (a cached function could not replay the progress bar)."""
+    key = (str(run.path), sorted(transcoders), sorted(saes), prompt)
+    if st.session_state.get("graph_key") != key:
+        st.session_state["graph"] = sb.attribution_graph(
+            run_model(run), transcoders, prompt, saes=saes, progress=progress
+        )
+        st.session_state["graph_key"] = key
+    return st.session_state["graph"]
