@@ -384,7 +384,7 @@ def trace_attention_cached(
         comps[k].names + ["b_K"],
         pair_scores,
         names,
-        ov,
+        table,
         projection,
         attention=pattern.detach(),
     )
