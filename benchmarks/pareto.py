@@ -26,6 +26,7 @@ import saebench as sb
 from saebench.sae import FAMILIES
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+HEIGHT = 700
 PANELS = (("sae.fvu", "FVU (lower is better)"), ("sae.ce_recovered", "CE-loss recovered (higher is better)"))
 
 
@@ -68,7 +69,11 @@ def figure(table) -> go.Figure:
         )
         fig.update_xaxes(title_text="L0 (active latents per token)", type="log", row=1, col=col)
     fig.update_layout(
-        width=1300, height=560, title="tiny, blocks.1.hook_resid_post: one sweep, each family at three k and two widths"
+        width=1300,
+        height=HEIGHT,
+        title="tiny, blocks.1.hook_resid_post: one sweep, each family at three k and two widths",
+        legend=dict(orientation="h", y=-0.22, x=0),
+        margin=dict(b=170),
     )
     return fig
 
@@ -79,7 +84,7 @@ def write_png(fig: go.Figure, out: Path) -> str:
     html = out.with_suffix(".html")
     fig.write_html(html, include_plotlyjs=True, config={"displayModeBar": False})
     try:
-        fig.write_image(out, width=1300, height=560)
+        fig.write_image(out, width=1300, height=HEIGHT)
         return "plotly + kaleido"
     except (ImportError, ValueError, RuntimeError):
         pass
@@ -95,7 +100,7 @@ def write_png(fig: go.Figure, out: Path) -> str:
                 "--disable-gpu",
                 f"--user-data-dir={profile}",
                 f"--screenshot={out.resolve()}",
-                "--window-size=1360,620",
+                f"--window-size=1360,{HEIGHT + 60}",
                 "--hide-scrollbars",
                 "--virtual-time-budget=5000",
                 html.resolve().as_uri(),
