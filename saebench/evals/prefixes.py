@@ -23,6 +23,7 @@ class PrefixSAE(SAE):
         torch.nn.Module.__init__(self)
         self.cfg, self.size = sae.cfg, size
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+        self.W_skip = sae.W_skip
         self.register_buffer("threshold", sae.threshold)
 
     def encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
