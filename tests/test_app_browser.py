@@ -44,18 +44,10 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("browser")
-    run, _ = make_run(root, name="browsed")
-    sb.analyze(
-        run,
-        AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2),
-        show_progress=False,
-    )
-    port = free_port()
+def serve_app(runs: list[Path], port: int) -> tuple[subprocess.Popen, str]:
+    """`saebench app RUNS --port PORT` in a subprocess, once its health endpoint answers -> (process, base URL)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "saebench.cli", "app", str(run), "--port", str(port)],
+        [sys.executable, "-m", "saebench.cli", "app", *map(str, runs), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -66,12 +58,25 @@ def server(tmp_path_factory):
     while True:
         try:
             urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 pytest.fail(f"the app did not start: {proc.stdout.read()}")
             time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    run, _ = make_run(root, name="browsed")
+    sb.analyze(
+        run,
+        AnalysisConfig(n_tokens=1500, n_examples=5, n_samples=12, n_intervals=4, per_interval=2),
+        show_progress=False,
+    )
+    port = free_port()
+    proc, url = serve_app([run], port)
     yield url, port, run
     proc.terminate()
     proc.wait(timeout=20)

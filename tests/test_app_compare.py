@@ -4,10 +4,6 @@ sb.compare, sb.compare_curves, sb.match_features and sb.splitting_tree compute."
 import base64
 import json
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -15,7 +11,7 @@ import torch
 import yaml
 from test_analysis import HOOK, make_run
 from test_app import page
-from test_app_browser import browser, free_port, open_page  # noqa: F401 (browser: a fixture)
+from test_app_browser import browser, free_port, open_page, serve_app  # noqa: F401 (browser: a fixture)
 
 import saebench as sb
 from saebench.analysis import AnalysisConfig
@@ -164,22 +160,8 @@ def test_a_points_link_opens_its_sae_on_home_in_chromium(runs, browser):  # noqa
     from selenium.webdriver.support.ui import WebDriverWait
 
     sweep, other, _ = runs
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saebench.cli", "app", str(sweep), str(other), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, url = serve_app([sweep, other], free_port())
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "the app did not start"
-                time.sleep(0.5)
         open_page(browser, f"{url}/Compare", "Compare SAEs", "compare")
         link = browser.find_element(By.XPATH, "//*[local-name()='a'][contains(@*[local-name()='href'], 'n256_topk')]")
         link.click()
