@@ -62,11 +62,15 @@ def parse_axis(item: str, flag: str = "--grid") -> tuple[str, list]:
 
 def cell_name(settings: dict[str, Any]) -> str:
     """{"sae.k": 16, "sae.activation": "topk"} -> "k16_topk": each value after its key's last part (a word
-    value alone), safe as a folder name."""
+    value alone; null as "no" + that part: "nomatryoshka"), safe as a folder name."""
     parts = []
     for key, value in settings.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if value is None:
+            parts.append(f"no{leaf}")
+            continue
         text = "-".join(map(str, value)) if isinstance(value, list) else str(value)
-        parts.append(text if re.fullmatch(r"[A-Za-z_][\w.]*", text) else key.rsplit(".", 1)[-1] + text)
+        parts.append(text if re.fullmatch(r"[A-Za-z_][\w.]*", text) else leaf + text)
     return re.sub(r"[^\w.+-]", "_", "_".join(parts))
 
 

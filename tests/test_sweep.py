@@ -52,6 +52,9 @@ def test_grid_and_zip_make_the_cells_and_name_them_by_their_settings():
     lists = grid_cells(["sae.matryoshka=[96,192],[48,96,192]", "harvest.hooks=blocks.0.hook_resid_post"])
     assert list(lists) == ["matryoshka96-192_blocks.0.hook_resid_post", "matryoshka48-96-192_blocks.0.hook_resid_post"]
     assert cell_name({"sae.k": 8}) == "k8"
+    zipped = grid_cells([], ["sae.activation=topk,topk", "sae.matryoshka=null,[96,192]"])
+    assert list(zipped) == ["topk_nomatryoshka", "topk_matryoshka96-192"]  # a null value says what it leaves out
+    assert zipped["topk_nomatryoshka"]["sae.matryoshka"] is None
 
 
 @pytest.mark.parametrize(
