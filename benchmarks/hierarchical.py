@@ -1,6 +1,7 @@
 """HierarchicalTopK on tiny beside TopK SAEs trained at each k (issue 25): five SAEs from one model pass.
 
     python benchmarks/hierarchical.py                                    # the issue's figure: K 64, k 8 16 32 64
+    python benchmarks/hierarchical.py --tokens 2000000 --eval-only       # evaluate what an earlier call trained
     python benchmarks/hierarchical.py --tokens 100000 --ks 4 8 --set eval.n_tokens=5000 eval.n_contexts=4  # toy
 
 From configs/tiny.yaml (blocks.1.hook_resid_post, n_latents 16 x 192 = 3072, its trainer): one hierarchical_topk
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8_000_000, help="training tokens (the same ones for every SAE)")
     p.add_argument("--prefix", default="tiny-hier", help="run folders: runs/<prefix>-<family>-<k>")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. runs_dir=/tmp")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the runs an earlier call trained")
     args = p.parse_args()
     base = sb.load_config(args.config, [f"train.n_tokens={args.tokens}", *args.set])
     (hook,) = base.harvest.hooks
@@ -53,13 +55,14 @@ def main() -> None:
     for rc in runs.values():
         sb.Run(rc.run_dir).write_config(rc)
     sae_cfgs = {name: rc.sae.resolve(harvester.widths[hook], hook, base.model) for name, rc in runs.items()}
-    started, cpu = time.perf_counter(), time.process_time()
-    sb.train_saes(sae_cfgs, source, base.train, dirs={name: rc.run_dir for name, rc in runs.items()})
-    seconds = {"seconds": round(time.perf_counter() - started), "cpu_seconds": round(time.process_time() - cpu)}
-    print(json.dumps({"trained": list(runs), "tokens": args.tokens, **seconds}), flush=True)
+    if not args.eval_only:
+        started, cpu = time.perf_counter(), time.process_time()
+        sb.train_saes(sae_cfgs, source, base.train, dirs={name: rc.run_dir for name, rc in runs.items()})
+        seconds = {"seconds": round(time.perf_counter() - started), "cpu_seconds": round(time.process_time() - cpu)}
+        print(json.dumps({"trained": list(runs), "tokens": args.tokens, **seconds}), flush=True)
     for name, rc in runs.items():
         cfg = sae_cfgs[name]
-        result = sb.eval_from_config(rc.run_dir, args.ks if cfg.family.hierarchical else ())[hook]
+        result = sb.eval_from_config(rc.run_dir, ks=args.ks if cfg.family.hierarchical else ())[hook]
         at = {cfg.k: result, **{int(k): r for k, r in result.get("by_k", {}).items()}}
         for k_prime, r in sorted(at.items()):
             sae, rand = r["sae"], r["random_baseline"]
