@@ -52,10 +52,10 @@ def main() -> None:
             seed=base.seed * 1000 + epoch, epochs=1,
         )  # fmt: skip
 
-    for rc in runs.values():
-        sb.Run(rc.run_dir).write_config(rc)
     sae_cfgs = {name: rc.sae.resolve(harvester.widths[hook], hook, base.model) for name, rc in runs.items()}
-    if not args.eval_only:
+    if not args.eval_only:  # --eval-only leaves the trained runs' configs as they were written
+        for rc in runs.values():
+            sb.Run(rc.run_dir).write_config(rc)
         started, cpu = time.perf_counter(), time.process_time()
         sb.train_saes(sae_cfgs, source, base.train, dirs={name: rc.run_dir for name, rc in runs.items()})
         seconds = {"seconds": round(time.perf_counter() - started), "cpu_seconds": round(time.process_time() - cpu)}
