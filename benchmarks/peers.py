@@ -13,7 +13,8 @@ own schedule) and prints a line per (tool, lr) and the best FVU of each.
 --family jumprelu: saebench's JumpReLU reaches L0 = k by itself; SAELens' (its defaults: threshold
 param from 0.01, bandwidth 0.05, "step" L0) needs its l0_coefficient tuned, so it trains at up to
 --saelens-tries coefficients (`l0_search`: the first is saebench's final λ in SAELens' units, the
-next ones step toward L0 = k), a line each, then the FVU of each tool at matched L0.
+next ones step toward L0 = k), a line each, then the FVU of each tool at matched L0. --saelens-threshold
+quantile starts SAELens' thresholds where saebench starts its own.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from sae_lens.config import SAETrainerConfig
 
 path, n_tokens, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 n_latents, k, out_dir, lr = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], float(sys.argv[7])
-family, l0_coefficient = sys.argv[8], float(sys.argv[9])
+family, l0_coefficient, threshold = sys.argv[8], float(sys.argv[9]), sys.argv[10]
 data = load_file(path)
 train, test = data["train"], data["test"]
 torch.manual_seed(0)
@@ -55,6 +56,10 @@ if family == "jumprelu":
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=l0_coefficient))
 else:
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=k))
+if family == "jumprelu" and threshold == "quantile":  # saebench's init rule: each latent's 1 - k/n quantile
+    with torch.no_grad():
+        pre = (train[:batch] - sae.b_dec) @ sae.W_enc + sae.b_enc
+        sae.threshold.data = pre.quantile(1 - k / n_latents, dim=0).clamp(min=1e-3).float()
 steps = n_tokens // batch
 
 def provider():
@@ -174,6 +179,7 @@ def run_saelens(
             str(lr),
             args.family,
             str(l0_coefficient),
+            args.saelens_threshold,
         ],
         capture_output=True,
         text=True,
@@ -202,6 +208,14 @@ def main() -> None:
         default=None,
         help="jumprelu: SAELens' first l0_coefficient (default: "
         "saebench's final λ in SAELens' units, λ * E||x - mean||^2 / k, as SAELens sums the squared error over d)",
+    )
+    p.add_argument(
+        "--saelens-threshold",
+        choices=("default", "quantile"),
+        default="default",
+        help="jumprelu: SAELens' thresholds start at its 0.01 (default) or at each latent's 1 - k/n quantile of the "
+        "first batch (saebench's rule; SAELens' threshold moves by about its lr per step, so from 0.01 it needs "
+        "thousands of steps to reach a sparse L0)",
     )
     args = p.parse_args()
     python = ensure_peers_venv()

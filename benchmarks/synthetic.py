@@ -20,7 +20,9 @@ rescaling, AuxK; JumpReLU's threshold from 0.01, bandwidth 0.05, "step" L0) on t
 the peers venv of benchmarks/peers.py: an independent implementation of each family. SAELens'
 JumpReLU takes an L0 coefficient rather than k: `saelens_jumprelu:l0_coef=0.15,tries=3` trains it at
 `tries` coefficients toward L0 = k (peers.l0_search), the first l0_coef (in saebench's units, λ of
-FVU + λ L0 / k) * E||x - mean||^2 / k in SAELens' (which sums the squared error over d), a row each.
+FVU + λ L0 / k) * E||x - mean||^2 / k in SAELens' (which sums the squared error over d), a row each;
+`threshold=quantile` starts its thresholds at each latent's 1 - k/n quantile of a first batch (saebench's
+rule) instead of 0.01.
 One JSON line per (regime, family, seed); with --k-primes, a per-token family's line also holds "by_k": the
 same metrics of the one SAE encoded at each k' (mcc_live counts only the latents that fire at that k').
 """
@@ -144,6 +146,11 @@ sae = (
     else JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=args["l0_coefficient"]))
     if rule == "jumprelu" else TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args["k"]))
 )
+if rule == "jumprelu" and args["threshold"] == "quantile":  # saebench's init rule: each latent's 1 - k/n quantile
+    sample, _ = planted.sample(args["batch"], torch.Generator().manual_seed(args["seed"] + 7))
+    with torch.no_grad():
+        pre = (sample - sae.b_dec) @ sae.W_enc + sae.b_enc
+        sae.threshold.data = pre.quantile(1 - args["k"] / args["n_latents"], dim=0).clamp(min=1e-3).float()
 stream = planted.stream(args["batch"], args["seed"])(0)
 cfg = SAETrainerConfig(
     n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
@@ -183,8 +190,10 @@ def saelens_sae(
     seed: int,
     lr: float = 3e-4,
     l0_coefficient: float = 0.0,
+    threshold: str = "default",
 ) -> dict:
-    """Train and score SAELens' own TopK, BatchTopK or JumpReLU on the same planted stream (in the peers venv)."""
+    """Train and score SAELens' own TopK, BatchTopK or JumpReLU on the same planted stream (in the peers venv).
+    threshold: JumpReLU's start, SAELens' "default" (0.01) or saebench's "quantile" rule."""
     from peers import ensure_peers_venv
 
     args = {
@@ -197,6 +206,7 @@ def saelens_sae(
         "seed": seed,
         "lr": lr,
         "l0_coefficient": l0_coefficient,
+        "threshold": threshold,
     }
     synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
     run = subprocess.run(
@@ -267,10 +277,11 @@ def run(
 
             name, _, sae_options, options = parse_spec(family)
             rule, lr = name.removeprefix("saelens_"), options.get("lr", 3e-4)
+            threshold = str(options.get("threshold", "default"))
 
-            def train(coef: float = 0.0, rule=rule, lr=lr, family=family) -> dict:
+            def train(coef: float = 0.0, rule=rule, lr=lr, family=family, threshold=threshold) -> dict:
                 start = time.perf_counter()
-                row = saelens_sae(data, rule, n_latents, k, steps, batch, seed, lr, coef)
+                row = saelens_sae(data, rule, n_latents, k, steps, batch, seed, lr, coef, threshold)
                 head = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k}
                 return {**head, **row, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -329,7 +340,7 @@ def main() -> None:
         default=list(FAMILIES),
         help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), random, plain_topk, "
         "plain_batchtopk, saelens_topk / saelens_batchtopk[:lr=...], "
-        "or saelens_jumprelu[:lr=...,l0_coef=...,tries=...]",
+        "or saelens_jumprelu[:lr=...,l0_coef=...,tries=...,threshold=quantile]",
     )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)
