@@ -541,10 +541,9 @@ def _nonfinite(where: str) -> DataError:
 
 
 # JumpReLU: log(threshold) trains at THRESHOLD_LR_SCALE x the lr, the one scale of {1, 2, 5} whose mean L0 is
-# within 10% of k on tiny (1M tokens) and both planted benches (docs/benchmarks.md, issue 25): at 5x the early
-# thresholds overshoot above their latents' pre-activations, where no pseudo-gradient reaches them, and L0 stays
-# under k whatever λ does; at 1x they lag on the small bench. The L0 controller (SAETrainer.l0_coef) starts at
-# λ = L0_COEF_INIT
+# within 10% of k on tiny at 1M tokens and on both planted benches; at 5x the early thresholds overshoot, at 1x they
+# lag on the small bench. Longer runs on tiny still end under k (docs/benchmarks.md, issue 25). The L0 controller
+# (SAETrainer.l0_coef) starts at λ = L0_COEF_INIT
 THRESHOLD_LR_SCALE = 2.0
 L0_COEF_INIT, L0_KP, L0_KI = 0.1, 4.0, 0.01
 CHECKPOINT = "state-{step:08d}.safetensors"
