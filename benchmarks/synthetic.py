@@ -258,7 +258,7 @@ def run(
     for family in families:
         t0 = time.perf_counter()
         if family == "random":
-            row = random_row(planted, n_latents, k, held_out, codes)
+            rows = [random_row(planted, n_latents, k, held_out, codes)]
         elif family in ("plain_topk", "plain_batchtopk"):
             encode, W_dec = plain_sae(
                 planted, n_latents, k, steps, batch, seed=seed, rule=family.removeprefix("plain_")
