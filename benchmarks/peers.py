@@ -37,6 +37,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_VENV = ROOT / ".cache" / "peers-venv"
 HOOK = "blocks.1.hook_resid_post"
 
+# prepended to the SAELens scripts here and in synthetic.py (they run in the peers venv, without saebench)
+QUANTILE_START = r"""
+def start_at_quantile(sae, x, k):  # saebench's JumpReLU init: each latent's 1 - k/n quantile of its pre-activations
+    with torch.no_grad():
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        sae.threshold.data = pre.quantile(1 - k / pre.shape[1], dim=0).clamp(min=1e-3).float()
+"""
+
 SAELENS_SCRIPT = r"""
 import json, sys, time
 import torch
@@ -56,10 +64,8 @@ if family == "jumprelu":
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=l0_coefficient))
 else:
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=k))
-if family == "jumprelu" and threshold == "quantile":  # saebench's init rule: each latent's 1 - k/n quantile
-    with torch.no_grad():
-        pre = (train[:batch] - sae.b_dec) @ sae.W_enc + sae.b_enc
-        sae.threshold.data = pre.quantile(1 - k / n_latents, dim=0).clamp(min=1e-3).float()
+if family == "jumprelu" and threshold == "quantile":
+    start_at_quantile(sae, train[:batch], k)
 steps = n_tokens // batch
 
 def provider():
@@ -169,7 +175,7 @@ def run_saelens(
         [
             str(python),
             "-c",
-            SAELENS_SCRIPT,
+            QUANTILE_START + SAELENS_SCRIPT,
             str(path),
             str(args.tokens),
             str(args.batch),

@@ -146,11 +146,8 @@ sae = (
     else JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=args["l0_coefficient"]))
     if rule == "jumprelu" else TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args["k"]))
 )
-if rule == "jumprelu" and args["threshold"] == "quantile":  # saebench's init rule: each latent's 1 - k/n quantile
-    sample, _ = planted.sample(args["batch"], torch.Generator().manual_seed(args["seed"] + 7))
-    with torch.no_grad():
-        pre = (sample - sae.b_dec) @ sae.W_enc + sae.b_enc
-        sae.threshold.data = pre.quantile(1 - args["k"] / args["n_latents"], dim=0).clamp(min=1e-3).float()
+if rule == "jumprelu" and args["threshold"] == "quantile":
+    start_at_quantile(sae, planted.sample(args["batch"], torch.Generator().manual_seed(args["seed"] + 7))[0], args["k"])
 stream = planted.stream(args["batch"], args["seed"])(0)
 cfg = SAETrainerConfig(
     n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
@@ -194,7 +191,7 @@ def saelens_sae(
 ) -> dict:
     """Train and score SAELens' own TopK, BatchTopK or JumpReLU on the same planted stream (in the peers venv).
     threshold: JumpReLU's start, SAELens' "default" (0.01) or saebench's "quantile" rule."""
-    from peers import ensure_peers_venv
+    from peers import QUANTILE_START, ensure_peers_venv
 
     args = {
         "data": asdict(data),
@@ -210,7 +207,7 @@ def saelens_sae(
     }
     synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
     run = subprocess.run(
-        [str(ensure_peers_venv()), "-c", SAELENS_SCRIPT, str(synthetic_py), json.dumps(args)],
+        [str(ensure_peers_venv()), "-c", QUANTILE_START + SAELENS_SCRIPT, str(synthetic_py), json.dumps(args)],
         capture_output=True,
         text=True,
     )
