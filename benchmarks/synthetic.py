@@ -216,8 +216,10 @@ def saelens_sae(
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _number(value: str) -> int | float | str:
-    """'3' -> 3, '1e-3' -> 0.001, 'subspace' -> 'subspace'."""
+def _number(value: str) -> bool | int | float | str:
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'subspace' -> 'subspace'."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     if value.isdigit():
         return int(value)
     try:

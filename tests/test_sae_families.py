@@ -255,11 +255,32 @@ def test_jumprelu_pseudo_gradients_by_hand():
     assert dt.tolist() == pytest.approx([-2.0, -4.0, 0.0, 0.0, 0.0])  # -(1 / eps) K g
 
 
-def test_jumprelu_loss_and_gradients_match_dense_reference():
+def test_jumprelu_straight_through_to_the_input_by_hand():
+    """ste_to_input: the same values and threshold gradients, and pre gets minus the threshold's kernel term."""
+    pre = torch.tensor([0.9, 1.1, 1.3, 0.7, 2.0], requires_grad=True)
+    t = torch.tensor(1.0, requires_grad=True).expand(5)
+    g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    z = sparsify.jump(pre, t, 0.5, to_input=True)
+    assert z.tolist() == pytest.approx([0.0, 1.1, 1.3, 0.0, 2.0])
+    dpre, dt = torch.autograd.grad(z, (pre, t), g)
+    assert dpre.tolist() == pytest.approx([2.0, 6.0, 3.0, 0.0, 5.0])  # H g + (t / eps) K g
+    assert dt.tolist() == pytest.approx([-2.0, -4.0, 0.0, 0.0, 0.0])
+    h = sparsify.step(pre, t, 0.5, to_input=True)
+    assert h.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
+    dpre, dt = torch.autograd.grad(h, (pre, t), g)
+    assert dpre.tolist() == pytest.approx([2.0, 4.0, 0.0, 0.0, 0.0])  # (1 / eps) K g
+    assert dt.tolist() == pytest.approx([-2.0, -4.0, 0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("ste_to_input", [False, True])
+def test_jumprelu_loss_and_gradients_match_dense_reference(ste_to_input):
     """The training selection (active entries plus the kernel's lower half-window at value 0) against a dense
-    JumpReLU: autograd for the weights, eq. 11-12 of Rajamanoharan et al. for the threshold."""
+    JumpReLU: autograd for the weights, eq. 11-12 of Rajamanoharan et al. for the threshold; with ste_to_input,
+    pre also gets the kernel terms with the opposite sign (the jump and the step depend on pre - theta alone)."""
     torch.manual_seed(0)
-    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K, aux_coef=0.0, bandwidth=0.1)
+    cfg = sb.SAEConfig(
+        d_in=D, n_latents=N, activation="jumprelu", k=K, aux_coef=0.0, bandwidth=0.1, ste_to_input=ste_to_input
+    )
     eps, lam = cfg.epsilon, 0.7
     sae = sb.SAE(cfg, seed=1).train()
     with torch.no_grad():
@@ -281,10 +302,12 @@ def test_jumprelu_loss_and_gradients_match_dense_reference():
     l0 = (pre > theta).float().sum(-1).mean()
     loss = fvu + lam * l0 / K
     fvu.backward()
-    z.backward(z_leaf.grad)  # the weights' gradients through the active entries
     window = ((pre.detach() - theta).abs() < eps / 2).float() / eps
     assert window.sum() > 0 and (z != 0).sum() > 0
-    d_theta = -(window * (theta * cast(torch.Tensor, z_leaf.grad) + lam / (K * B))).sum(0)
+    kernel_terms = window * (theta * cast(torch.Tensor, z_leaf.grad) + lam / (K * B))
+    d_theta = -kernel_terms.sum(0)
+    # the weights' gradients: through the active entries, and with ste_to_input straight to pre as well
+    torch.autograd.backward([z, pre], [cast(torch.Tensor, z_leaf.grad), kernel_terms * ste_to_input])
 
     assert torch.allclose(out.loss, loss, rtol=1e-5)
     assert torch.allclose(out.selection.dense(N), z, atol=1e-6)
@@ -307,12 +330,15 @@ def test_jumprelu_saves_its_threshold_and_loads_it_back(tmp_path):
     assert torch.allclose(back.log_threshold.exp(), sae.threshold)
 
 
-def test_jumprelu_reattached_selection_gives_the_same_gradients(monkeypatch):
+@pytest.mark.parametrize("ste_to_input", [False, True])
+def test_jumprelu_reattached_selection_gives_the_same_gradients(monkeypatch, ste_to_input):
     """The sparse encoder backward (pre without autograd, the selection's entries recomputed) on the torch path:
     the same loss and gradients as the dense backward, the threshold's pseudo-gradient included."""
     from saebench.sae import losses
 
-    cfg = sb.SAEConfig(d_in=D, n_latents=N, activation="jumprelu", k=K, bandwidth=0.1, k_aux=3)
+    cfg = sb.SAEConfig(
+        d_in=D, n_latents=N, activation="jumprelu", k=K, bandwidth=0.1, k_aux=3, ste_to_input=ste_to_input
+    )
     x, dead = torch.randn(B, D), torch.arange(N) % 5 == 0
     grads = []
     for reattach in (False, True):

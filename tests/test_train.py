@@ -122,11 +122,15 @@ def test_jumprelu_adapts_its_l0_coefficient_to_reach_k(tmp_path, k):
     assert abs(sb.evaluate_sae(sae, x[:10_000])["l0"] - k) < 0.1 * k
     coefs = [json.loads(line)["l0_coef"] for line in (tmp_path / "adaptive/metrics.jsonl").read_text().splitlines()]
     assert len(set(coefs)) == len(coefs)  # adapted at every logged step
-    fixed = sb.SAEConfig(**{**cfg.__dict__, "l0_coef": coefs[-1]})  # an explicit coefficient stays as given
     tcfg.n_tokens = 30 * 512
-    train_sae(fixed, x, tcfg, run_dir=tmp_path / "fixed", show_progress=False)
-    rows = [json.loads(line) for line in (tmp_path / "fixed/metrics.jsonl").read_text().splitlines()]
-    assert all(r["l0_coef"] == pytest.approx(coefs[-1]) for r in rows) and rows[-1]["l0"] > 1.5 * k
+    final_l0 = {}
+    for scale in (0.0, 10.0):  # an explicit coefficient stays as given, and it is the one the loss uses
+        fixed = sb.SAEConfig(**{**cfg.__dict__, "l0_coef": scale * coefs[-1]})
+        train_sae(fixed, x, tcfg, run_dir=tmp_path / f"fixed{scale}", show_progress=False)
+        rows = [json.loads(line) for line in (tmp_path / f"fixed{scale}/metrics.jsonl").read_text().splitlines()]
+        assert all(r["l0_coef"] == pytest.approx(scale * coefs[-1]) for r in rows)
+        final_l0[scale] = rows[-1]["l0"]
+    assert final_l0[0.0] > 1.5 * final_l0[10.0]
 
 
 def test_resume_after_a_crash_between_checkpoints(tmp_path):

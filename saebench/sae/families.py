@@ -94,7 +94,7 @@ def _gradient_topk(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> spa
 
 def _jumprelu(pre: torch.Tensor, cfg: SAEConfig, ctx: SelectContext) -> sparsify.Selection:
     assert ctx.threshold is not None, "JumpReLU's training selection needs the learned threshold"
-    return sparsify.jumprelu(pre, ctx.threshold, cfg.epsilon)
+    return sparsify.jumprelu(pre, ctx.threshold, cfg.epsilon, cfg.ste_to_input)
 
 
 BATCH_INIT = 0.1  # the batch sparsifiers' encoder init (0.3 costs them 0.02-0.04 planted MCC)

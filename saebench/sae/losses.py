@@ -111,7 +111,8 @@ def auxk_loss(
         values, idx = torch.where(candidates, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
         values = values.relu()
     if reattach:
-        values = sae.reattach(sparsify.Selection(values, idx, None, x.shape[0]), x, pre, jump=False).values
+        sel = sparsify.Selection(values, idx, None, x.shape[0])
+        values = sae.reattach(sel, sae.pre_at(sel, x, pre), jump=False).values
     error_hat = sparse.decode_fixed(values, idx, sae.W_dec)
     loss = normalised_mse(error, error_hat, reduce)
     return torch.nan_to_num(loss, nan=0.0)
@@ -192,7 +193,7 @@ def sae_loss(
     prefixes: Matryoshka sizes for this step (default cfg.matryoshka); their errors are summed or
     averaged (cfg.matryoshka_reduce), the full SAE's included.
     l0_coef: JumpReLU's λ (default cfg.l0_coef); the loss adds λ * mean_tokens(L0) / k, L0 = sum_j H(pre_j -
-    threshold_j) with the step's pseudo-gradient to the threshold (sparsify.step).
+    threshold_j) with the step's pseudo-gradient to the threshold (and to pre with cfg.ste_to_input: sparsify.step).
 
     reduce: data parallelism; x is this rank's share of the batch, selection and normalisers are the
     global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
@@ -201,10 +202,13 @@ def sae_loss(
     if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
-        sel = sae.reattach(sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq), x, pre)
+        sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
+        at = sae.pre_at(sel, x, pre)
+        sel = sae.reattach(sel, at)
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
+        at = None
     total_var = variance_sum(x if target is None else target, reduce)
     recon, mse, x_hat = reconstruction_loss(sae, x, sel, total_var, prefixes or cfg.matryoshka, target)
     aux = x.new_zeros(())
@@ -217,7 +221,9 @@ def sae_loss(
     loss = recon + cfg.aux_coef * aux
     l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
     if (theta := sae.learned_threshold()) is not None and l0_coef is not None:
-        at = pre.detach()[sel.rows(), sel.indices]  # the selection holds every entry the kernel reaches
-        l0 = sparsify.step(at, theta[sel.indices], cfg.epsilon).sum() / (len(x) * reduce.world)
+        if at is None:  # the selection holds every entry the kernel reaches
+            at = pre[sel.rows(), sel.indices]
+        at = at if cfg.ste_to_input else at.detach()
+        l0 = sparsify.step(at, theta[sel.indices], cfg.epsilon, cfg.ste_to_input).sum() / (len(x) * reduce.world)
         loss = loss + l0_coef * l0 / cfg.k
     return StepOutput(loss, mse, aux, sel, x_hat)

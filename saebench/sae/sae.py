@@ -137,15 +137,16 @@ class SAE(nn.Module):
         if not 1 <= k <= cfg.n_latents:
             raise ConfigError(f"k'={k} must lie in [1, n_latents={cfg.n_latents}] (the SAE was trained at k={cfg.k})")
 
-    def reattach(
-        self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor, jump: bool = True
-    ) -> sparsify.Selection:
-        """A selection made on detached pre [batch n] with values recomputed at its entries only,
-        so the encoder's backward is sparse (saebench.sparse.pre_acts_at). Values equal sel's.
+    def pre_at(self, sel: sparsify.Selection, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """pre [batch n], computed without autograd, recomputed with it at sel's entries only ([nnz] or
+        [batch k]), so the encoder's backward is sparse (saebench.sparse.pre_acts_at)."""
+        return sparse.pre_acts_at(x, self.b_in, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
+
+    def reattach(self, sel: sparsify.Selection, at: torch.Tensor, jump: bool = True) -> sparsify.Selection:
+        """A selection made on detached pre with its values recomputed from `at` (pre_at): values equal sel's.
         jump: JumpReLU's values jump at the threshold (False: ReLU'd, as AuxK's)."""
-        at = sparse.pre_acts_at(x, self.b_in, self.W_enc, self.b_enc, sel.indices, sel.offsets, pre)
         if jump and (theta := self.learned_threshold()) is not None:
-            values = sparsify.jump(at, theta[sel.indices], self.cfg.epsilon)
+            values = sparsify.jump(at, theta[sel.indices], self.cfg.epsilon, self.cfg.ste_to_input)
         else:
             values = at if self.cfg.family.signed else at.relu()
         return sparsify.Selection(values, sel.indices, sel.offsets, sel.batch)

@@ -170,27 +170,34 @@ def _kernel(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Ten
     return ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
 
 
-def jump(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
+def jump(pre: torch.Tensor, threshold: torch.Tensor, eps: float, to_input: bool = False) -> torch.Tensor:
     """pre * H(pre - threshold), elementwise, with the pseudo-gradients d/dpre = H(pre - threshold) and
-    d/dthreshold = -(threshold / eps) K((pre - threshold) / eps) (Rajamanoharan et al. 2024, eq. 11)."""
+    d/dthreshold = -(threshold / eps) K((pre - threshold) / eps) (Rajamanoharan et al. 2024, eq. 11).
+    to_input: the jump's pseudo-gradient reaches pre as well, d/dpre = H + (threshold / eps) K (the jump depends
+    on pre - threshold alone; Anthropic's setup, SAELens' jumprelu_ste_to_input)."""
     t = threshold.detach()
-    return pre * (pre > t) - (threshold - t) * (t * _kernel(pre.detach(), t, eps))
+    kernel = t * _kernel(pre.detach(), t, eps)
+    out = pre * (pre > t) - (threshold - t) * kernel
+    return out + (pre - pre.detach()) * kernel if to_input else out
 
 
-def step(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> torch.Tensor:
-    """H(pre - threshold) with d/dthreshold = -(1 / eps) K((pre - threshold) / eps) and none to pre (eq. 12)."""
+def step(pre: torch.Tensor, threshold: torch.Tensor, eps: float, to_input: bool = False) -> torch.Tensor:
+    """H(pre - threshold) with d/dthreshold = -(1 / eps) K((pre - threshold) / eps) and none to pre (eq. 12);
+    to_input: d/dpre = (1 / eps) K as well."""
     t = threshold.detach()
-    return (pre > t).to(pre.dtype) - (threshold - t) * _kernel(pre.detach(), t, eps)
+    kernel = _kernel(pre.detach(), t, eps)
+    out = (pre > t).to(pre.dtype) - (threshold - t) * kernel
+    return out + (pre - pre.detach()) * kernel if to_input else out
 
 
-def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, eps: float) -> Selection:
+def jumprelu(pre: torch.Tensor, threshold: torch.Tensor, eps: float, to_input: bool = False) -> Selection:
     """JumpReLU's training selection: pre * H(pre - threshold[j]) per token (threshold [n] > 0, differentiable),
     which is ReLU(pre) * H(pre - threshold), SAELens' inference rule and `threshold`'s. Entries within eps/2 below
-    the threshold are kept at value 0: their pseudo-gradient reaches the threshold."""
+    the threshold are kept at value 0: their pseudo-gradient reaches the threshold (and pre, with to_input)."""
     batch, n = pre.shape
     flat = (pre.detach() > threshold.detach() - eps / 2).reshape(-1).nonzero().squeeze(-1)
     sel = _csr(flat, pre.reshape(-1), batch, n)
-    return Selection(jump(sel.values, threshold[sel.indices], eps), sel.indices, sel.offsets, batch)
+    return Selection(jump(sel.values, threshold[sel.indices], eps, to_input), sel.indices, sel.offsets, batch)
 
 
 def threshold(pre: torch.Tensor, thresholds: torch.Tensor) -> Selection:
