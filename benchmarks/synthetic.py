@@ -22,7 +22,7 @@ JumpReLU takes an L0 coefficient rather than k: `saelens_jumprelu:l0_coef=0.15,t
 `tries` coefficients toward L0 = k (peers.l0_search), the first l0_coef (in saebench's units, λ of
 FVU + λ L0 / k) * E||x - mean||^2 / k in SAELens' (which sums the squared error over d), a row each;
 `threshold=quantile` starts its thresholds at each latent's 1 - k/n quantile of a first batch (saebench's
-rule) instead of 0.01.
+rule) instead of 0.01; `ste_to_input=true` sets its jumprelu_ste_to_input (saebench's default estimator).
 One JSON line per (regime, family, seed); with --k-primes, a per-token family's line also holds "by_k": the
 same metrics of the one SAE encoded at each k' (mcc_live counts only the latents that fire at that k').
 """
@@ -143,7 +143,9 @@ common = dict(d_in=planted.cfg.d, d_sae=args["n_latents"], device="cpu", dtype="
 rule = args["rule"]
 sae = (
     BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common, k=args["k"])) if rule == "batchtopk"
-    else JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(**common, l0_coefficient=args["l0_coefficient"]))
+    else JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+        **common, l0_coefficient=args["l0_coefficient"], jumprelu_ste_to_input=args["ste_to_input"]
+    ))
     if rule == "jumprelu" else TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=args["k"]))
 )
 if rule == "jumprelu" and args["threshold"] == "quantile":
@@ -188,9 +190,11 @@ def saelens_sae(
     lr: float = 3e-4,
     l0_coefficient: float = 0.0,
     threshold: str = "default",
+    ste_to_input: bool = False,
 ) -> dict:
     """Train and score SAELens' own TopK, BatchTopK or JumpReLU on the same planted stream (in the peers venv).
-    threshold: JumpReLU's start, SAELens' "default" (0.01) or saebench's "quantile" rule."""
+    threshold: JumpReLU's start, SAELens' "default" (0.01) or saebench's "quantile" rule; ste_to_input: its
+    jumprelu_ste_to_input (Anthropic's estimator, saebench's default)."""
     from peers import QUANTILE_START, ensure_peers_venv
 
     args = {
@@ -204,6 +208,7 @@ def saelens_sae(
         "lr": lr,
         "l0_coefficient": l0_coefficient,
         "threshold": threshold,
+        "ste_to_input": ste_to_input,
     }
     synthetic_py = Path(__file__).resolve().parent.parent / "saebench" / "synthetic.py"
     run = subprocess.run(
@@ -277,10 +282,11 @@ def run(
             name, _, sae_options, options = parse_spec(family)
             rule, lr = name.removeprefix("saelens_"), options.get("lr", 3e-4)
             threshold = str(options.get("threshold", "default"))
+            ste = bool(sae_options.get("ste_to_input", False))
 
-            def train(coef: float = 0.0, rule=rule, lr=lr, family=family, threshold=threshold) -> dict:
+            def train(coef: float = 0.0, rule=rule, lr=lr, family=family, threshold=threshold, ste=ste) -> dict:
                 start = time.perf_counter()
-                row = saelens_sae(data, rule, n_latents, k, steps, batch, seed, lr, coef, threshold)
+                row = saelens_sae(data, rule, n_latents, k, steps, batch, seed, lr, coef, threshold, ste)
                 head = {"activation": family, "matryoshka": False, "n_latents": n_latents, "k": k}
                 return {**head, **row, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -339,7 +345,7 @@ def main() -> None:
         default=list(FAMILIES),
         help="activation[+matryoshka][:key=value,...] (SAEConfig or TrainConfig keys), random, plain_topk, "
         "plain_batchtopk, saelens_topk / saelens_batchtopk[:lr=...], "
-        "or saelens_jumprelu[:lr=...,l0_coef=...,tries=...,threshold=quantile]",
+        "or saelens_jumprelu[:lr=...,l0_coef=...,tries=...,threshold=quantile,ste_to_input=true]",
     )
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=4096)

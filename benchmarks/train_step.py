@@ -59,7 +59,7 @@ def parts_ms(trainer: SAETrainer, x: torch.Tensor, device: torch.device) -> dict
         mark("encoder")
         sel = sae.select(pre, train=True)
         if sparse_bwd:
-            sel = sae.reattach(sel, x, pre)
+            sel = sae.reattach(sel, sae.pre_at(sel, x, pre))
         mark("selection")
         loss = reconstruction_loss(sae, x, sel, variance_sum(x), sae.cfg.matryoshka)[0]
         mark("decoder_and_loss")

@@ -199,16 +199,22 @@ def sae_loss(
     global batch's, and the losses are this rank's shares (summed over ranks: the global losses)."""
     cfg = sae.cfg
     sparse_backward = sparse.sparse_encoder_backward(sae.W_enc)
+    theta = sae.learned_threshold()
+    at = None  # [nnz] pre at the selection's entries, with autograd, where the jump and the L0 step share it
     if sparse_backward:
         with torch.no_grad():
             pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
         at = sae.pre_at(sel, x, pre)
         sel = sae.reattach(sel, at)
+    elif theta is not None:  # one gather of pre for JumpReLU's jump and its L0 step
+        pre = sae.pre_acts(x)
+        sel = sae.select(pre.detach(), train=True, reduce=reduce, grad=grad, freq=freq)
+        at = pre.reshape(-1).gather(0, sel.rows() * pre.shape[-1] + sel.indices)
+        sel = sae.reattach(sel, at)
     else:
         pre = sae.pre_acts(x)
         sel = sae.select(pre, train=True, reduce=reduce, grad=grad, freq=freq)
-        at = None
     total_var = variance_sum(x if target is None else target, reduce)
     recon, mse, x_hat = reconstruction_loss(sae, x, sel, total_var, prefixes or cfg.matryoshka, target)
     aux = x.new_zeros(())
@@ -220,9 +226,9 @@ def sae_loss(
             aux = auxk_loss(sae, x, x_hat, pre, dead, sparse_backward, reduce, target)
     loss = recon + cfg.aux_coef * aux
     l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
-    if (theta := sae.learned_threshold()) is not None and l0_coef is not None:
-        if at is None:  # the selection holds every entry the kernel reaches
-            at = pre[sel.rows(), sel.indices]
+    if (
+        theta is not None and at is not None and l0_coef is not None
+    ):  # the selection holds every entry the kernel reaches
         at = at if cfg.ste_to_input else at.detach()
         l0 = sparsify.step(at, theta[sel.indices], cfg.epsilon, cfg.ste_to_input).sum() / (len(x) * reduce.world)
         loss = loss + l0_coef * l0 / cfg.k
